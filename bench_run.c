@@ -1,0 +1,108 @@
+/* bench_run.c: generation and prompt speed of run.c's engine on random weights (`make bench`).
+
+   Builds each model image in memory (random weights, version 1 fp32 or version 2 Q8_0), loads it through
+   the same parser as a file, and times arianna_feed/arianna_sample. Shapes: B (dim 288, 6 layers, vocab
+   4096, seq 256), A (same, vocab 32000: stories15M), C (dim 768, 12 layers, vocab 32000, seq 1024:
+   stories110M). Usage: ./bench_run [gen_tokens=128] [prompt_tokens=128] [shapes=BAC] */
+#define ARIANNA_LIBRARY
+#include "run.c"
+
+typedef struct {
+    const char *name;
+    int dim, hidden_dim, n_layers, n_heads, vocab_size, seq_len;
+} Shape;
+
+static unsigned long long bench_rng = 0x853c49e6748fea9bull;
+
+static float random_weight(void) { return (rng_f32(&bench_rng) - 0.5f) * 0.1f; }
+
+static void put_i32(unsigned char *p, int v) { memcpy(p, &v, 4); }
+
+/* A version 1 (fp32) or 2 (Q8_0, group 32 or 64) image with random weights and unit norms. */
+static unsigned char *random_image(const Shape *s, int version, size_t *size) {
+    const int gs = s->dim % 64 == 0 && s->hidden_dim % 64 == 0 ? 64 : 32;
+    const size_t dim = (size_t)s->dim, norms = (size_t)s->n_layers * dim * 2 + dim;
+    const size_t values = (size_t)s->vocab_size * dim + (size_t)s->n_layers * (4 * dim * dim + 3 * dim * s->hidden_dim);
+    *size = 256 + norms * 4 + (version == 1 ? values * 4 : values + values / gs * 4);
+    unsigned char *img = calloc(*size, 1);
+    if (!img) return NULL;
+    put_i32(img, (int)MODEL_MAGIC);
+    put_i32(img + 4, version);
+    const int header[7] = {s->dim, s->hidden_dim, s->n_layers, s->n_heads, s->n_heads, s->vocab_size, s->seq_len};
+    for (int i = 0; i < 7; i++) put_i32(img + 8 + 4 * i, header[i]);
+    img[36] = 1; /* shared classifier */
+    if (version == 2) put_i32(img + 37, gs);
+    float *norm = (float *)(img + 256);
+    for (size_t i = 0; i < norms; i++) norm[i] = 1.0f;
+    unsigned char *p = img + 256 + norms * 4;
+    if (version == 1) {
+        float *w = (float *)p;
+        for (size_t i = 0; i < values; i++) w[i] = random_weight();
+        return img;
+    }
+    /* Per matrix: all int8 values, then the scales. Matrices are laid out back to back, so fill them the
+       same way the parser reads them: values then scales, matrix by matrix. */
+    const size_t mats[] = {(size_t)s->vocab_size * dim, dim * dim, dim * dim, dim * dim, dim * dim,
+                           dim * s->hidden_dim, dim * s->hidden_dim, dim * s->hidden_dim};
+    for (int k = 0; k < 8; k++)
+        for (int l = 0; l < (k == 0 ? 1 : s->n_layers); l++) {
+            const size_t n = mats[k];
+            for (size_t i = 0; i < n; i++) ((int8_t *)p)[i] = (int8_t)((int)(rng_u32(&bench_rng) % 255) - 127);
+            p += n;
+            for (size_t g = 0; g < n / gs; g++) {
+                float scale = 0.05f / 127.0f;
+                memcpy(p + 4 * g, &scale, 4);
+            }
+            p += n / gs * 4;
+        }
+    return img;
+}
+
+static void bench(const Shape *s, int version, int threads, int gen_tokens, int prompt_tokens) {
+    size_t size;
+    unsigned char *img = random_image(s, version, &size);
+    Engine *e = calloc(1, sizeof(Engine));
+    char err[512];
+    if (!img || !e || weights_parse(&e->w, img, size, s->name, err, sizeof(err))) {
+        fprintf(stderr, "%s: %s\n", s->name, img && e ? err : "out of memory");
+        exit(1);
+    }
+    e->n_threads = threads;
+    if (runstate_alloc(e)) exit(1);
+    if (gen_tokens > s->seq_len) gen_tokens = s->seq_len;
+    if (prompt_tokens > s->seq_len) prompt_tokens = s->seq_len;
+    int *prompt = malloc((size_t)prompt_tokens * sizeof(int));
+    for (int i = 0; i < prompt_tokens; i++) prompt[i] = (int)(rng_u32(&bench_rng) % (unsigned)s->vocab_size);
+    arianna_feed(e, prompt, prompt_tokens < 8 ? prompt_tokens : 8, 0); /* warm-up: page in, spin up threads */
+    unsigned long long rng = 1;
+    double t0 = now_seconds();
+    int token = 1;
+    for (int pos = 0; pos < gen_tokens; pos++) {
+        arianna_feed(e, &token, 1, pos);
+        token = arianna_sample(e, 0.0f, 0.9f, &rng);
+    }
+    double t1 = now_seconds();
+    arianna_feed(e, prompt, prompt_tokens, 0);
+    double t2 = now_seconds();
+    printf("| %s | %-4s | %d | %8.1f | %8.1f | %5.1fx |\n", s->name, version == 1 ? "fp32" : "int8", threads,
+           gen_tokens / (t1 - t0), prompt_tokens / (t2 - t1), (prompt_tokens / (t2 - t1)) / (gen_tokens / (t1 - t0)));
+    fflush(stdout);
+    free(prompt);
+    arianna_close(e);
+    free(img);
+}
+
+int main(int argc, char **argv) {
+    const int gen_tokens = argc > 1 ? atoi(argv[1]) : 128, prompt_tokens = argc > 2 ? atoi(argv[2]) : 128;
+    const char *which = argc > 3 ? argv[3] : "BAC";
+    const Shape shapes[] = {{"B", 288, 768, 6, 6, 4096, 256}, {"A", 288, 768, 6, 6, 32000, 256},
+                            {"C", 768, 2048, 12, 12, 32000, 1024}};
+    printf("| shape | weights | threads | gen tok/s | prompt tok/s | prompt/gen |\n|---|---|---|---|---|---|\n");
+    for (const char *w = which; *w; w++)
+        for (int i = 0; i < 3; i++)
+            if (shapes[i].name[0] == *w)
+                for (int version = 1; version <= 2; version++)
+                    for (int threads = 1; threads <= 2; threads++)
+                        bench(&shapes[i], version, threads, gen_tokens, prompt_tokens);
+    return 0;
+}

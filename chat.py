@@ -1,0 +1,624 @@
+"""Chat with an exported model in the terminal, streaming each answer through the C engine (librun.so).
+
+    python chat.py out/model.bin -z data/tok4096.bin [-t 0.8 -p 0.9 -n 512 -s SEED -y SYSTEM --threads N]
+
+The conversation lives in the engine's KV cache: each turn feeds only its new tokens (the chat template
+of tokenizer.py, built by arianna_chat_turn), then the answer is sampled and fed token by token.
+When the history no longer fits the context, the oldest turns are dropped and the rest is fed again.
+
+At the prompt: quit, exit, /bye or Ctrl-D leave; Ctrl-C during an answer stops it; a line ending in a
+backslash continues on the next line; /help lists the slash commands. With stdin not a terminal
+(a pipe or a file), every line is one message and only the answers are written to stdout.
+"""
+from __future__ import annotations
+
+import argparse
+import codecs
+import ctypes
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+import unicodedata
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+REPO_DIR = Path(__file__).resolve().parent
+LIBRARY_NAME = "librun.so"
+MODEL_MAGIC = 0x616B3432
+HISTORY_FILE = ".arianna_history"
+PROMPT, CONTINUATION_PROMPT = ">>> ", "... "
+ERR_SIZE = 512
+
+HELP = """Commands:
+  /help, /?          this help
+  /clear, /reset     forget the conversation (the system prompt stays)
+  /system [TEXT]     set the system prompt and start over; without TEXT, show it
+  /save FILE         write the conversation as JSON {"system": ..., "messages": [...]}
+  /load FILE         read a conversation saved by /save and continue it
+  /bye, quit, exit   leave (Ctrl-D too)
+Ctrl-C stops an answer; a line ending in \\ continues on the next line."""
+
+
+class ChatError(Exception):
+    """A problem to report in one line (bad file, message too long, ...); the chat goes on."""
+
+
+# ----------------------------------------------------------------------------- the C engine
+
+def library_path() -> Path:
+    """librun.so beside this file, (re)built with `make librun.so` when missing or older than run.c."""
+    library, source = REPO_DIR / LIBRARY_NAME, REPO_DIR / "run.c"
+    stale = source.exists() and (not library.exists() or library.stat().st_mtime < source.stat().st_mtime)
+    if stale:
+        build = subprocess.run(["make", "-s", LIBRARY_NAME], cwd=REPO_DIR, capture_output=True, text=True)
+        if build.returncode != 0:
+            detail = (build.stderr.strip().splitlines() or ["make failed"])[-1]
+            raise SystemExit(f"error: building {library} with `make {LIBRARY_NAME}` failed: {detail}")
+    if not library.exists():
+        raise SystemExit(f"error: {library} not found and no run.c beside it to build it from")
+    return library
+
+
+def load_library(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    engine, int_p, ulonglong_p = ctypes.c_void_p, ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_ulonglong)
+    signatures = {
+        "arianna_open": (engine, [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]),
+        "arianna_close": (None, [engine]),
+        "arianna_seq_len": (ctypes.c_int, [engine]),
+        "arianna_vocab_size": (ctypes.c_int, [engine]),
+        "arianna_bos": (ctypes.c_int, [engine]),
+        "arianna_eos": (ctypes.c_int, [engine]),
+        "arianna_encode": (ctypes.c_int, [engine, ctypes.c_char_p, ctypes.c_int, ctypes.c_int, int_p, ctypes.c_int]),
+        "arianna_chat_turn": (ctypes.c_int,
+                              [engine, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_int, int_p, ctypes.c_int]),
+        "arianna_feed": (ctypes.c_int, [engine, int_p, ctypes.c_int, ctypes.c_int]),
+        "arianna_sample": (ctypes.c_int, [engine, ctypes.c_float, ctypes.c_float, ulonglong_p]),
+        "arianna_decode": (ctypes.c_char_p, [engine, ctypes.c_int, ctypes.c_int]),
+    }
+    for name, (restype, argtypes) in signatures.items():
+        function = getattr(lib, name)
+        function.restype, function.argtypes = restype, argtypes
+    return lib
+
+
+class Engine:
+    """One model + tokenizer opened in librun.so, with its KV cache."""
+
+    def __init__(self, lib: ctypes.CDLL, model_path: Path, tokenizer_path: Path, n_threads: int = 0):
+        err = ctypes.create_string_buffer(ERR_SIZE)
+        handle = lib.arianna_open(os.fsencode(model_path), os.fsencode(tokenizer_path), n_threads, err, ERR_SIZE)
+        if not handle:
+            message = err.value.decode("utf-8", "replace").strip() or f"cannot open {model_path}"
+            raise SystemExit(message if message.startswith("error") else f"error: {message}")
+        self.lib, self.handle = lib, ctypes.c_void_p(handle)
+        self.seq_len: int = lib.arianna_seq_len(self.handle)
+        self.vocab_size: int = lib.arianna_vocab_size(self.handle)
+        self.bos: int = lib.arianna_bos(self.handle)
+        self.eos: int = lib.arianna_eos(self.handle)
+
+    def close(self) -> None:
+        if self.handle:
+            self.lib.arianna_close(self.handle)
+            self.handle = None
+
+    @staticmethod
+    def _grow(call: Callable[[ctypes.Array, int], int], guess: int) -> list[int]:
+        """Run a C call writing ids into a buffer, once more with the size it asked for if the guess was short."""
+        out = (ctypes.c_int * guess)()
+        count = call(out, guess)
+        if count < 0:
+            out = (ctypes.c_int * -count)()
+            count = call(out, -count)
+        return list(out[:count])
+
+    def encode(self, text: str) -> list[int]:
+        """SentencePiece tokens of text, with its dummy-prefix space, without BOS/EOS."""
+        data = text.encode("utf-8")
+        return self._grow(lambda out, size: self.lib.arianna_encode(self.handle, data, 0, 0, out, size), len(data) + 8)
+
+    def chat_turn(self, system: str, user: str, first_turn: bool) -> list[int]:
+        """The template tokens of one user turn: [BOS + system segment if first_turn] + user segment."""
+        system_bytes = system.encode("utf-8") if first_turn and system else None
+        user_bytes = user.encode("utf-8")
+        guess = len(user_bytes) + len(system_bytes or b"") + 32
+        return self._grow(lambda out, size: self.lib.arianna_chat_turn(
+            self.handle, system_bytes, user_bytes, int(first_turn), out, size), guess)
+
+    def feed(self, tokens: list[int], pos: int) -> None:
+        if not tokens:
+            return
+        array = (ctypes.c_int * len(tokens))(*tokens)
+        if self.lib.arianna_feed(self.handle, array, len(tokens), pos) != 0:
+            raise ChatError(f"{len(tokens)} tokens at position {pos} overflow the context of {self.seq_len}")
+
+    def sample(self, temperature: float, top_p: float, rng_state: ctypes.c_ulonglong) -> int:
+        return self.lib.arianna_sample(self.handle, temperature, top_p, ctypes.byref(rng_state))
+
+    def decode(self, prev_token: int, token: int) -> bytes:
+        return self.lib.arianna_decode(self.handle, prev_token, token) or b""
+
+
+# ----------------------------------------------------------------------------- finding the tokenizer
+
+def model_vocab_size(path: Path) -> int:
+    """vocab_size from a model .bin header: v0 starts with seven int32 (vocab negative when the classifier is
+    not shared); v1 and v2 put the magic and the version before them."""
+    with open(path, "rb") as f:
+        head = f.read(36)
+    offset = 8 if len(head) >= 4 and struct.unpack_from("<I", head)[0] == MODEL_MAGIC else 0
+    if len(head) < offset + 28:
+        raise SystemExit(f"error: {path} is too short to be a model .bin; export one with `python export.py`")
+    return abs(struct.unpack_from("<7i", head, offset)[5])
+
+
+def tokenizer_token_count(path: Path) -> Optional[int]:
+    """How many tokens a tokenizer .bin holds (int32 max length, then per token float32 score, int32 length,
+    bytes), or None when it is not such a file."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    offset, count = 4, 0
+    while offset + 8 <= len(data):
+        length = struct.unpack_from("<i", data, offset + 4)[0]
+        if length < 0 or offset + 8 + length > len(data):
+            return None
+        offset += 8 + length
+        count += 1
+    return count if offset == len(data) and len(data) >= 4 else None
+
+
+def find_tokenizer(model_path: Path) -> Path:
+    """The tokenizer .bin beside the model or in data/ whose token count equals the model's vocab size."""
+    vocab_size = model_vocab_size(model_path)
+    folders = [model_path.parent, Path("data"), REPO_DIR / "data"]
+    seen: set[Path] = set()
+    for folder in folders:
+        for candidate in sorted(folder.glob("tok*.bin")):
+            resolved = candidate.resolve()
+            if resolved in seen:
+                continue
+            seen.add(resolved)
+            if tokenizer_token_count(candidate) == vocab_size:
+                return candidate
+    hint = f"data/tok{vocab_size}.bin (`python tokenizer.py --tokenizer-model=data/tok{vocab_size}.model`)"
+    raise SystemExit(f"error: no tokenizer with {vocab_size} tokens (the model's vocab size) beside {model_path} "
+                     f"or in data/; pass -z PATH, e.g. {hint}")
+
+
+# ----------------------------------------------------------------------------- output text
+
+class TextStream:
+    """Turns token bytes into printable text: whole UTF-8 characters only (a character split over byte-fallback
+    tokens waits for its last byte), control characters other than newline and tab dropped so a model cannot
+    drive the terminal, and the answer's leading dummy-prefix space removed."""
+
+    def __init__(self) -> None:
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.started = False
+
+    def push(self, data: bytes, final: bool = False) -> str:
+        text = "".join(ch for ch in self.decoder.decode(data, final)
+                       if ch in "\n\t" or unicodedata.category(ch) != "Cc")
+        if not self.started and text:
+            self.started = True
+            text = text[1:] if text.startswith(" ") else text
+        return text
+
+    def finish(self) -> str:
+        return self.push(b"", final=True)
+
+
+# ----------------------------------------------------------------------------- the conversation
+
+@dataclass
+class Exchange:
+    user: str
+    assistant: str
+    assistant_tokens: list[int]  # what the cache holds for the answer, EOS included
+
+
+@dataclass
+class Reply:
+    text: str
+    interrupted: bool = False
+    context_full: bool = False
+
+
+@dataclass
+class Interrupt:
+    requested: bool = False
+
+
+@contextmanager
+def stop_on_sigint() -> Iterator[Interrupt]:
+    """While inside, Ctrl-C sets .requested instead of raising KeyboardInterrupt, so an answer can end cleanly."""
+    interrupt = Interrupt()
+
+    def handler(signum: int, frame: object) -> None:
+        interrupt.requested = True
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield interrupt
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def dropped_note(count: int) -> str:
+    return f"(context full: dropped the oldest {count} turn{'s' if count != 1 else ''})"
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = 0.8
+    top_p: float = 0.9
+    max_new_tokens: int = 512  # 0: until EOS or the context is full
+    seed: int = 0
+
+
+@dataclass
+class Conversation:
+    """The dialog and the engine's KV cache: `context` is what positions 0.. hold (or will, once fed up to it)."""
+
+    engine: Engine
+    sampling: SamplingConfig
+    system: str = ""
+    exchanges: list[Exchange] = field(default_factory=list)
+    first_in_context: int = 0  # exchanges before this one were trimmed away for room
+    context: list[int] = field(default_factory=list)
+    fed: int = 0
+    rng_state: ctypes.c_ulonglong = field(init=False)  # the engine's xorshift state, advanced by every sample
+
+    def __post_init__(self) -> None:
+        seed = self.sampling.seed or time.time_ns()
+        self.rng_state = ctypes.c_ulonglong(seed & 0xFFFFFFFFFFFFFFFF or 1)
+
+    @property
+    def answer_room(self) -> int:
+        """Positions kept free for an answer (and its EOS) when deciding whether to trim the history."""
+        seq_len, cap = self.engine.seq_len, self.sampling.max_new_tokens
+        return max(1, min(cap or seq_len, seq_len // 4)) + 1
+
+    def reset(self, system: Optional[str] = None) -> None:
+        if system is not None:
+            self.system = system
+        self.exchanges, self.first_in_context, self.context, self.fed = [], 0, [], 0
+
+    def messages(self) -> list[dict]:
+        messages = []
+        for exchange in self.exchanges:
+            messages += [{"role": "user", "content": exchange.user},
+                         {"role": "assistant", "content": exchange.assistant}]
+        return messages
+
+    def _history_tokens(self, start: int) -> list[int]:
+        tokens: list[int] = []
+        for exchange in self.exchanges[start:]:
+            tokens += self.engine.chat_turn(self.system, exchange.user, first_turn=not tokens)
+            tokens += exchange.assistant_tokens
+        return tokens
+
+    def _refit(self, new_user: Optional[str]) -> tuple[int, list[int]]:
+        """Drop the oldest exchanges until the rest (plus the new user turn and answer room) fits the context;
+        returns (how many were dropped, the new turn's tokens). Rebuilds `context` when something was dropped."""
+        seq_len = self.engine.seq_len
+        turn = self.engine.chat_turn(self.system, new_user, not self.context) if new_user is not None else []
+        if len(self.context) + len(turn) + self.answer_room <= seq_len:
+            return 0, turn
+        start = self.first_in_context
+        while True:
+            start += 1
+            history = self._history_tokens(start)
+            turn = self.engine.chat_turn(self.system, new_user, not history) if new_user is not None else []
+            if len(history) + len(turn) + self.answer_room <= seq_len or start >= len(self.exchanges):
+                break
+        dropped = start - self.first_in_context
+        self.first_in_context, self.context, self.fed = start, history, 0
+        return dropped, turn
+
+    def _sync(self) -> None:
+        """Feed whatever of `context` the cache does not hold yet."""
+        self.engine.feed(self.context[self.fed:], self.fed)
+        self.fed = len(self.context)
+
+    def load(self, system: str, exchanges: list[Exchange]) -> int:
+        """Replace the conversation and feed its history; returns how many of its oldest exchanges did not fit."""
+        self.reset(system)
+        self.exchanges = exchanges
+        self.context = self._history_tokens(0)
+        dropped = 0
+        if len(self.context) + self.answer_room > self.engine.seq_len:
+            dropped, _ = self._refit(None)
+        self._sync()
+        return dropped
+
+    def reply(self, user: str, emit: Callable[[str], None], note: Callable[[str], None],
+              interrupt: Interrupt) -> Reply:
+        """Answer user, streaming the text through emit until EOS, the token cap, a full context or
+        interrupt.requested; the exchange joins the conversation even when cut short."""
+        seq_len = self.engine.seq_len
+        alone = len(self.engine.chat_turn(self.system, user, first_turn=True))
+        if alone + 2 > seq_len:
+            raise ChatError(f"message too long: {alone} tokens with the template, the context holds {seq_len}")
+        dropped, turn = self._refit(user)
+        if dropped:
+            note(dropped_note(dropped))
+        self.context += turn
+        stream, reply, answer_tokens = TextStream(), Reply(""), []
+        cap = self.sampling.max_new_tokens
+        self._sync()
+        prev = self.context[-1]
+        while not interrupt.requested and not (cap and len(answer_tokens) >= cap):
+            if len(self.context) + 2 > seq_len:  # room for this token and the closing EOS
+                reply.context_full = True
+                break
+            token = self.engine.sample(self.sampling.temperature, self.sampling.top_p, self.rng_state)
+            if token == self.engine.eos:
+                break
+            text = stream.push(self.engine.decode(prev, token))
+            reply.text += text
+            emit(text)
+            answer_tokens.append(token)
+            self.context.append(token)
+            self._sync()
+            prev = token
+        reply.interrupted = interrupt.requested
+        tail = stream.finish()
+        reply.text += tail
+        emit(tail)
+        # The EOS closes the turn as in training; it is fed with the next turn's tokens.
+        self.context.append(self.engine.eos)
+        self.exchanges.append(Exchange(user, reply.text, answer_tokens + [self.engine.eos]))
+        return reply
+
+
+# ----------------------------------------------------------------------------- saving and loading
+
+def save_conversation(conversation: Conversation, path: Path) -> None:
+    data = {"system": conversation.system, "messages": conversation.messages()}
+    tmp_path = path.with_name(path.name + ".tmp")
+    try:
+        tmp_path.write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp_path, path)
+    except OSError as e:
+        raise ChatError(f"cannot write {path}: {e.strerror}") from None
+
+
+def read_conversation(path: Path, encode: Callable[[str], list[int]], eos: int) -> tuple[str, list[Exchange]]:
+    """A conversation from JSON {"system": ..., "messages": [...]} (a leading system message works too)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ChatError(f"cannot read {path}: {e.strerror}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ChatError(f"{path} is not JSON ({e}); /save writes the format /load reads") from None
+    shape = f'{path}: expected {{"system": TEXT, "messages": [{{"role": "user"|"assistant", "content": TEXT}}, ...]}}'
+    if not isinstance(data, dict) or not isinstance(data.get("messages", []), list):
+        raise ChatError(shape)
+    system, messages = data.get("system") or "", list(data.get("messages", []))
+    if not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages) \
+            or not isinstance(system, str):
+        raise ChatError(shape)
+    if messages and messages[0].get("role") == "system":
+        system = messages.pop(0)["content"]
+    roles = [m.get("role") for m in messages]
+    if len(messages) % 2 or roles != ["user", "assistant"] * (len(messages) // 2):
+        raise ChatError(f"{path}: messages must alternate user, assistant and end with an assistant answer")
+    exchanges = [Exchange(user["content"], answer["content"], encode(answer["content"]) + [eos])
+                 for user, answer in zip(messages[::2], messages[1::2])]
+    return system, exchanges
+
+
+# ----------------------------------------------------------------------------- the terminal
+
+@dataclass
+class ChatConfig:
+    model: str
+    tokenizer: Optional[str] = None
+    temperature: float = 0.8
+    top_p: float = 0.9
+    max_new_tokens: int = 512
+    seed: int = 0
+    system: str = ""
+    threads: int = 0
+
+
+def parse_args(argv: Optional[list[str]] = None) -> ChatConfig:
+    parser = argparse.ArgumentParser(description="Chat with an exported model through the C engine (librun.so).")
+    parser.add_argument("model", help="model .bin written by export.py (v0, v1 or v2)")
+    parser.add_argument("-z", "--tokenizer", help="tokenizer .bin (default: the tok*.bin beside the model or in "
+                                                  "data/ whose size matches the model's vocabulary)")
+    parser.add_argument("-t", "--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
+    parser.add_argument("-p", "--top_p", "--top-p", dest="top_p", type=float, default=0.9,
+                        help="nucleus sampling mass, 1 = off (default 0.9)")
+    parser.add_argument("-n", "--max_new_tokens", "--max-new-tokens", dest="max_new_tokens", type=int, default=512,
+                        help="most tokens per answer, 0 = until the context is full (default 512)")
+    parser.add_argument("-s", "--seed", type=int, default=0, help="sampling seed (default: from the clock)")
+    parser.add_argument("-y", "--system", default="", help="system prompt")
+    parser.add_argument("--threads", type=int, default=0, help="engine threads (default: the engine's choice)")
+    args = parser.parse_args(argv)
+    if args.max_new_tokens < 0 or args.temperature < 0:
+        parser.error("-n and -t must not be negative")
+    return ChatConfig(**vars(args))
+
+
+@contextmanager
+def line_editing(interactive: bool) -> Iterator[None]:
+    """readline editing with a history file in the home folder, when there is a terminal and a home."""
+    if not interactive:
+        yield
+        return
+    try:
+        import readline
+    except ImportError:
+        yield
+        return
+    try:
+        history: Optional[Path] = Path.home() / HISTORY_FILE
+    except (RuntimeError, KeyError):
+        history = None
+    readline.set_history_length(1000)
+    if history is not None:
+        try:
+            readline.read_history_file(history)
+        except OSError:
+            pass
+    try:
+        yield
+    finally:
+        if history is not None:
+            try:
+                readline.write_history_file(history)
+            except OSError:
+                pass
+
+
+def read_message(interactive: bool) -> str:
+    """One message; lines ending in a backslash continue it. Raises EOFError at the end of input."""
+    lines: list[str] = []
+    while True:
+        if interactive:
+            line = input(CONTINUATION_PROMPT if lines else PROMPT)
+        else:
+            line = sys.stdin.readline()
+            if not line:
+                if lines:
+                    break
+                raise EOFError
+            line = line.rstrip("\r\n")
+        if line.endswith("\\"):
+            lines.append(line[:-1])
+            continue
+        lines.append(line)
+        return "\n".join(lines)
+    return "\n".join(lines)
+
+
+class ChatSession:
+    """The read-answer loop: slash commands, notes, streaming to stdout."""
+
+    def __init__(self, conversation: Conversation, interactive: bool):
+        self.conversation = conversation
+        self.interactive = interactive
+
+    @staticmethod
+    def emit(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    @staticmethod
+    def note(text: str) -> None:
+        sys.stdout.flush()
+        print(text, file=sys.stderr, flush=True)
+
+    def command(self, line: str) -> bool:
+        """Run a slash command; False means leave."""
+        name, _, argument = line.partition(" ")
+        argument = argument.strip()
+        conversation = self.conversation
+        if name == "/bye":
+            return False
+        if name in ("/help", "/?"):
+            print(HELP, flush=True)
+        elif name in ("/clear", "/reset"):
+            conversation.reset()
+            self.note("(conversation cleared)")
+        elif name == "/system":
+            if argument:
+                conversation.reset(argument)
+                self.note("(system prompt set; conversation cleared)")
+            else:
+                self.note(f"(system prompt: {conversation.system!r})")
+        elif name in ("/save", "/load"):
+            if not argument:
+                raise ChatError(f"usage: {name} FILE")
+            path = Path(argument).expanduser()
+            if name == "/save":
+                save_conversation(conversation, path)
+                self.note(f"(saved {len(conversation.exchanges)} turns to {path})")
+            else:
+                system, exchanges = read_conversation(path, conversation.engine.encode, conversation.engine.eos)
+                dropped = conversation.load(system, exchanges)
+                if dropped:
+                    self.note(dropped_note(dropped))
+                self.note(f"(loaded {len(exchanges)} turns from {path})")
+        else:
+            raise ChatError(f"unknown command {name}; /help lists them")
+        return True
+
+    def answer(self, message: str, interrupt: Interrupt) -> None:
+        reply = self.conversation.reply(message, self.emit, self.note, interrupt)
+        self.emit("\n\n" if self.interactive else "\n")
+        if reply.interrupted:
+            self.note("(stopped)")
+        elif reply.context_full:
+            self.note("(answer cut: the context is full)")
+
+    def run(self) -> None:
+        while True:
+            try:
+                message = read_message(self.interactive)
+            except EOFError:
+                if self.interactive:
+                    print(flush=True)
+                return
+            except KeyboardInterrupt:
+                if not self.interactive:
+                    raise SystemExit(130)
+                print("\nUse Ctrl-D, quit or /bye to leave.", flush=True)
+                continue
+            stripped = message.strip()
+            if not stripped:
+                continue
+            if stripped.lower() in ("quit", "exit"):
+                return
+            # Ctrl-C from here to the next prompt only stops the answer: the conversation and cache stay consistent.
+            with stop_on_sigint() as interrupt:
+                try:
+                    if stripped.startswith("/"):
+                        if not self.command(stripped):
+                            return
+                    else:
+                        self.answer(message, interrupt)
+                except ChatError as e:
+                    self.note(f"error: {e}")
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    config = parse_args(argv)
+    for stream in (sys.stdin, sys.stdout, sys.stderr):
+        stream.reconfigure(encoding="utf-8", errors="replace")
+    model_path = Path(config.model)
+    if not model_path.is_file():
+        raise SystemExit(f"error: model {model_path} not found; export one with "
+                         f"`python export.py {model_path} --checkpoint=out/ckpt.pt`")
+    tokenizer_path = Path(config.tokenizer) if config.tokenizer else find_tokenizer(model_path)
+    if not tokenizer_path.is_file():
+        raise SystemExit(f"error: tokenizer {tokenizer_path} not found; export one with "
+                         "`python tokenizer.py --tokenizer-model=data/tok4096.model`")
+    interactive = sys.stdin.isatty()
+    engine = Engine(load_library(library_path()), model_path, tokenizer_path, config.threads)
+    try:
+        sampling = SamplingConfig(config.temperature, config.top_p, config.max_new_tokens, config.seed)
+        conversation = Conversation(engine, sampling, system=config.system)
+        if interactive:
+            print(f"{model_path.name}: {engine.seq_len} tokens of context, vocabulary {engine.vocab_size} "
+                  f"({tokenizer_path}). /help for commands.", flush=True)
+        with line_editing(interactive):
+            ChatSession(conversation, interactive).run()
+    except KeyboardInterrupt:  # while loading, before the first prompt
+        raise SystemExit(130) from None
+    finally:
+        engine.close()
+
+
+if __name__ == "__main__":
+    main()

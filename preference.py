@@ -1,0 +1,510 @@
+"""Preference training: DPO, a Bradley-Terry reward model, and PPO from human (or computed) feedback.
+
+    python finetune.py --method=dpo    --init_from=out/sft/ckpt.pt --data=prefs.jsonl --beta=0.1
+    python finetune.py --method=reward --init_from=out/sft/ckpt.pt --data=prefs.jsonl --out_dir=out/rm
+    python finetune.py --method=ppo    --init_from=out/sft/ckpt.pt --prompts=prompts.jsonl \\
+                       --reward_model=out/rm/ckpt.pt          (or --reward_fn=my_rewards:contains_yes)
+
+finetune.py parses the flags and calls run_dpo / run_reward / run_ppo here. Every text goes through
+the toolkit's one chat template (tokenizer.encode_dialog). Preference lines are either
+{"prompt": str, "chosen": str, "rejected": str} or the messages form, where "chosen" and "rejected"
+are whole conversations (lists of {"role", "content"}) that share their opening messages (a "prompt"
+list of messages may also be given separately, as TRL's conversational format does).
+
+Conventions follow TRL, so numbers read the same as there:
+- DPO: loss = -log sigmoid(beta * ((log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x)))),
+  with the implicit rewards beta * (log pi - log ref) logged as rewards/chosen, rewards/rejected,
+  their difference as rewards/margins and how often chosen beats rejected as rewards/accuracies.
+- PPO: per-token reward -kl_coef * (log pi - log ref), with the score added on the last response
+  token; GAE(gamma, lam) on a value head over the policy's hidden states; advantages whitened;
+  clipped policy and value losses. Logged as env/reward_mean, objective/kl, objective/entropy,
+  policy/clipfrac, loss/value.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lora import adapters_disabled, lora_layers
+from model import Transformer
+from tokenizer import encode_dialog
+
+Messages = list[dict]
+ROLES = ("system", "user", "assistant")
+
+
+# ----------------------------------------------------------------------------- data
+
+@dataclass
+class TokenizedPair:
+    """One preference pair through the chat template: each side is the whole conversation and a mask on its answer."""
+    chosen: list[int]
+    chosen_mask: list[int]  # 1 on the answer's tokens (the ones the log-probability sums over)
+    rejected: list[int]
+    rejected_mask: list[int]
+
+
+def _as_messages(value: object, field: str, default_role: str) -> Messages:
+    """A string becomes one message of default_role; a list must already be {"role", "content"} messages."""
+    if isinstance(value, str) and value.strip():
+        return [{"role": default_role, "content": value}]
+    if not isinstance(value, list) or not value:
+        raise ValueError(f'"{field}" must be a non-empty string or a list of {{"role", "content"}} messages')
+    for message in value:
+        if (not isinstance(message, dict) or message.get("role") not in ROLES
+                or not isinstance(message.get("content"), str)):
+            raise ValueError(f'"{field}" has a message that is not {{"role": system|user|assistant, "content": str}}')
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def _check_prompt(prompt: Messages, where: str) -> None:
+    if not prompt or prompt[-1]["role"] != "user":
+        raise ValueError(f"{where} must end with a user message (the one being answered)")
+
+
+def _check_answer(answer: Messages, field: str) -> None:
+    if not answer or answer[-1]["role"] != "assistant":
+        raise ValueError(f'"{field}" must end with an assistant message after the shared prompt')
+
+
+def preference_messages(record: object) -> tuple[Messages, Messages, Messages]:
+    """(prompt, chosen answer, rejected answer) as message lists from one JSON line; ValueError says what is wrong."""
+    if not isinstance(record, dict):
+        raise ValueError('expected a JSON object with "chosen" and "rejected"')
+    missing = [key for key in ("chosen", "rejected") if key not in record]
+    if missing:
+        raise ValueError(f'missing {", ".join(repr(k) for k in missing)}; expected {{"prompt", "chosen", "rejected"}} '
+                         'or the messages form {"chosen": [...], "rejected": [...]}')
+    chosen = _as_messages(record["chosen"], "chosen", "assistant")
+    rejected = _as_messages(record["rejected"], "rejected", "assistant")
+    if "prompt" in record:
+        prompt = _as_messages(record["prompt"], "prompt", "user")
+    else:
+        # Messages form: the shared opening of both conversations is the prompt.
+        shared = 0
+        while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+            shared += 1
+        prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
+        if not prompt:
+            raise ValueError('"chosen" and "rejected" share no opening messages, so there is no prompt; add "prompt"')
+    _check_prompt(prompt, '"prompt"' if "prompt" in record else "the shared messages")
+    _check_answer(chosen, "chosen")
+    _check_answer(rejected, "rejected")
+    return prompt, chosen, rejected
+
+
+def prompt_messages(record: object) -> Messages:
+    """The conversation to answer from one prompts.jsonl line: {"prompt": str} or {"messages": [...]}."""
+    if not isinstance(record, dict) or ("prompt" in record) == ("messages" in record):
+        raise ValueError('expected {"prompt": str} or {"messages": [...]} (one of the two)')
+    if "prompt" in record:
+        messages = _as_messages(record["prompt"], "prompt", "user")
+    else:
+        messages = _as_messages(record["messages"], "messages", "user")
+    _check_prompt(messages, "the prompt")
+    return messages
+
+
+def tokenize_answer(encode: Callable[[str], list[int]], prompt: Messages, answer: Messages,
+                    bos_id: int, eos_id: int) -> tuple[list[int], list[int]]:
+    """Tokens of prompt + answer and a mask that is 1 on the answer's trained (assistant) tokens only."""
+    prompt_tokens, _ = encode_dialog(encode, prompt, bos_id, eos_id)
+    tokens, trained = encode_dialog(encode, prompt + answer, bos_id, eos_id)
+    # Segments simply follow each other in the template, so the prompt's tokens are a prefix of the whole.
+    return tokens, [0] * len(prompt_tokens) + trained[len(prompt_tokens):]
+
+
+def tokenize_pair(encode: Callable[[str], list[int]], messages: tuple[Messages, Messages, Messages],
+                  bos_id: int, eos_id: int) -> TokenizedPair:
+    prompt, chosen, rejected = messages
+    chosen_tokens, chosen_mask = tokenize_answer(encode, prompt, chosen, bos_id, eos_id)
+    rejected_tokens, rejected_mask = tokenize_answer(encode, prompt, rejected, bos_id, eos_id)
+    return TokenizedPair(chosen_tokens, chosen_mask, rejected_tokens, rejected_mask)
+
+
+def pad_right(rows: Sequence[Sequence[int]], pad: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """A [B, longest] long tensor with rows padded on the right.
+
+    Right padding is invisible to the real tokens: attention is causal, so no real position sees a pad.
+    """
+    longest = max(len(row) for row in rows)
+    return torch.tensor([list(row) + [pad] * (longest - len(row)) for row in rows], dtype=torch.long, device=device)
+
+
+def pair_batch(pairs: Sequence[TokenizedPair], pad_id: int,
+               device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(tokens [2B, T], answer mask [2B, T], lengths [2B]): the chosen sides first, then the rejected, one forward pass."""
+    rows = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    masks = [p.chosen_mask for p in pairs] + [p.rejected_mask for p in pairs]
+    lengths = torch.tensor([len(row) for row in rows], dtype=torch.long, device=device)
+    return pad_right(rows, pad_id, device), pad_right(masks, 0, device), lengths
+
+
+# ----------------------------------------------------------------------------- log-probabilities
+
+def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[target] per position: [B, T] from logits [B, T, V] and targets [B, T]."""
+    return F.log_softmax(logits.float(), dim=-1).gather(-1, targets[..., None]).squeeze(-1)
+
+
+def sequence_logps(model: Transformer, tokens: torch.Tensor, answer_mask: torch.Tensor) -> torch.Tensor:
+    """Sum over the masked (answer) tokens of log p(token | everything before it): [B] for tokens [B, T]."""
+    # The last position predicts nothing we score, so it is not fed: sequences may be context + 1 long.
+    logits, _ = model(tokens[:, :-1])
+    return (token_logps(logits, tokens[:, 1:]) * answer_mask[:, 1:]).sum(dim=-1)
+
+
+# ----------------------------------------------------------------------------- DPO
+
+def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
+             ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor,
+             beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean DPO loss, chosen rewards [B], rejected rewards [B]); the rewards are detached, for logging."""
+    chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps)
+    rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps)
+    # logsigmoid is the stable form of log(sigmoid(x)) for large |x|.
+    loss = -F.logsigmoid(chosen_rewards - rejected_rewards).mean()
+    return loss, chosen_rewards.detach(), rejected_rewards.detach()
+
+
+def dpo_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> dict[str, float]:
+    """TRL's names: rewards/chosen, rewards/rejected, rewards/accuracies, rewards/margins (means over the batch)."""
+    return {
+        "rewards/chosen": chosen_rewards.mean().item(),
+        "rewards/rejected": rejected_rewards.mean().item(),
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean().item(),
+        "rewards/margins": (chosen_rewards - rejected_rewards).mean().item(),
+    }
+
+
+# ----------------------------------------------------------------------------- reward model and value head
+
+class ScalarHead(nn.Module):
+    """A linear map from the final hidden state to one number (a reward, or a value estimate)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, 1)
+        # Small start: the head's first outputs are near zero, so early losses and KL terms stay sane.
+        nn.init.normal_(self.proj.weight, std=1.0 / math.sqrt(dim + 1))
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.proj(hidden).squeeze(-1)
+
+
+def last_positions(hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """hidden [B, T, D] at each row's last real token (index lengths - 1): [B, D]."""
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), lengths - 1]
+
+
+class RewardModel(nn.Module):
+    """The Llama backbone with a scalar head on the last token of the conversation."""
+
+    def __init__(self, backbone: Transformer):
+        super().__init__()
+        self.backbone = backbone
+        self.head = ScalarHead(backbone.args.dim)
+
+    def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Scores [B] of right-padded tokens [B, T] whose real lengths are lengths [B]."""
+        return self.head(last_positions(self.backbone.hidden(tokens), lengths)).float()
+
+
+def bradley_terry_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) -> torch.Tensor:
+    """-log sigmoid(r_chosen - r_rejected), averaged: the pairwise loss of a reward model."""
+    return -F.logsigmoid(chosen_scores - rejected_scores).mean()
+
+
+# ----------------------------------------------------------------------------- PPO pieces
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """(values - mean) / std over the masked entries, as TRL whitens advantages."""
+    mean = masked_mean(values, mask)
+    variance = masked_mean((values - mean) ** 2, mask)
+    # Bessel's correction, as TRL's masked_var does, so a batch's statistics are unbiased.
+    count = mask.sum()
+    if count > 1:
+        variance = variance * count / (count - 1)
+    whitened = (values - mean) * torch.rsqrt(variance + 1e-8)
+    return whitened if shift_mean else whitened + mean
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+        gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalized advantage estimation over response tokens [B, R] (mask 0 after each row's end).
+
+    delta_t = r_t + gamma * V_{t+1} - V_t, A_t = delta_t + gamma * lam * A_{t+1}, with V and A zero past the end.
+    Returns (advantages, returns = advantages + values), both zero on masked positions.
+    """
+    rewards, values = rewards * mask, values * mask
+    advantages = torch.zeros_like(rewards)
+    next_advantage = torch.zeros_like(rewards[:, 0])
+    next_value = torch.zeros_like(values[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        next_advantage = (delta + gamma * lam * next_advantage) * mask[:, t]
+        advantages[:, t] = next_advantage
+        next_value = values[:, t]
+    return advantages, (advantages + values) * mask
+
+
+def kl_penalized_rewards(scores: torch.Tensor, policy_logps: torch.Tensor, ref_logps: torch.Tensor,
+                         mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
+    """Per-token rewards [B, R]: -kl_coef * (log pi - log ref), plus each row's score on its last response token."""
+    rewards = -kl_coef * (policy_logps - ref_logps) * mask
+    last = mask.sum(dim=1).long() - 1
+    rewards[torch.arange(rewards.shape[0], device=rewards.device), last] += scores
+    return rewards
+
+
+@dataclass
+class PPOLosses:
+    loss: torch.Tensor
+    policy_loss: torch.Tensor
+    value_loss: torch.Tensor
+    clipfrac: torch.Tensor
+    approx_kl: torch.Tensor
+
+
+def ppo_losses(logps: torch.Tensor, old_logps: torch.Tensor, values: torch.Tensor, old_values: torch.Tensor,
+               advantages: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+               cliprange: float, cliprange_value: float, vf_coef: float) -> PPOLosses:
+    """The clipped surrogate objective and the clipped value loss, averaged over response tokens."""
+    ratio = torch.exp(logps - old_logps)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    policy_loss = masked_mean(torch.max(unclipped, clipped), mask)
+    values_clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+    value_loss = 0.5 * masked_mean(torch.max((values - returns) ** 2, (values_clipped - returns) ** 2), mask)
+    return PPOLosses(
+        loss=policy_loss + vf_coef * value_loss,
+        policy_loss=policy_loss,
+        value_loss=value_loss,
+        clipfrac=masked_mean((clipped > unclipped).float(), mask),
+        approx_kl=0.5 * masked_mean((logps - old_logps) ** 2, mask),
+    )
+
+
+# ----------------------------------------------------------------------------- reference model
+
+class Reference:
+    """The starting model, for log-probabilities the policy is compared against (DPO, PPO's KL penalty).
+
+    With LoRA it is the policy itself with its adapters switched off (the base never trains), so no second
+    copy is held; without LoRA it is a frozen copy taken before training starts.
+    """
+
+    def __init__(self, policy: Transformer):
+        self.policy = policy
+        self.frozen = None if any(True for _ in lora_layers(policy)) else copy.deepcopy(policy).requires_grad_(False).eval()
+
+    @contextlib.contextmanager
+    def model(self) -> Iterator[Transformer]:
+        if self.frozen is not None:
+            yield self.frozen
+            return
+        # Dropout off too: the reference must score deterministically.
+        was_training = self.policy.training
+        self.policy.eval()
+        try:
+            with adapters_disabled(self.policy) as base:
+                yield base
+        finally:
+            self.policy.train(was_training)
+
+
+# ----------------------------------------------------------------------------- PPO rollouts and updates
+
+def sample_answers(policy: Transformer, prompts: Sequence[list[int]], max_new_tokens: int, temperature: float,
+                   eos_id: int, generator: Optional[torch.Generator] = None) -> list[list[int]]:
+    """One sampled answer per prompt, through its first EOS (or max_new_tokens tokens without one).
+
+    Prompts of equal length are sampled together: generate() takes no padding mask, and these need none.
+    """
+    device = policy.tok_embeddings.weight.device
+    rows_by_length: dict[int, list[int]] = {}
+    for row, prompt in enumerate(prompts):
+        rows_by_length.setdefault(len(prompt), []).append(row)
+    answers: list[list[int]] = [[] for _ in prompts]
+    for length, rows in rows_by_length.items():
+        context = torch.tensor([prompts[row] for row in rows], dtype=torch.long, device=device)
+        sampled = policy.generate(context, max_new_tokens, temperature=temperature, eos_id=eos_id,
+                                  generator=generator)[:, length:]
+        for row, answer in zip(rows, sampled.tolist()):
+            answers[row] = answer[: answer.index(eos_id) + 1] if eos_id in answer else answer
+    return answers
+
+
+@dataclass
+class Rollout:
+    """A batch of prompt + sampled answer sequences and everything PPO needs about their answer tokens [B, R]."""
+    tokens: torch.Tensor          # [B, T] prompt + answer, right-padded
+    prompt_lengths: torch.Tensor  # [B]
+    mask: torch.Tensor            # [B, R] float, 1 on each answer's tokens
+    logps: torch.Tensor           # [B, R] log pi_old(answer token)
+    ref_logps: torch.Tensor       # [B, R] log ref(answer token)
+    values: torch.Tensor          # [B, R] V_old(state before each answer token)
+    scores: torch.Tensor          # [B] reward model or function score of each whole answer
+    advantages: torch.Tensor      # [B, R] whitened GAE advantages
+    returns: torch.Tensor         # [B, R] value targets
+
+
+def rollout_tokens(prompts: Sequence[list[int]], answers: Sequence[list[int]], pad_id: int,
+                   device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(tokens [B, T], prompt lengths [B], answer mask [B, R]) with R the longest answer and T = longest prompt + R."""
+    longest_answer = max(len(answer) for answer in answers)
+    width = max(len(prompt) for prompt in prompts) + longest_answer
+    rows = [list(p) + list(a) + [pad_id] * (width - len(p) - len(a)) for p, a in zip(prompts, answers)]
+    mask = [[1.0] * len(a) + [0.0] * (longest_answer - len(a)) for a in answers]
+    return (torch.tensor(rows, dtype=torch.long, device=device),
+            torch.tensor([len(p) for p in prompts], dtype=torch.long, device=device),
+            torch.tensor(mask, device=device))
+
+
+def answer_outputs(model: Transformer, tokens: torch.Tensor, prompt_lengths: torch.Tensor, answer_width: int,
+                   temperature: float, value_head: Optional[ScalarHead] = None
+                   ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """log p of each answer token [B, R] (at the sampling temperature) and, given a value head, V of the state before it."""
+    hidden = model.hidden(tokens)
+    # Position prompt_length - 1 + t predicts answer token t.
+    positions = prompt_lengths[:, None] - 1 + torch.arange(answer_width, device=tokens.device)
+    answer_hidden = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
+    logits = model.output(answer_hidden).float() / temperature
+    logps = token_logps(logits, tokens.gather(1, positions + 1))
+    values = value_head(answer_hidden).float() if value_head is not None else None
+    return logps, values
+
+
+@dataclass
+class PromptItem:
+    tokens: list[int]  # the conversation through the chat template, ending with the assistant header
+    text: str          # the user message being answered: what a reward function is shown
+
+
+ScoreAnswers = Callable[[Sequence[PromptItem], Sequence[list[int]]], torch.Tensor]
+"""score_answers(prompts, answer tokens) -> scores [B]: a reward model or a reward function behind one interface."""
+
+
+@torch.no_grad()
+def make_rollout(policy: Transformer, value_head: ScalarHead, reference: Reference, prompts: Sequence[PromptItem],
+                 score_answers: ScoreAnswers,
+                 max_new_tokens: int, temperature: float, eos_id: int, kl_coef: float, gamma: float, lam: float,
+                 generator: Optional[torch.Generator] = None) -> Rollout:
+    """Sample answers, score them, and compute the old log-probs, values, KL-penalised rewards and GAE advantages."""
+    was_training = policy.training
+    policy.eval()
+    prompt_tokens = [prompt.tokens for prompt in prompts]
+    answers = sample_answers(policy, prompt_tokens, max_new_tokens, temperature, eos_id, generator)
+    device = policy.tok_embeddings.weight.device
+    tokens, prompt_lengths, mask = rollout_tokens(prompt_tokens, answers, eos_id, device)
+    width = mask.shape[1]
+    logps, values = answer_outputs(policy, tokens, prompt_lengths, width, temperature, value_head)
+    with reference.model() as ref:
+        ref_logps, _ = answer_outputs(ref, tokens, prompt_lengths, width, temperature)
+    policy.train(was_training)
+    scores = score_answers(prompts, answers).to(device=device, dtype=torch.float32)
+    rewards = kl_penalized_rewards(scores, logps, ref_logps, mask, kl_coef)
+    advantages, returns = gae(rewards, values, mask, gamma, lam)
+    return Rollout(tokens, prompt_lengths, mask, logps * mask, ref_logps * mask, values * mask, scores,
+                   masked_whiten(advantages, mask) * mask, returns)
+
+
+def ppo_update(policy: Transformer, value_head: ScalarHead, optimizer: torch.optim.Optimizer, rollout: Rollout,
+               ppo_epochs: int, minibatch_size: int, cliprange: float, vf_coef: float, temperature: float,
+               grad_clip: float, generator: Optional[torch.Generator] = None) -> dict[str, float]:
+    """ppo_epochs passes over the rollout in shuffled minibatches; the means of the losses and clip fraction."""
+    policy.train()
+    batch, width = rollout.mask.shape
+    totals = {"loss/policy": 0.0, "loss/value": 0.0, "policy/clipfrac": 0.0, "policy/approxkl": 0.0}
+    updates = 0
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    for _ in range(ppo_epochs):
+        order = torch.randperm(batch, generator=generator).tolist()
+        for start in range(0, batch, minibatch_size):
+            rows = torch.tensor(order[start:start + minibatch_size], device=rollout.tokens.device)
+            logps, values = answer_outputs(policy, rollout.tokens[rows], rollout.prompt_lengths[rows], width,
+                                           temperature, value_head)
+            # TRL clips the value with cliprange_value, whose default equals cliprange's 0.2.
+            losses = ppo_losses(logps, rollout.logps[rows], values, rollout.values[rows], rollout.advantages[rows],
+                                rollout.returns[rows], rollout.mask[rows], cliprange, cliprange, vf_coef)
+            optimizer.zero_grad(set_to_none=True)
+            losses.loss.backward()
+            if grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(parameters, grad_clip)
+            optimizer.step()
+            totals["loss/policy"] += losses.policy_loss.item()
+            totals["loss/value"] += losses.value_loss.item()
+            totals["policy/clipfrac"] += losses.clipfrac.item()
+            totals["policy/approxkl"] += losses.approx_kl.item()
+            updates += 1
+    return {key: total / updates for key, total in totals.items()}
+
+
+def rollout_metrics(rollout: Rollout) -> dict[str, float]:
+    """TRL's per-batch statistics: mean score, KL and entropy summed over each answer, then averaged over answers."""
+    mask = rollout.mask
+    return {
+        "env/reward_mean": rollout.scores.mean().item(),
+        "env/reward_std": rollout.scores.std().item() if rollout.scores.numel() > 1 else 0.0,
+        "objective/kl": ((rollout.logps - rollout.ref_logps) * mask).sum(dim=1).mean().item(),
+        "objective/entropy": (-rollout.logps * mask).sum(dim=1).mean().item(),
+        "answer_length": mask.sum(dim=1).mean().item(),
+    }
+
+
+# ----------------------------------------------------------------------------- DPO and reward-model steps
+
+def dpo_batch_loss(policy: Transformer, reference: Reference, tokens: torch.Tensor, answer_mask: torch.Tensor,
+                   beta: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """DPO loss of a pair_batch() batch (chosen rows first, then rejected) and its TRL metrics."""
+    pairs = tokens.shape[0] // 2
+    policy_logps = sequence_logps(policy, tokens, answer_mask)
+    with torch.no_grad(), reference.model() as ref:
+        ref_logps = sequence_logps(ref, tokens, answer_mask)
+    loss, chosen_rewards, rejected_rewards = dpo_loss(policy_logps[:pairs], policy_logps[pairs:],
+                                                      ref_logps[:pairs], ref_logps[pairs:], beta)
+    metrics = dpo_metrics(chosen_rewards, rejected_rewards)
+    metrics["logps/chosen"] = policy_logps[:pairs].mean().item()
+    metrics["logps/rejected"] = policy_logps[pairs:].mean().item()
+    return loss, metrics
+
+
+def reward_batch_loss(reward_model: RewardModel, tokens: torch.Tensor,
+                      lengths: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    """Bradley-Terry loss of a pair_batch() batch and how often the chosen answer scores higher."""
+    pairs = tokens.shape[0] // 2
+    scores = reward_model(tokens, lengths)
+    chosen, rejected = scores[:pairs], scores[pairs:]
+    metrics = {
+        "accuracy": (chosen > rejected).float().mean().item(),
+        "rewards/chosen": chosen.mean().item(),
+        "rewards/rejected": rejected.mean().item(),
+        "rewards/margins": (chosen - rejected).mean().item(),
+    }
+    return bradley_terry_loss(chosen, rejected), metrics
+
+
+@torch.no_grad()
+def evaluate_pairs(batch_loss: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, float]]],
+                   pairs: Sequence[TokenizedPair], batch_size: int, pad_id: int,
+                   device: torch.device | str) -> dict[str, float]:
+    """batch_loss(tokens, answer mask, lengths) over all pairs: the loss and metrics averaged, weighted by batch size."""
+    totals: dict[str, float] = {}
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start:start + batch_size]
+        loss, metrics = batch_loss(*pair_batch(chunk, pad_id, device))
+        for key, value in {"loss": loss.item(), **metrics}.items():
+            totals[key] = totals.get(key, 0.0) + value * len(chunk)
+    return {key: total / len(pairs) for key, total in totals.items()}

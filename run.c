@@ -1,0 +1,1335 @@
+/* run.c: inference for InnerArianna / llama2.c model files, in one C file (libc + libm, OpenMP optional).
+
+   ./run model.bin -z tokenizer.bin [-i prompt] [-t temperature] [-p top_p] [-s seed] [-n steps]
+                                    [-m generate|chat] [-y system_prompt] [-T threads]
+
+   Model files: llama2.c's legacy version 0 (7-int header, fp32), version 1 ("ak42" header, fp32) and
+   version 2 ("ak42" header, Q8_0: int8 weights with one fp32 scale per group). The tokenizer file is
+   llama2.c's tokenizer .bin (tokenizer.py writes it). Both are memory-mapped and checked against the
+   file length before anything is read.
+
+   Built with -DARIANNA_LIBRARY this file is a shared library without main() (the API chat.py uses, see
+   CONTRACTS.md); the ./run binary's chat mode goes through the very same functions. */
+#define _POSIX_C_SOURCE 200809L
+#include <ctype.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#include <immintrin.h>
+#define HAVE_AVX512_VNNI 1
+#endif
+
+#define MODEL_MAGIC 0x616b3432u /* "ak42" */
+#define V1_HEADER_BYTES 256
+#define MAX_BATCH 64 /* prompt tokens processed per matrix-matrix pass: bounds the activation buffers */
+
+/* ------------------------------------------------------------------------------------------------ */
+/* Errors: every loader reports one line into a caller-owned buffer and returns failure.           */
+
+static int fail(char *err, int err_size, const char *fmt, ...) {
+    if (err && err_size > 0) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(err, (size_t)err_size, fmt, ap);
+        va_end(ap);
+    }
+    return -1;
+}
+
+/* ------------------------------------------------------------------------------------------------ */
+/* Model file                                                                                      */
+
+typedef struct {
+    int dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len;
+    int shared_classifier, version, group_size; /* group_size: version 2 only */
+} Config;
+
+/* One weight matrix [rows, cols]: fp32 (f) or Q8_0 (q with scales s, one per group_size values). */
+typedef struct {
+    const float *f;
+    const int8_t *q;
+    const float *s;
+    int rows, cols;
+} Matrix;
+
+typedef struct {
+    const float *rms_att, *rms_ffn;
+    Matrix wq, wk, wv, wo, w1, w2, w3;
+} Layer;
+
+typedef struct {
+    Config cfg;
+    Layer *layers;
+    Matrix tok_embeddings; /* [vocab, dim], also the classifier when shared */
+    Matrix classifier;
+    const float *rms_final;
+    void **owned; /* aligned copies of misaligned scale arrays */
+    int n_owned;
+} Weights;
+
+/* Reads the file at a byte offset with bounds kept by the caller (the size check comes first). */
+typedef struct {
+    const unsigned char *base;
+    size_t size, offset;
+} Cursor;
+
+static const void *take(Cursor *c, size_t bytes) {
+    const void *p = c->base + c->offset;
+    c->offset += bytes;
+    return p;
+}
+
+static int read_i32(const unsigned char *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+/* Scale arrays follow int8 arrays whose length need not be a multiple of 4; copy those to aligned memory. */
+static const float *aligned_floats(Weights *w, const void *p, size_t count) {
+    if (((uintptr_t)p & 3u) == 0) return (const float *)p;
+    float *copy = malloc(count * sizeof(float) + 1);
+    void **owned = realloc(w->owned, (size_t)(w->n_owned + 1) * sizeof(void *));
+    if (!copy || !owned) {
+        free(copy);
+        if (owned) w->owned = owned;
+        return NULL;
+    }
+    memcpy(copy, p, count * sizeof(float));
+    w->owned = owned;
+    w->owned[w->n_owned++] = copy;
+    return copy;
+}
+
+static void weights_free(Weights *w) {
+    for (int i = 0; i < w->n_owned; i++) free(w->owned[i]);
+    free(w->owned);
+    free(w->layers);
+    memset(w, 0, sizeof(*w));
+}
+
+static int config_check(const Config *c, char *err, int err_size, const char *path) {
+    /* Limits far above any model this engine can run, low enough that size arithmetic cannot overflow. */
+    if (c->dim <= 0 || c->dim > 65536 || c->hidden_dim <= 0 || c->hidden_dim > 262144 || c->n_layers <= 0 ||
+        c->n_layers > 1024 || c->n_heads <= 0 || c->n_heads > 1024 || c->n_kv_heads <= 0 || c->vocab_size <= 0 ||
+        c->vocab_size > (1 << 22) || c->seq_len <= 0 || c->seq_len > (1 << 20))
+        return fail(err, err_size,
+                    "%s: implausible model header (dim=%d hidden_dim=%d n_layers=%d n_heads=%d n_kv_heads=%d "
+                    "vocab_size=%d seq_len=%d): not a model .bin, or corrupt; re-export it with export.py",
+                    path, c->dim, c->hidden_dim, c->n_layers, c->n_heads, c->n_kv_heads, c->vocab_size, c->seq_len);
+    if (c->dim % c->n_heads || c->n_heads % c->n_kv_heads || (c->dim / c->n_heads) % 2)
+        return fail(err, err_size,
+                    "%s: inconsistent heads (dim=%d n_heads=%d n_kv_heads=%d: dim must divide by n_heads into an even "
+                    "head size, n_heads by n_kv_heads); the file is corrupt, re-export it",
+                    path, c->dim, c->n_heads, c->n_kv_heads);
+    if (c->version == 2 && (c->group_size <= 0 || c->dim % c->group_size || c->hidden_dim % c->group_size))
+        return fail(err, err_size,
+                    "%s: Q8_0 group size %d does not divide dim=%d and hidden_dim=%d; the file is corrupt, re-export it",
+                    path, c->group_size, c->dim, c->hidden_dim);
+    return 0;
+}
+
+/* Parses a model image (the mapped file). Pointers in w point into data, which must outlive w. */
+static int weights_parse(Weights *w, const unsigned char *data, size_t size, const char *path, char *err,
+                         int err_size) {
+    memset(w, 0, sizeof(*w));
+    Config *c = &w->cfg;
+    if (size < 28) return fail(err, err_size, "%s: file of %zu bytes is too short for a model header", path, size);
+    Cursor cur = {data, size, 0};
+    if ((uint32_t)read_i32(data) == MODEL_MAGIC) {
+        if (size < V1_HEADER_BYTES)
+            return fail(err, err_size, "%s: truncated header (%zu of %d bytes)", path, size, V1_HEADER_BYTES);
+        c->version = read_i32(data + 4);
+        if (c->version != 1 && c->version != 2)
+            return fail(err, err_size, "%s: model file version %d is not supported (this engine reads 0, 1 and 2)",
+                        path, c->version);
+        int *fields[] = {&c->dim, &c->hidden_dim, &c->n_layers, &c->n_heads, &c->n_kv_heads, &c->vocab_size,
+                         &c->seq_len};
+        for (int i = 0; i < 7; i++) *fields[i] = read_i32(data + 8 + 4 * i);
+        c->shared_classifier = data[36];
+        if (c->shared_classifier > 1)
+            return fail(err, err_size, "%s: corrupt header (shared_classifier byte is %d)", path, c->shared_classifier);
+        c->group_size = c->version == 2 ? read_i32(data + 37) : 0;
+        cur.offset = V1_HEADER_BYTES;
+    } else {
+        c->version = 0;
+        int *fields[] = {&c->dim, &c->hidden_dim, &c->n_layers, &c->n_heads, &c->n_kv_heads, &c->vocab_size,
+                         &c->seq_len};
+        for (int i = 0; i < 7; i++) *fields[i] = read_i32(data + 4 * i);
+        /* Legacy files say "classifier not shared" with a negative vocab size. */
+        c->shared_classifier = c->vocab_size > 0;
+        if (c->vocab_size < 0 && c->vocab_size != INT32_MIN) c->vocab_size = -c->vocab_size;
+        cur.offset = 28;
+    }
+    if (config_check(c, err, err_size, path)) return -1;
+
+    const uint64_t dim = (uint64_t)c->dim, hidden = (uint64_t)c->hidden_dim, layers = (uint64_t)c->n_layers;
+    const uint64_t vocab = (uint64_t)c->vocab_size, head = dim / (uint64_t)c->n_heads;
+    const uint64_t kv_dim = head * (uint64_t)c->n_kv_heads;
+    const uint64_t per_layer = dim * dim * 2 + dim * kv_dim * 2 + dim * hidden * 3; /* wq wo, wk wv, w1 w2 w3 */
+    const uint64_t norms = layers * dim * 2 + dim;
+    const uint64_t classifier = c->shared_classifier ? 0 : vocab * dim;
+    uint64_t expected;
+    if (c->version == 2) {
+        const uint64_t gs = (uint64_t)c->group_size, values = vocab * dim + layers * per_layer + classifier;
+        expected = V1_HEADER_BYTES + norms * 4 + values + values / gs * 4;
+    } else {
+        const uint64_t rope = c->version == 0 ? (uint64_t)c->seq_len * head : 0; /* legacy freq_cis tables */
+        expected = cur.offset + 4 * (norms + vocab * dim + layers * per_layer + rope + classifier);
+    }
+    if (expected != size)
+        return fail(err, err_size,
+                    "%s: file is %zu bytes but its version %d header (dim=%d, %d layers, vocab %d) implies %llu: "
+                    "truncated or corrupt, re-export it",
+                    path, size, c->version, c->dim, c->n_layers, c->vocab_size, (unsigned long long)expected);
+
+    w->layers = calloc((size_t)c->n_layers, sizeof(Layer));
+    if (!w->layers) return fail(err, err_size, "%s: out of memory", path);
+    const int n_layers = c->n_layers;
+    const int q_dim = c->dim, kvd = (int)kv_dim;
+
+    /* Norm weights: per-layer interleaved in version 0, grouped first in versions 1 and 2. */
+    const float *rms_att = NULL, *rms_ffn = NULL;
+    if (c->version == 0) {
+        const float *emb = take(&cur, vocab * dim * 4);
+        w->tok_embeddings = (Matrix){emb, NULL, NULL, c->vocab_size, c->dim};
+        rms_att = take(&cur, layers * dim * 4);
+    } else {
+        rms_att = take(&cur, layers * dim * 4);
+        rms_ffn = take(&cur, layers * dim * 4);
+        w->rms_final = take(&cur, dim * 4);
+    }
+    struct {
+        size_t offset;
+        int rows, cols;
+    } shapes[7] = {{offsetof(Layer, wq), q_dim, c->dim},      {offsetof(Layer, wk), kvd, c->dim},
+                   {offsetof(Layer, wv), kvd, c->dim},        {offsetof(Layer, wo), c->dim, q_dim},
+                   {offsetof(Layer, w1), c->hidden_dim, c->dim}, {offsetof(Layer, w2), c->dim, c->hidden_dim},
+                   {offsetof(Layer, w3), c->hidden_dim, c->dim}};
+    if (c->version == 2) {
+        const size_t gs = (size_t)c->group_size;
+        Matrix *m = &w->tok_embeddings;
+        /* Order of the file: embeddings, then each kind of matrix for all layers, then the classifier. */
+        for (int i = 0; i < 1 + 7 * n_layers + !c->shared_classifier; i++) {
+            if (i == 0) *m = (Matrix){NULL, NULL, NULL, c->vocab_size, c->dim};
+            else if (i <= 7 * n_layers) {
+                const int k = (i - 1) / n_layers, l = (i - 1) % n_layers;
+                m = (Matrix *)((char *)&w->layers[l] + shapes[k].offset);
+                *m = (Matrix){NULL, NULL, NULL, shapes[k].rows, shapes[k].cols};
+            } else {
+                m = &w->classifier;
+                *m = (Matrix){NULL, NULL, NULL, c->vocab_size, c->dim};
+            }
+            const size_t n = (size_t)m->rows * (size_t)m->cols;
+            m->q = take(&cur, n);
+            m->s = aligned_floats(w, take(&cur, n / gs * 4), n / gs);
+            if (!m->s) return weights_free(w), fail(err, err_size, "%s: out of memory", path);
+        }
+    } else {
+        if (c->version == 1) {
+            const float *emb = take(&cur, vocab * dim * 4);
+            w->tok_embeddings = (Matrix){emb, NULL, NULL, c->vocab_size, c->dim};
+        }
+        for (int k = 0; k < 7; k++) {
+            if (c->version == 0 && k == 4) rms_ffn = take(&cur, layers * dim * 4); /* legacy: between wo and w1 */
+            for (int l = 0; l < n_layers; l++) {
+                Matrix *m = (Matrix *)((char *)&w->layers[l] + shapes[k].offset);
+                *m = (Matrix){take(&cur, (size_t)shapes[k].rows * shapes[k].cols * 4), NULL, NULL, shapes[k].rows,
+                              shapes[k].cols};
+            }
+        }
+        if (c->version == 0) {
+            w->rms_final = take(&cur, dim * 4);
+            take(&cur, (size_t)c->seq_len * head * 4); /* freq_cis_real, freq_cis_imag: recomputed instead */
+        }
+        if (!c->shared_classifier)
+            w->classifier = (Matrix){take(&cur, vocab * dim * 4), NULL, NULL, c->vocab_size, c->dim};
+    }
+    if (c->shared_classifier) w->classifier = w->tok_embeddings;
+    for (int l = 0; l < n_layers; l++) {
+        w->layers[l].rms_att = rms_att + (size_t)l * c->dim;
+        w->layers[l].rms_ffn = rms_ffn + (size_t)l * c->dim;
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------------------------ */
+/* Tokenizer                                                                                       */
+
+typedef struct {
+    int n_tokens, max_token_length;
+    const unsigned char **piece;
+    int *piece_len;
+    float *score;
+    int *table; /* open-addressing hash of the pieces BPE may merge into: token id or -1 */
+    unsigned table_mask;
+    int byte_token[256]; /* id of the <0xNN> piece, -1 if the vocabulary has none */
+    int bos, eos, unk;
+    char *decode_buf;
+} Tokenizer;
+
+static uint32_t hash_bytes(const unsigned char *s, int len) {
+    uint32_t h = 2166136261u; /* FNV-1a */
+    for (int i = 0; i < len; i++) h = (h ^ s[i]) * 16777619u;
+    return h;
+}
+
+static int lookup_piece(const Tokenizer *t, const unsigned char *s, int len) {
+    for (uint32_t i = hash_bytes(s, len) & t->table_mask;; i = (i + 1) & t->table_mask) {
+        int id = t->table[i];
+        if (id < 0) return -1;
+        if (t->piece_len[id] == len && memcmp(t->piece[id], s, (size_t)len) == 0) return id;
+    }
+}
+
+static int piece_is(const Tokenizer *t, int id, const char *s) {
+    return t->piece_len[id] == (int)strlen(s) && memcmp(t->piece[id], s, strlen(s)) == 0;
+}
+
+/* Byte value of a "<0xNN>" piece, or -1. */
+static int byte_piece_value(const unsigned char *p, int len) {
+    if (len != 6 || memcmp(p, "<0x", 3) != 0 || p[5] != '>' || !isxdigit(p[3]) || !isxdigit(p[4])) return -1;
+    char hex[3] = {(char)p[3], (char)p[4], 0};
+    return (int)strtol(hex, NULL, 16);
+}
+
+static void tokenizer_free(Tokenizer *t) {
+    free(t->piece);
+    free(t->piece_len);
+    free(t->score);
+    free(t->table);
+    free(t->decode_buf);
+    memset(t, 0, sizeof(*t));
+}
+
+/* Parses a tokenizer image; expected_vocab > 0 demands exactly that many tokens. */
+static int tokenizer_parse(Tokenizer *t, const unsigned char *data, size_t size, int expected_vocab,
+                           const char *path, const char *model_path, char *err, int err_size) {
+    memset(t, 0, sizeof(*t));
+    if (size < 4) return fail(err, err_size, "%s: too short for a tokenizer .bin; export one with tokenizer.py", path);
+    t->max_token_length = read_i32(data);
+    if (t->max_token_length <= 0 || t->max_token_length > (1 << 16))
+        return fail(err, err_size, "%s: max token length %d is implausible: not a tokenizer .bin (tokenizer.py writes one)",
+                    path, t->max_token_length);
+    /* Count the entries first: the file does not store how many there are. */
+    size_t off = 4;
+    int n = 0;
+    while (off < size) {
+        if (size - off < 8) return fail(err, err_size, "%s: truncated after %d tokens; re-export it", path, n);
+        int len = read_i32(data + off + 4);
+        if (len < 0 || len > t->max_token_length || (size_t)len > size - off - 8)
+            return fail(err, err_size, "%s: token %d has a corrupt length %d; re-export the tokenizer", path, n, len);
+        off += 8 + (size_t)len;
+        if (++n > (1 << 22)) return fail(err, err_size, "%s: more than 4M tokens; not a tokenizer .bin", path);
+    }
+    if (n == 0) return fail(err, err_size, "%s: holds no tokens; re-export it", path);
+    if (expected_vocab > 0 && n != expected_vocab)
+        return fail(err, err_size, "tokenizer %s has %d tokens but model %s expects %d: use the tokenizer the model was "
+                    "trained with", path, n, model_path ? model_path : "", expected_vocab);
+    t->n_tokens = n;
+    t->piece = malloc((size_t)n * sizeof(*t->piece));
+    t->piece_len = malloc((size_t)n * sizeof(int));
+    t->score = malloc((size_t)n * sizeof(float));
+    unsigned table_size = 16;
+    while (table_size < 2u * (unsigned)n) table_size *= 2;
+    t->table = malloc(table_size * sizeof(int));
+    t->decode_buf = malloc((size_t)t->max_token_length + 2);
+    if (!t->piece || !t->piece_len || !t->score || !t->table || !t->decode_buf)
+        return tokenizer_free(t), fail(err, err_size, "%s: out of memory", path);
+    t->table_mask = table_size - 1;
+    memset(t->table, -1, table_size * sizeof(int));
+    off = 4;
+    for (int i = 0; i < n; i++) {
+        memcpy(&t->score[i], data + off, 4);
+        t->piece_len[i] = read_i32(data + off + 4);
+        t->piece[i] = data + off + 8;
+        off += 8 + (size_t)t->piece_len[i];
+    }
+    t->bos = t->eos = t->unk = -1;
+    for (int i = 0; i < n; i++) {
+        if (t->bos < 0 && piece_is(t, i, "\n<s>\n")) t->bos = i;
+        if (t->eos < 0 && piece_is(t, i, "\n</s>\n")) t->eos = i;
+        if (t->unk < 0 && piece_is(t, i, "<unk>")) t->unk = i;
+    }
+    if (t->bos < 0) t->bos = n > 1 ? 1 : 0; /* llama2.c's fixed ids */
+    if (t->eos < 0) t->eos = n > 2 ? 2 : 0;
+    if (t->unk < 0) t->unk = 0;
+    for (int b = 0; b < 256; b++) t->byte_token[b] = -1;
+    /* Control and byte pieces are never the result of a merge (SentencePiece keeps them out of its piece map). */
+    for (int i = 0; i < n; i++) {
+        int byte = byte_piece_value(t->piece[i], t->piece_len[i]);
+        if (byte >= 0) {
+            if (t->byte_token[byte] < 0) t->byte_token[byte] = i;
+            continue;
+        }
+        if (i == t->bos || i == t->eos || i == t->unk || t->piece_len[i] == 0) continue;
+        uint32_t h = hash_bytes(t->piece[i], t->piece_len[i]) & t->table_mask;
+        while (t->table[h] >= 0) {
+            int other = t->table[h];
+            if (t->piece_len[other] == t->piece_len[i] && !memcmp(t->piece[other], t->piece[i], (size_t)t->piece_len[i]))
+                break; /* duplicate piece: the first id wins, as in SentencePiece */
+            h = (h + 1) & t->table_mask;
+        }
+        if (t->table[h] < 0) t->table[h] = i;
+    }
+    return 0;
+}
+
+/* Length of the valid UTF-8 sequence at s (n bytes left), or 0 if the bytes there are not one. */
+static int utf8_valid_len(const unsigned char *s, size_t n) {
+    unsigned c = s[0];
+    if (c < 0x80) return 1;
+    int len;
+    unsigned cp, min;
+    if ((c & 0xE0) == 0xC0) len = 2, cp = c & 0x1F, min = 0x80;
+    else if ((c & 0xF0) == 0xE0) len = 3, cp = c & 0x0F, min = 0x800;
+    else if ((c & 0xF8) == 0xF0) len = 4, cp = c & 0x07, min = 0x10000;
+    else return 0;
+    if ((size_t)len > n) return 0;
+    for (int i = 1; i < len; i++) {
+        if ((s[i] & 0xC0) != 0x80) return 0;
+        cp = (cp << 6) | (s[i] & 0x3F);
+    }
+    if (cp < min || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) return 0;
+    return len;
+}
+
+typedef struct {
+    int start, len, prev, next;
+} Symbol;
+
+typedef struct {
+    float score;
+    int left, right, len;
+} MergeCandidate;
+
+/* Max-heap order: higher score first, then the leftmost pair (SentencePiece's tie rule). */
+static int candidate_before(const MergeCandidate *a, const MergeCandidate *b) {
+    return a->score > b->score || (a->score == b->score && a->left < b->left);
+}
+
+typedef struct {
+    MergeCandidate *items;
+    size_t n, cap;
+} MergeHeap;
+
+static int heap_push(MergeHeap *h, MergeCandidate c) {
+    if (h->n == h->cap) {
+        size_t cap = h->cap ? h->cap * 2 : 64;
+        MergeCandidate *items = realloc(h->items, cap * sizeof(*items));
+        if (!items) return -1;
+        h->items = items, h->cap = cap;
+    }
+    size_t i = h->n++;
+    while (i > 0 && candidate_before(&c, &h->items[(i - 1) / 2])) {
+        h->items[i] = h->items[(i - 1) / 2];
+        i = (i - 1) / 2;
+    }
+    h->items[i] = c;
+    return 0;
+}
+
+static MergeCandidate heap_pop(MergeHeap *h) {
+    MergeCandidate top = h->items[0], last = h->items[--h->n];
+    size_t i = 0;
+    for (;;) {
+        size_t child = 2 * i + 1;
+        if (child >= h->n) break;
+        if (child + 1 < h->n && candidate_before(&h->items[child + 1], &h->items[child])) child++;
+        if (!candidate_before(&h->items[child], &last)) break;
+        h->items[i] = h->items[child];
+        i = child;
+    }
+    if (h->n) h->items[i] = last;
+    return top;
+}
+
+static int push_pair(MergeHeap *h, const Tokenizer *t, const unsigned char *text, const Symbol *sym, int left) {
+    if (left < 0 || sym[left].next < 0) return 0;
+    int right = sym[left].next, len = sym[left].len + sym[right].len;
+    int id = lookup_piece(t, text + sym[left].start, len);
+    if (id < 0) return 0;
+    return heap_push(h, (MergeCandidate){t->score[id], left, right, len});
+}
+
+/* SentencePiece BPE encoding of text into a malloc'd array; returns the count or -1 (out of memory).
+   As SentencePiece with the identity normalizer and add_dummy_prefix: a space is prepended to non-empty
+   text, each byte of invalid UTF-8 becomes U+FFFD, '\u2581' is a space; then the pair whose merge has the
+   best score (leftmost on ties) merges until none is in the vocabulary; pieces still unknown fall back
+   to their <0xNN> byte tokens. */
+static int tokenizer_encode(const Tokenizer *t, const char *text, int bos, int eos, int **out_tokens) {
+    const unsigned char *in = (const unsigned char *)text;
+    size_t in_len = strlen(text), norm_len = 0;
+    unsigned char *norm = malloc(in_len * 3 + 2);
+    Symbol *sym = malloc((in_len * 3 + 2) * sizeof(Symbol));
+    int *tokens = NULL;
+    MergeHeap heap = {0};
+    int n_sym = 0, n_tokens = 0;
+    if (!norm || !sym) goto oom;
+    if (in_len > 0) norm[norm_len++] = ' ';
+    for (size_t i = 0; i < in_len;) {
+        int len = utf8_valid_len(in + i, in_len - i);
+        if (len == 0) {
+            memcpy(norm + norm_len, "\xEF\xBF\xBD", 3), norm_len += 3, i += 1;
+        } else if (len == 3 && !memcmp(in + i, "\xE2\x96\x81", 3)) {
+            norm[norm_len++] = ' ', i += 3;
+        } else {
+            memcpy(norm + norm_len, in + i, (size_t)len), norm_len += (size_t)len, i += (size_t)len;
+        }
+    }
+    if (norm_len > (size_t)INT32_MAX / 2) goto oom;
+    for (size_t i = 0; i < norm_len;) {
+        int len = utf8_valid_len(norm + i, norm_len - i);
+        sym[n_sym] = (Symbol){(int)i, len, n_sym - 1, -1};
+        if (n_sym > 0) sym[n_sym - 1].next = n_sym;
+        n_sym++, i += (size_t)len;
+    }
+    for (int i = 0; i < n_sym; i++)
+        if (push_pair(&heap, t, norm, sym, i)) goto oom;
+    while (heap.n) {
+        MergeCandidate c = heap_pop(&heap);
+        /* Skip candidates made stale by an earlier merge of either side. */
+        if (sym[c.left].len == 0 || sym[c.left].next != c.right || sym[c.left].len + sym[c.right].len != c.len) continue;
+        sym[c.left].len = c.len;
+        sym[c.right].len = 0;
+        sym[c.left].next = sym[c.right].next;
+        if (sym[c.right].next >= 0) sym[sym[c.right].next].prev = c.left;
+        if (push_pair(&heap, t, norm, sym, sym[c.left].prev) || push_pair(&heap, t, norm, sym, c.left)) goto oom;
+    }
+    tokens = malloc((norm_len + 2) * sizeof(int));
+    if (!tokens) goto oom;
+    if (bos) tokens[n_tokens++] = t->bos;
+    for (int i = n_sym ? 0 : -1; i >= 0; i = sym[i].next) {
+        int id = lookup_piece(t, norm + sym[i].start, sym[i].len);
+        if (id >= 0) {
+            tokens[n_tokens++] = id;
+            continue;
+        }
+        for (int b = 0; b < sym[i].len; b++) {
+            int byte_id = t->byte_token[norm[sym[i].start + b]];
+            tokens[n_tokens++] = byte_id >= 0 ? byte_id : t->unk;
+            if (byte_id < 0) break; /* no byte fallback: the whole piece is one <unk>, as SentencePiece does */
+        }
+    }
+    if (eos) tokens[n_tokens++] = t->eos;
+    free(norm), free(sym), free(heap.items);
+    *out_tokens = tokens;
+    return n_tokens;
+oom:
+    free(norm), free(sym), free(heap.items), free(tokens);
+    return -1;
+}
+
+static const char *tokenizer_decode(Tokenizer *t, int prev_token, int token) {
+    if (token < 0 || token >= t->n_tokens) return "";
+    const unsigned char *p = t->piece[token];
+    int len = t->piece_len[token];
+    int byte = byte_piece_value(p, len);
+    if (byte >= 0) {
+        t->decode_buf[0] = (char)byte, t->decode_buf[1] = 0;
+        return t->decode_buf;
+    }
+    if (prev_token == t->bos && len > 0 && p[0] == ' ') p++, len--; /* SentencePiece drops the dummy prefix */
+    memcpy(t->decode_buf, p, (size_t)len);
+    t->decode_buf[len] = 0;
+    return t->decode_buf;
+}
+
+/* ------------------------------------------------------------------------------------------------ */
+/* Kernels                                                                                         */
+
+/* GCC/Clang vector extensions: the compiler maps these to AVX-512, AVX2 or SSE, whatever -march allows. */
+#if defined(__AVX512F__)
+#define VLEN 16
+#elif defined(__AVX__)
+#define VLEN 8
+#else
+#define VLEN 4
+#endif
+typedef float vfloat __attribute__((vector_size(VLEN * 4)));
+typedef float vfloat_unaligned __attribute__((vector_size(VLEN * 4), aligned(4), may_alias));
+#define LOADV(p) (*(const vfloat_unaligned *)(p))
+
+static inline float hsum(vfloat v) {
+    float s = 0.0f;
+    for (int i = 0; i < VLEN; i++) s += v[i];
+    return s;
+}
+
+/* out[c*ostride + r] = dot(w row r, x row c) for R rows of w and C rows of x: R*C accumulators in registers,
+   so each loaded weight vector is used C times. R and C are constants once inlined. */
+static inline __attribute__((always_inline)) void tile_f32(float *out, int ostride, const float *w, const float *x,
+                                                           int xstride, int n, int R, int C) {
+    vfloat acc[8][4];
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++) acc[r][c] = (vfloat){0};
+    int k = 0;
+    for (; k + VLEN <= n; k += VLEN) {
+        vfloat xv[4];
+        for (int c = 0; c < C; c++) xv[c] = LOADV(x + (size_t)c * xstride + k);
+        for (int r = 0; r < R; r++) {
+            vfloat wv = LOADV(w + (size_t)r * n + k);
+            for (int c = 0; c < C; c++) acc[r][c] += wv * xv[c];
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++) {
+            float s = hsum(acc[r][c]);
+            for (int kk = k; kk < n; kk++) s += w[(size_t)r * n + kk] * x[(size_t)c * xstride + kk];
+            out[(size_t)c * ostride + r] = s;
+        }
+}
+
+/* Rows [r0, r1) of out[t][r] = W[r] . x[t] for t < n_tok, fp32 weights. */
+static void matmul_rows_f32(float *out, const Matrix *m, const float *x, int n_tok, int r0, int r1) {
+    const int n = m->cols;
+    if (n_tok == 1) {
+        int r = r0;
+        for (; r + 8 <= r1; r += 8) tile_f32(out + r, m->rows, m->f + (size_t)r * n, x, n, n, 8, 1);
+        for (; r < r1; r++) tile_f32(out + r, m->rows, m->f + (size_t)r * n, x, n, n, 1, 1);
+        return;
+    }
+    for (int r = r0; r < r1; r += 4) {
+        const int R = r1 - r;
+        const float *w = m->f + (size_t)r * n;
+        int t = 0;
+        if (R >= 4) {
+            for (; t + 4 <= n_tok; t += 4) tile_f32(out + (size_t)t * m->rows + r, m->rows, w, x + (size_t)t * n, n, n, 4, 4);
+            for (; t < n_tok; t++) tile_f32(out + (size_t)t * m->rows + r, m->rows, w, x + (size_t)t * n, n, n, 4, 1);
+        } else {
+            for (int rr = 0; rr < R; rr++)
+                for (int tt = 0; tt < n_tok; tt++)
+                    tile_f32(out + (size_t)tt * m->rows + r + rr, m->rows, w + (size_t)rr * n, x + (size_t)tt * n, n, n, 1, 1);
+        }
+    }
+}
+
+/* Activations quantized to Q8_0 like the weights, so each group's dot product is exact in int32. */
+typedef struct {
+    int8_t *q;
+    float *s;
+} QuantizedRows;
+
+static void quantize_row(int8_t *q, float *s, const float *x, int n, int gs) {
+    for (int g = 0; g < n / gs; g++) {
+        float amax = 0.0f;
+        for (int j = 0; j < gs; j++) amax = fmaxf(amax, fabsf(x[g * gs + j]));
+        const float scale = amax / 127.0f, inv = scale > 0.0f ? 1.0f / scale : 0.0f;
+        s[g] = scale;
+        for (int j = 0; j < gs; j++) q[g * gs + j] = (int8_t)lrintf(x[g * gs + j] * inv);
+    }
+}
+
+static float dot_q8(const int8_t *wq, const float *ws, const int8_t *xq, const float *xs, int n, int gs) {
+    float sum = 0.0f;
+#ifdef HAVE_AVX512_VNNI
+    if (gs % 64 == 0 || gs == 32) {
+        /* vpdpbusd multiplies unsigned by signed bytes: feed |x| and move x's sign onto w. */
+        __m512 acc = _mm512_setzero_ps();
+        const __m512i zero = _mm512_setzero_si512();
+        if (gs == 32) {
+            for (int g = 0; g < n / 32; g += 2) {
+                __m512i xv = _mm512_loadu_si512(xq + g * 32), wv = _mm512_loadu_si512(wq + g * 32);
+                __mmask64 neg = _mm512_movepi8_mask(xv);
+                __m512i prod = _mm512_dpbusd_epi32(zero, _mm512_abs_epi8(xv), _mm512_mask_sub_epi8(wv, neg, zero, wv));
+                __m512 scale = _mm512_insertf32x8(_mm512_set1_ps(ws[g] * xs[g]), _mm256_set1_ps(ws[g + 1] * xs[g + 1]), 1);
+                acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(prod), scale, acc);
+            }
+            if ((n / 32) % 2) { /* odd number of groups: the last one alone */
+                const int g = n / 32 - 1;
+                int32_t isum = 0;
+                for (int j = 0; j < 32; j++) isum += wq[g * 32 + j] * xq[g * 32 + j];
+                sum += (float)isum * ws[g] * xs[g];
+            }
+        } else {
+            for (int g = 0; g < n / gs; g++) {
+                __m512i prod = zero;
+                for (int j = g * gs; j < (g + 1) * gs; j += 64) {
+                    __m512i xv = _mm512_loadu_si512(xq + j), wv = _mm512_loadu_si512(wq + j);
+                    __mmask64 neg = _mm512_movepi8_mask(xv);
+                    prod = _mm512_dpbusd_epi32(prod, _mm512_abs_epi8(xv), _mm512_mask_sub_epi8(wv, neg, zero, wv));
+                }
+                acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(prod), _mm512_set1_ps(ws[g] * xs[g]), acc);
+            }
+        }
+        return sum + _mm512_reduce_add_ps(acc);
+    }
+#endif
+    for (int g = 0; g < n / gs; g++) {
+        int32_t isum = 0;
+        for (int j = 0; j < gs; j++) isum += wq[g * gs + j] * xq[g * gs + j];
+        sum += (float)isum * (ws[g] * xs[g]);
+    }
+    return sum;
+}
+
+static void matmul_rows_q8(float *out, const Matrix *m, const QuantizedRows *x, int n_tok, int gs, int r0, int r1) {
+    const int n = m->cols, groups = n / gs;
+    for (int r = r0; r < r1; r++) {
+        const int8_t *wq = m->q + (size_t)r * n;
+        const float *ws = m->s + (size_t)r * groups;
+        for (int t = 0; t < n_tok; t++)
+            out[(size_t)t * m->rows + r] = dot_q8(wq, ws, x->q + (size_t)t * n, x->s + (size_t)t * groups, n, gs);
+    }
+}
+
+static void rmsnorm(float *out, const float *x, const float *weight, int n, float eps) {
+    float ss = 0.0f;
+    for (int i = 0; i < n; i++) ss += x[i] * x[i];
+    const float inv = 1.0f / sqrtf(ss / (float)n + eps);
+    for (int i = 0; i < n; i++) out[i] = x[i] * inv * weight[i];
+}
+
+/* ------------------------------------------------------------------------------------------------ */
+/* Engine                                                                                          */
+
+typedef struct {
+    float *x, *xb, *xb2, *hb, *hb2, *q; /* [MAX_BATCH][dim or hidden_dim] */
+    float *att;                         /* [n_threads][seq_len] */
+    float *key_cache, *value_cache;     /* [n_layers][seq_len][kv_dim] */
+    float *logits;                      /* [vocab] of the last token fed */
+    float *rope_cos, *rope_sin;         /* [seq_len][head_dim / 2] */
+    QuantizedRows xq;                   /* [MAX_BATCH][hidden_dim] quantized activations (version 2) */
+    int *prob_index;
+    float *probs;
+} RunState;
+
+typedef struct Engine {
+    Weights w;
+    Tokenizer tok;
+    RunState s;
+    void *model_map, *tok_map;
+    size_t model_size, tok_size;
+    int n_threads;
+} Engine;
+
+static int default_thread_count(void) {
+#ifdef _OPENMP
+    int n = omp_get_num_procs(); /* the CPUs this process may run on */
+    return n > 0 ? n : 1;
+#else
+    return 1;
+#endif
+}
+
+static void *map_file(const char *path, size_t *size, const char *what, char *err, int err_size) {
+    int fd = open(path, O_RDONLY);
+    if (fd < 0) {
+        fail(err, err_size, "%s %s: %s", what, path, strerror(errno));
+        return NULL;
+    }
+    struct stat st;
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+        close(fd);
+        fail(err, err_size, "%s %s: not a regular file", what, path);
+        return NULL;
+    }
+    *size = (size_t)st.st_size;
+    if (*size == 0) {
+        close(fd);
+        fail(err, err_size, "%s %s: empty file", what, path);
+        return NULL;
+    }
+    void *p = mmap(NULL, *size, PROT_READ, MAP_PRIVATE, fd, 0);
+    close(fd);
+    if (p == MAP_FAILED) {
+        fail(err, err_size, "%s %s: mmap failed: %s", what, path, strerror(errno));
+        return NULL;
+    }
+    return p;
+}
+
+static void *zalloc(size_t count, size_t size, int *failed) {
+    void *p = calloc(count ? count : 1, size);
+    if (!p) *failed = 1;
+    return p;
+}
+
+static int runstate_alloc(Engine *e) {
+    const Config *c = &e->w.cfg;
+    RunState *s = &e->s;
+    const size_t head = (size_t)(c->dim / c->n_heads), kv_dim = head * (size_t)c->n_kv_heads;
+    const size_t width = (size_t)(c->hidden_dim > c->dim ? c->hidden_dim : c->dim);
+    int failed = 0;
+    s->x = zalloc(MAX_BATCH * (size_t)c->dim, 4, &failed);
+    s->xb = zalloc(MAX_BATCH * (size_t)c->dim, 4, &failed);
+    s->xb2 = zalloc(MAX_BATCH * (size_t)c->dim, 4, &failed);
+    s->q = zalloc(MAX_BATCH * (size_t)c->dim, 4, &failed);
+    s->hb = zalloc(MAX_BATCH * (size_t)c->hidden_dim, 4, &failed);
+    s->hb2 = zalloc(MAX_BATCH * (size_t)c->hidden_dim, 4, &failed);
+    s->att = zalloc((size_t)e->n_threads * (size_t)c->seq_len, 4, &failed);
+    s->key_cache = zalloc((size_t)c->n_layers * (size_t)c->seq_len * kv_dim, 4, &failed);
+    s->value_cache = zalloc((size_t)c->n_layers * (size_t)c->seq_len * kv_dim, 4, &failed);
+    s->logits = zalloc((size_t)c->vocab_size, 4, &failed);
+    s->probs = zalloc((size_t)c->vocab_size, 4, &failed);
+    s->prob_index = zalloc((size_t)c->vocab_size, sizeof(int), &failed);
+    s->rope_cos = zalloc((size_t)c->seq_len * head / 2, 4, &failed);
+    s->rope_sin = zalloc((size_t)c->seq_len * head / 2, 4, &failed);
+    if (c->version == 2) {
+        s->xq.q = zalloc(MAX_BATCH * width, 1, &failed);
+        s->xq.s = zalloc(MAX_BATCH * width, 4, &failed);
+    }
+    if (failed) return -1;
+    /* Same angles as model.py: float32 frequency times float32 position. */
+    for (int pos = 0; pos < c->seq_len; pos++)
+        for (size_t i = 0; i < head / 2; i++) {
+            float freq = (float)(1.0 / pow(10000.0, (double)(2 * i) / (double)head));
+            float angle = (float)pos * freq;
+            s->rope_cos[pos * head / 2 + i] = cosf(angle);
+            s->rope_sin[pos * head / 2 + i] = sinf(angle);
+        }
+    return 0;
+}
+
+static void runstate_free(RunState *s) {
+    void *all[] = {s->x, s->xb, s->xb2, s->q, s->hb, s->hb2, s->att, s->key_cache, s->value_cache, s->logits,
+                   s->probs, s->prob_index, s->rope_cos, s->rope_sin, s->xq.q, s->xq.s};
+    for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++) free(all[i]);
+    memset(s, 0, sizeof(*s));
+}
+
+void arianna_close(Engine *e) {
+    if (!e) return;
+    runstate_free(&e->s);
+    weights_free(&e->w);
+    tokenizer_free(&e->tok);
+    if (e->model_map) munmap(e->model_map, e->model_size);
+    if (e->tok_map) munmap(e->tok_map, e->tok_size);
+    free(e);
+}
+
+Engine *arianna_open(const char *model_path, const char *tokenizer_path, int n_threads, char *err, int err_size) {
+    Engine *e = calloc(1, sizeof(Engine));
+    if (!e) return fail(err, err_size, "out of memory"), NULL;
+    e->n_threads = n_threads > 0 ? n_threads : default_thread_count();
+    if (!(e->model_map = map_file(model_path, &e->model_size, "model", err, err_size))) goto error;
+    if (weights_parse(&e->w, e->model_map, e->model_size, model_path, err, err_size)) goto error;
+    if (!(e->tok_map = map_file(tokenizer_path, &e->tok_size, "tokenizer", err, err_size))) goto error;
+    if (tokenizer_parse(&e->tok, e->tok_map, e->tok_size, e->w.cfg.vocab_size, tokenizer_path, model_path, err, err_size))
+        goto error;
+    if (runstate_alloc(e)) {
+        fail(err, err_size, "%s: not enough memory for the KV cache and activations (seq_len=%d)", model_path,
+             e->w.cfg.seq_len);
+        goto error;
+    }
+    return e;
+error:
+    arianna_close(e);
+    return NULL;
+}
+
+int arianna_seq_len(const Engine *e) { return e->w.cfg.seq_len; }
+int arianna_vocab_size(const Engine *e) { return e->w.cfg.vocab_size; }
+int arianna_bos(const Engine *e) { return e->tok.bos; }
+int arianna_eos(const Engine *e) { return e->tok.eos; }
+
+/* One matrix product of a fused group: out[t][r] = W[r] . x[t]. */
+typedef struct {
+    const Matrix *w;
+    float *out;
+} MatmulJob;
+
+/* Runs jobs that share the input x [n_tok][cols] as one parallel loop over all their rows, so fused
+   products (q/k/v, w1/w3) cost one fork/join. */
+static void matmul_jobs(Engine *e, const float *x, int n_tok, const MatmulJob *jobs, int n_jobs) {
+    const int cols = jobs[0].w->cols, quantized = jobs[0].w->q != NULL, gs = e->w.cfg.group_size;
+    QuantizedRows *xq = &e->s.xq;
+    if (quantized)
+        for (int t = 0; t < n_tok; t++)
+            quantize_row(xq->q + (size_t)t * cols, xq->s + (size_t)t * (cols / gs), x + (size_t)t * cols, cols, gs);
+    enum { BLOCK = 16 }; /* rows per work item: a multiple of the tile height */
+    int starts[4] = {0}, total = 0;
+    for (int j = 0; j < n_jobs; j++) starts[j] = total, total += (jobs[j].w->rows + BLOCK - 1) / BLOCK;
+#pragma omp parallel for schedule(static) num_threads(e->n_threads) if (e->n_threads > 1)
+    for (int b = 0; b < total; b++) {
+        int j = n_jobs - 1;
+        while (starts[j] > b) j--;
+        const Matrix *m = jobs[j].w;
+        const int r0 = (b - starts[j]) * BLOCK, r1 = r0 + BLOCK < m->rows ? r0 + BLOCK : m->rows;
+        if (quantized) matmul_rows_q8(jobs[j].out, m, xq, n_tok, gs, r0, r1);
+        else matmul_rows_f32(jobs[j].out, m, x, n_tok, r0, r1);
+    }
+}
+
+static void rope_rows(const RunState *s, float *v, int n_tok, int width, int head, int pos) {
+    for (int t = 0; t < n_tok; t++) {
+        const float *cs = s->rope_cos + (size_t)(pos + t) * (head / 2), *sn = s->rope_sin + (size_t)(pos + t) * (head / 2);
+        float *row = v + (size_t)t * width;
+        for (int i = 0; i < width; i += 2) {
+            const int f = (i % head) / 2;
+            const float a = row[i], b = row[i + 1];
+            row[i] = a * cs[f] - b * sn[f];
+            row[i + 1] = a * sn[f] + b * cs[f];
+        }
+    }
+}
+
+/* Causal attention of tokens pos..pos+n_tok-1 of layer l over the cache; writes s->xb. */
+static void attention(Engine *e, int l, int n_tok, int pos) {
+    const Config *c = &e->w.cfg;
+    RunState *s = &e->s;
+    const int head = c->dim / c->n_heads, kv_dim = head * c->n_kv_heads, group = c->n_heads / c->n_kv_heads;
+    const float *kc = s->key_cache + (size_t)l * c->seq_len * kv_dim, *vc = s->value_cache + (size_t)l * c->seq_len * kv_dim;
+    const float inv_sqrt = 1.0f / sqrtf((float)head);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(e->n_threads) if (e->n_threads > 1 && n_tok * c->n_heads > 1)
+    for (int th = 0; th < n_tok * c->n_heads; th++) {
+        const int t = th / c->n_heads, h = th % c->n_heads, kvh = h / group, end = pos + t + 1;
+#ifdef _OPENMP
+        float *att = s->att + (size_t)omp_get_thread_num() * c->seq_len;
+#else
+        float *att = s->att;
+#endif
+        const float *q = s->q + (size_t)t * c->dim + h * head;
+        float maxv = -INFINITY;
+        for (int p = 0; p < end; p++) {
+            const float *k = kc + (size_t)p * kv_dim + kvh * head;
+            float dot = 0.0f;
+            for (int i = 0; i < head; i++) dot += q[i] * k[i];
+            att[p] = dot * inv_sqrt;
+            maxv = fmaxf(maxv, att[p]);
+        }
+        float sum = 0.0f;
+        for (int p = 0; p < end; p++) sum += (att[p] = expf(att[p] - maxv));
+        float *out = s->xb + (size_t)t * c->dim + h * head;
+        for (int i = 0; i < head; i++) out[i] = 0.0f;
+        for (int p = 0; p < end; p++) {
+            const float a = att[p] / sum, *v = vc + (size_t)p * kv_dim + kvh * head;
+            for (int i = 0; i < head; i++) out[i] += a * v[i];
+        }
+    }
+}
+
+static void embed(const Weights *w, float *x, int token) {
+    const Matrix *m = &w->tok_embeddings;
+    const int dim = m->cols;
+    if (m->f) {
+        memcpy(x, m->f + (size_t)token * dim, (size_t)dim * 4);
+        return;
+    }
+    const int gs = w->cfg.group_size;
+    const int8_t *q = m->q + (size_t)token * dim;
+    const float *sc = m->s + (size_t)token * (dim / gs);
+    for (int i = 0; i < dim; i++) x[i] = q[i] * sc[i / gs];
+}
+
+/* Tokens at positions pos..pos+n_tok-1 (n_tok <= MAX_BATCH) through the model; logits of the last one. */
+static void forward_batch(Engine *e, const int *tokens, int n_tok, int pos) {
+    const Config *c = &e->w.cfg;
+    RunState *s = &e->s;
+    const int dim = c->dim, hidden = c->hidden_dim, head = dim / c->n_heads, kv_dim = head * c->n_kv_heads;
+    for (int t = 0; t < n_tok; t++) embed(&e->w, s->x + (size_t)t * dim, tokens[t]);
+    for (int l = 0; l < c->n_layers; l++) {
+        const Layer *L = &e->w.layers[l];
+        for (int t = 0; t < n_tok; t++) rmsnorm(s->xb + (size_t)t * dim, s->x + (size_t)t * dim, L->rms_att, dim, 1e-5f);
+        float *k = s->key_cache + ((size_t)l * c->seq_len + pos) * kv_dim;
+        float *v = s->value_cache + ((size_t)l * c->seq_len + pos) * kv_dim;
+        MatmulJob qkv[3] = {{&L->wq, s->q}, {&L->wk, k}, {&L->wv, v}};
+        matmul_jobs(e, s->xb, n_tok, qkv, 3);
+        rope_rows(s, s->q, n_tok, dim, head, pos);
+        rope_rows(s, k, n_tok, kv_dim, head, pos);
+        attention(e, l, n_tok, pos);
+        MatmulJob wo = {&L->wo, s->xb2};
+        matmul_jobs(e, s->xb, n_tok, &wo, 1);
+        for (size_t i = 0; i < (size_t)n_tok * dim; i++) s->x[i] += s->xb2[i];
+        for (int t = 0; t < n_tok; t++) rmsnorm(s->xb + (size_t)t * dim, s->x + (size_t)t * dim, L->rms_ffn, dim, 1e-5f);
+        MatmulJob w13[2] = {{&L->w1, s->hb}, {&L->w3, s->hb2}};
+        matmul_jobs(e, s->xb, n_tok, w13, 2);
+        for (size_t i = 0; i < (size_t)n_tok * hidden; i++) {
+            const float a = s->hb[i];
+            s->hb[i] = a / (1.0f + expf(-a)) * s->hb2[i]; /* SwiGLU */
+        }
+        MatmulJob w2 = {&L->w2, s->xb2};
+        matmul_jobs(e, s->hb, n_tok, &w2, 1);
+        for (size_t i = 0; i < (size_t)n_tok * dim; i++) s->x[i] += s->xb2[i];
+    }
+    rmsnorm(s->xb, s->x + (size_t)(n_tok - 1) * dim, e->w.rms_final, dim, 1e-5f);
+    MatmulJob cls = {&e->w.classifier, s->logits};
+    matmul_jobs(e, s->xb, 1, &cls, 1);
+}
+
+int arianna_feed(Engine *e, const int *tokens, int n, int pos) {
+    if (n <= 0 || pos < 0 || pos > e->w.cfg.seq_len - n) return -1;
+    for (int i = 0; i < n; i++)
+        if (tokens[i] < 0 || tokens[i] >= e->w.cfg.vocab_size) return -1;
+    for (int done = 0; done < n; done += MAX_BATCH)
+        forward_batch(e, tokens + done, n - done < MAX_BATCH ? n - done : MAX_BATCH, pos + done);
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------------------------ */
+/* Sampling                                                                                        */
+
+static uint32_t rng_u32(unsigned long long *state) { /* xorshift64* */
+    *state ^= *state >> 12;
+    *state ^= *state << 25;
+    *state ^= *state >> 27;
+    return (uint32_t)((*state * 0x2545F4914F6CDD1Dull) >> 32);
+}
+
+static float rng_f32(unsigned long long *state) { return (float)(rng_u32(state) >> 8) / 16777216.0f; }
+
+/* Heapsort of token indices by descending probability (qsort cannot see probs without a global). */
+static void sift_down(int *idx, int root, int n, const float *probs) {
+    for (;;) {
+        int child = 2 * root + 1;
+        if (child >= n) return;
+        if (child + 1 < n && probs[idx[child + 1]] < probs[idx[child]]) child++;
+        if (probs[idx[root]] <= probs[idx[child]]) return;
+        int tmp = idx[root];
+        idx[root] = idx[child], idx[child] = tmp, root = child;
+    }
+}
+
+static void sort_indices_by_prob(int *idx, int n, const float *probs) {
+    for (int root = n / 2 - 1; root >= 0; root--) sift_down(idx, root, n, probs); /* min-heap */
+    for (int end = n - 1; end > 0; end--) { /* the smallest goes last: descending order */
+        int tmp = idx[0];
+        idx[0] = idx[end], idx[end] = tmp;
+        sift_down(idx, 0, end, probs);
+    }
+}
+
+int arianna_sample(Engine *e, float temperature, float topp, unsigned long long *rng_state) {
+    const int n = e->w.cfg.vocab_size;
+    const float *logits = e->s.logits;
+    int best = 0;
+    for (int i = 1; i < n; i++)
+        if (logits[i] > logits[best]) best = i;
+    if (!(temperature > 0.0f)) return best;
+    float *probs = e->s.probs, sum = 0.0f;
+    for (int i = 0; i < n; i++) sum += (probs[i] = expf((logits[i] - logits[best]) / temperature));
+    for (int i = 0; i < n; i++) probs[i] /= sum;
+    const float coin = rng_f32(rng_state);
+    if (topp <= 0.0f || topp >= 1.0f) {
+        float cdf = 0.0f;
+        for (int i = 0; i < n; i++)
+            if (coin < (cdf += probs[i])) return i;
+        return n - 1; /* rounding left the cdf just below 1 */
+    }
+    /* Nucleus: tokens below (1 - topp) / (n - 1) can never be in the smallest set reaching topp, skip them. */
+    const float cutoff = (1.0f - topp) / (float)(n - 1);
+    int *idx = e->s.prob_index, m = 0;
+    for (int i = 0; i < n; i++)
+        if (probs[i] >= cutoff) idx[m++] = i;
+    sort_indices_by_prob(idx, m, probs);
+    float mass = 0.0f;
+    int keep = m;
+    for (int i = 0; i < m; i++) {
+        mass += probs[idx[i]];
+        if (mass >= topp) {
+            keep = i + 1;
+            break;
+        }
+    }
+    const float r = coin * mass;
+    float cdf = 0.0f;
+    for (int i = 0; i < keep; i++)
+        if (r < (cdf += probs[idx[i]])) return idx[i];
+    return idx[keep - 1];
+}
+
+/* ------------------------------------------------------------------------------------------------ */
+/* Text API                                                                                        */
+
+static int copy_tokens(const int *tokens, int n, int *out, int max_out) {
+    if (n > max_out) return -n;
+    memcpy(out, tokens, (size_t)n * sizeof(int));
+    return n;
+}
+
+int arianna_encode(Engine *e, const char *text, int bos, int eos, int *out, int max_out) {
+    int *tokens;
+    int n = tokenizer_encode(&e->tok, text, bos, eos, &tokens);
+    if (n < 0) return 0;
+    n = copy_tokens(tokens, n, out, max_out);
+    free(tokens);
+    return n;
+}
+
+/* text = a + b + c in a malloc'd string. */
+static char *concat3(const char *a, const char *b, const char *c) {
+    size_t la = strlen(a), lb = strlen(b), lc = strlen(c);
+    char *s = malloc(la + lb + lc + 1);
+    if (!s) return NULL;
+    memcpy(s, a, la), memcpy(s + la, b, lb), memcpy(s + la + lb, c, lc + 1);
+    return s;
+}
+
+/* The chat template of tokenizer.py: [BOS] + system segment + user segment, into a malloc'd array. */
+static int chat_turn_tokens(Engine *e, const char *system, const char *user, int first_turn, int **out) {
+    char *sys_text = system && *system ? concat3("<|system|>\n", system, "\n") : NULL;
+    char *user_text = concat3("<|user|>\n", user ? user : "", "\n<|assistant|>\n");
+    int *sys_tokens = NULL, *user_tokens = NULL, n_sys = 0, n_user = -1, n = -1;
+    if ((system && *system && !sys_text) || !user_text) goto done;
+    if (sys_text && (n_sys = tokenizer_encode(&e->tok, sys_text, 0, 0, &sys_tokens)) < 0) goto done;
+    if ((n_user = tokenizer_encode(&e->tok, user_text, 0, 0, &user_tokens)) < 0) goto done;
+    int *tokens = malloc(((size_t)n_sys + (size_t)n_user + 1) * sizeof(int));
+    if (!tokens) goto done;
+    n = 0;
+    if (first_turn) tokens[n++] = e->tok.bos;
+    if (n_sys) memcpy(tokens + n, sys_tokens, (size_t)n_sys * sizeof(int)), n += n_sys;
+    memcpy(tokens + n, user_tokens, (size_t)n_user * sizeof(int)), n += n_user;
+    *out = tokens;
+done:
+    free(sys_text), free(user_text), free(sys_tokens), free(user_tokens);
+    return n;
+}
+
+int arianna_chat_turn(Engine *e, const char *system, const char *user, int first_turn, int *out, int max_out) {
+    int *tokens;
+    int n = chat_turn_tokens(e, system, user, first_turn, &tokens);
+    if (n < 0) return 0;
+    n = copy_tokens(tokens, n, out, max_out);
+    free(tokens);
+    return n;
+}
+
+const char *arianna_decode(Engine *e, int prev_token, int token) { return tokenizer_decode(&e->tok, prev_token, token); }
+
+/* ------------------------------------------------------------------------------------------------ */
+/* Command line                                                                                    */
+
+static double now_seconds(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+#ifndef ARIANNA_LIBRARY
+
+/* Prints a piece unless it is a lone unprintable byte (control bytes from byte fallback garble terminals). */
+static void print_piece(const char *piece) {
+    if (!piece[0]) return;
+    if (!piece[1]) {
+        unsigned char b = (unsigned char)piece[0];
+        if (!(isprint(b) || isspace(b) || b >= 0x80)) return;
+    }
+    fputs(piece, stdout);
+    fflush(stdout);
+}
+
+static int generate(Engine *e, const char *prompt, float temperature, float topp, unsigned long long seed, int steps) {
+    const int seq_len = arianna_seq_len(e);
+    int *tokens;
+    int n_prompt = tokenizer_encode(&e->tok, prompt ? prompt : "", 1, 0, &tokens);
+    if (n_prompt < 0) return fprintf(stderr, "error: out of memory encoding the prompt\n"), 1;
+    if (n_prompt >= steps) {
+        fprintf(stderr, "error: the prompt is %d tokens but -n %d (context %d) leaves no room to generate; "
+                        "shorten the prompt or raise -n\n", n_prompt, steps, seq_len);
+        free(tokens);
+        return 1;
+    }
+    for (int i = 1; i < n_prompt; i++) print_piece(arianna_decode(e, tokens[i - 1], tokens[i]));
+    double start = now_seconds();
+    arianna_feed(e, tokens, n_prompt, 0);
+    double prompt_done = now_seconds();
+    int prev = tokens[n_prompt - 1], pos = n_prompt, generated = 0;
+    free(tokens);
+    while (pos < steps) {
+        int next = arianna_sample(e, temperature, topp, &seed);
+        if (next == e->tok.eos || next == e->tok.bos) break;
+        print_piece(arianna_decode(e, prev, next));
+        generated++;
+        if (pos + 1 >= steps) break;
+        arianna_feed(e, &next, 1, pos++);
+        prev = next;
+    }
+    printf("\n");
+    double end = now_seconds();
+    fprintf(stderr, "prompt: %d tokens at %.1f tok/s; generated %d tokens at %.1f tok/s\n", n_prompt,
+            n_prompt / fmax(prompt_done - start, 1e-9), generated, generated / fmax(end - prompt_done, 1e-9));
+    return 0;
+}
+
+/* One line of stdin of any length without its newline, malloc'd; NULL at end of input. */
+static char *read_line(FILE *f) {
+    size_t len = 0, cap = 256;
+    char *line = malloc(cap);
+    if (!line) return NULL;
+    int ch;
+    while ((ch = fgetc(f)) != EOF && ch != '\n') {
+        if (len + 1 == cap) {
+            char *bigger = realloc(line, cap *= 2);
+            if (!bigger) return free(line), NULL;
+            line = bigger;
+        }
+        line[len++] = (char)ch;
+    }
+    if (ch == EOF && len == 0) return free(line), NULL;
+    line[len] = 0;
+    return line;
+}
+
+/* Chat: each user line is a turn; the KV cache holds the whole conversation, so a turn only feeds its
+   own tokens. When the context fills, the conversation starts over (with the system prompt). */
+static int chat(Engine *e, const char *first_user, const char *system, float temperature, float topp,
+                unsigned long long seed, int max_reply) {
+    const int seq_len = arianna_seq_len(e), eos = arianna_eos(e), interactive = isatty(0);
+    int pos = 0, pending[2], n_pending = 0; /* tokens of the last reply not fed yet: its last token, EOS */
+    char *user = first_user && *first_user ? strdup(first_user) : NULL;
+    for (;;) {
+        if (!user) {
+            if (interactive) fputs("User: ", stdout), fflush(stdout);
+            if (!(user = read_line(stdin))) break;
+        }
+        int *turn, n_turn;
+        for (int attempt = 0;; attempt++) {
+            n_turn = chat_turn_tokens(e, pos == 0 ? system : NULL, user, pos == 0, &turn);
+            if (n_turn < 0) return free(user), fprintf(stderr, "error: out of memory\n"), 1;
+            if (pos + n_pending + n_turn < seq_len) break;
+            free(turn);
+            if (pos == 0 || attempt) {
+                n_turn = -1;
+                break;
+            }
+            fprintf(stderr, "[context of %d tokens is full: starting a new conversation]\n", seq_len);
+            pos = 0, n_pending = 0;
+        }
+        free(user);
+        user = NULL;
+        if (n_turn < 0) {
+            fprintf(stderr, "[this turn does not fit in the context of %d tokens: skipped]\n", seq_len);
+            continue;
+        }
+        int *feed = malloc(((size_t)n_turn + 2) * sizeof(int));
+        if (!feed) return free(turn), fprintf(stderr, "error: out of memory\n"), 1;
+        memcpy(feed, pending, (size_t)n_pending * sizeof(int));
+        memcpy(feed + n_pending, turn, (size_t)n_turn * sizeof(int));
+        arianna_feed(e, feed, n_pending + n_turn, pos);
+        pos += n_pending + n_turn;
+        int prev = feed[n_pending + n_turn - 1];
+        free(feed), free(turn);
+        n_pending = 0;
+        if (interactive) fputs("Assistant: ", stdout);
+        for (int produced = 0;; produced++) {
+            int next = arianna_sample(e, temperature, topp, &seed);
+            if (next == eos) {
+                pending[n_pending++] = eos;
+                break;
+            }
+            print_piece(arianna_decode(e, prev, next));
+            if (pos + 1 >= seq_len) {
+                fprintf(stderr, "\n[context of %d tokens is full: the next turn starts a new conversation]", seq_len);
+                pos = seq_len; /* forces the reset */
+                break;
+            }
+            if (max_reply > 0 && produced + 1 >= max_reply) {
+                pending[n_pending++] = next, pending[n_pending++] = eos; /* close the cut-off reply */
+                break;
+            }
+            arianna_feed(e, &next, 1, pos++);
+            prev = next;
+        }
+        printf("\n");
+        fflush(stdout);
+    }
+    return 0;
+}
+
+static void usage(void) {
+    fprintf(stderr,
+            "Usage:   run <model.bin> [options]\n"
+            "Example: run out/model.bin -z data/tok4096.bin -i \"Once upon a time\"\n"
+            "Options:\n"
+            "  -t <float>  temperature in [0, inf), default 1.0 (0 = greedy)\n"
+            "  -p <float>  top-p (nucleus) in [0, 1], default 0.9 (1 = off)\n"
+            "  -s <int>    random seed, default time(NULL)\n"
+            "  -n <int>    generate: positions in total, prompt included (default: the context length);\n"
+            "              chat: most tokens per reply (default 0 = until EOS or the context is full)\n"
+            "  -i <string> prompt (chat: the first user message)\n"
+            "  -z <string> tokenizer .bin, default tokenizer.bin\n"
+            "  -m <string> mode: generate|chat, default generate\n"
+            "  -y <string> system prompt (chat mode)\n"
+            "  -T <int>    threads, default: the CPUs available to this process\n");
+}
+
+static int parse_int(const char *s, const char *flag, int *out) {
+    char *end;
+    errno = 0;
+    long v = strtol(s, &end, 10);
+    if (errno || *end || end == s || v < INT32_MIN || v > INT32_MAX)
+        return fprintf(stderr, "error: %s expects an integer, got \"%s\"\n", flag, s), -1;
+    *out = (int)v;
+    return 0;
+}
+
+static int parse_float(const char *s, const char *flag, float *out) {
+    char *end;
+    errno = 0;
+    float v = strtof(s, &end);
+    if (errno || *end || end == s || !isfinite(v))
+        return fprintf(stderr, "error: %s expects a number, got \"%s\"\n", flag, s), -1;
+    *out = v;
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    const char *model_path = NULL, *tokenizer_path = "tokenizer.bin", *prompt = NULL, *mode = "generate",
+               *system = NULL;
+    float temperature = 1.0f, topp = 0.9f;
+    int steps = 0, threads = 0, seed_given = 0;
+    unsigned long long seed = 0;
+    if (argc < 2 || argv[1][0] == '-') return usage(), 1;
+    model_path = argv[1];
+    for (int i = 2; i < argc; i += 2) {
+        if (argv[i][0] != '-' || strlen(argv[i]) != 2 || i + 1 >= argc) {
+            fprintf(stderr, "error: bad option \"%s\"%s\n", argv[i], i + 1 >= argc ? " (missing value)" : "");
+            return usage(), 1;
+        }
+        const char *v = argv[i + 1];
+        int s_int;
+        switch (argv[i][1]) {
+        case 't': if (parse_float(v, "-t", &temperature)) return 1; break;
+        case 'p': if (parse_float(v, "-p", &topp)) return 1; break;
+        case 's': if (parse_int(v, "-s", &s_int)) return 1; seed = (unsigned long long)(unsigned)s_int, seed_given = 1; break;
+        case 'n': if (parse_int(v, "-n", &steps)) return 1; break;
+        case 'T': if (parse_int(v, "-T", &threads)) return 1; break;
+        case 'i': prompt = v; break;
+        case 'z': tokenizer_path = v; break;
+        case 'm': mode = v; break;
+        case 'y': system = v; break;
+        default: fprintf(stderr, "error: unknown option %s\n", argv[i]); return usage(), 1;
+        }
+    }
+    if (temperature < 0.0f) return fprintf(stderr, "error: -t must be >= 0\n"), 1;
+    if (topp < 0.0f || topp > 1.0f) return fprintf(stderr, "error: -p must be in [0, 1]\n"), 1;
+    if (steps < 0) return fprintf(stderr, "error: -n must be >= 0\n"), 1;
+    if (threads < 0) return fprintf(stderr, "error: -T must be >= 0\n"), 1;
+    if (strcmp(mode, "generate") && strcmp(mode, "chat"))
+        return fprintf(stderr, "error: unknown mode \"%s\": use -m generate or -m chat\n", mode), 1;
+    if (!seed_given) seed = (unsigned long long)time(NULL);
+    if (seed == 0) seed = 0x9E3779B97F4A7C15ull; /* xorshift state must not be zero */
+    char err[1024];
+    Engine *e = arianna_open(model_path, tokenizer_path, threads, err, sizeof(err));
+    if (!e) return fprintf(stderr, "error: %s\n", err), 1;
+    const int seq_len = arianna_seq_len(e);
+    int rc;
+    if (!strcmp(mode, "generate")) {
+        if (steps > seq_len) {
+            fprintf(stderr, "error: -n %d is beyond the model's context of %d tokens; use -n %d or less\n", steps,
+                    seq_len, seq_len);
+            arianna_close(e);
+            return 1;
+        }
+        rc = generate(e, prompt, temperature, topp, seed, steps ? steps : seq_len);
+    } else {
+        rc = chat(e, prompt, system, temperature, topp, seed, steps);
+    }
+    arianna_close(e);
+    return rc;
+}
+#endif

@@ -1,0 +1,383 @@
+"""run.c against the PyTorch model and SentencePiece: greedy output, the encoder, the chat template, bad input.
+
+Builds ./run, ./rundebug (ASan + UBSan) and librun.so with make, trains a tiny SentencePiece model and
+a tiny Transformer (briefly, so its greedy choices are not coin flips), exports it in all three .bin
+versions and drives the binary and the library.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import random
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import sentencepiece as spm
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from export import export_model, read_model_bin  # noqa: E402
+from model import ModelArgs, Transformer  # noqa: E402
+from tokenizer import Tokenizer, encode_dialog  # noqa: E402
+
+LLAMA2_TOKENIZER = REPO.parent / "shared" / "llama2" / "tokenizer.model"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "ASAN_OPTIONS": "detect_leaks=1", "UBSAN_OPTIONS": "print_stacktrace=1"}
+
+CORPUS_LINES = [
+    "Модель учится на тексте автора и говорит его языком.",
+    "Резонанс возникает, когда частота толчков совпадает с собственной частотой системы.",
+    "The model learns from its author's text and speaks in that voice.",
+    "A tokenizer cuts text into pieces that the model sees as numbers 12345.",
+    "def train(steps: int) -> float:\n    loss = 0.0\n    for step in range(steps):\n        loss += step * 0.5",
+    "for (int i = 0; i < n; i++) {\n    out[i] = x[i] * w[i];\n}",
+    "<|user|>\nКак дела?\n<|assistant|>\nХорошо, спасибо.",
+    "<|system|>\nYou are Arianna.\n<|user|>\nWho are you?\n<|assistant|>\nI am a small model.",
+]
+
+
+# ------------------------------------------------------------------------------------------------
+# Fixtures
+
+
+@pytest.fixture(scope="session")
+def built() -> Path:
+    subprocess.run(["make", "-s", "run", "rundebug", "librun.so"], cwd=REPO, check=True, capture_output=True)
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("run_c")
+
+
+@pytest.fixture(scope="session")
+def tokenizer_files(workdir) -> tuple[Path, Path]:
+    """A ~400-token BPE SentencePiece model trained as arianna_data.py trains one, and its llama2.c .bin."""
+    rng = random.Random(0)
+    lines = [rng.choice(CORPUS_LINES) + " " + rng.choice(CORPUS_LINES) for _ in range(400)]
+    model_path = workdir / "tok.model"
+    with open(model_path, "wb") as out:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(lines), model_writer=out, model_type="bpe", vocab_size=400, byte_fallback=True,
+            character_coverage=1.0, split_digits=True, normalization_rule_name="identity",
+            remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, unk_id=0, bos_id=1, eos_id=2,
+            pad_id=-1, minloglevel=2, num_threads=1)
+    return model_path, Tokenizer(model_path).export(workdir / "tok.bin")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tokenizer_files) -> Transformer:
+    """A 2-layer model with grouped-query attention, trained ~150 steps on the corpus so its argmax is clear."""
+    torch.manual_seed(0)
+    tokenizer = Tokenizer(tokenizer_files[0])
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tokenizer.n_words, max_seq_len=96)
+    model = Transformer(args)
+    data = []
+    for line in CORPUS_LINES * 8:
+        data += tokenizer.encode(line, bos=True, eos=True)
+    data = torch.tensor(data)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(150):
+        starts = torch.randint(0, len(data) - 65, (16,))
+        batch = torch.stack([data[s:s + 65] for s in starts])
+        _, loss = model(batch[:, :-1], batch[:, 1:])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def model_files(workdir, tiny_model) -> dict[int, Path]:
+    return {v: export_model(tiny_model, workdir / f"model_v{v}.bin", version=v) for v in (0, 1, 2)}
+
+
+class Engine:
+    """librun.so through ctypes, the way chat.py uses it."""
+
+    def __init__(self, lib: ctypes.CDLL, model: Path, tokenizer: Path, threads: int = 1):
+        self.lib = lib
+        err = ctypes.create_string_buffer(512)
+        self.handle = lib.arianna_open(str(model).encode(), str(tokenizer).encode(), threads, err, len(err))
+        if not self.handle:
+            raise RuntimeError(err.value.decode())
+
+    def close(self) -> None:
+        self.lib.arianna_close(self.handle)
+
+    def _ids(self, call, *args) -> list[int]:
+        out = (ctypes.c_int * 16)()
+        n = call(self.handle, *args, out, 16)
+        if n < 0:
+            out = (ctypes.c_int * -n)()
+            n = call(self.handle, *args, out, -n)
+        return list(out[:n])
+
+    def encode(self, text: bytes | str, bos: bool = False, eos: bool = False) -> list[int]:
+        raw = text.encode() if isinstance(text, str) else text
+        return self._ids(self.lib.arianna_encode, raw, int(bos), int(eos))
+
+    def chat_turn(self, system: str | None, user: str, first_turn: bool) -> list[int]:
+        return self._ids(self.lib.arianna_chat_turn, system.encode() if system is not None else None, user.encode(),
+                         int(first_turn))
+
+    def greedy(self, prompt: list[int], steps: int, pos: int = 0, batch: bool = True) -> list[int]:
+        """Feeds prompt at pos, then generates greedily; returns the new tokens (stops at EOS)."""
+        if batch:
+            assert self.lib.arianna_feed(self.handle, (ctypes.c_int * len(prompt))(*prompt), len(prompt), pos) == 0
+        else:
+            for i, token in enumerate(prompt):
+                assert self.lib.arianna_feed(self.handle, (ctypes.c_int * 1)(token), 1, pos + i) == 0
+        pos += len(prompt)
+        rng, out = ctypes.c_ulonglong(1), []
+        for _ in range(steps):
+            token = self.lib.arianna_sample(self.handle, ctypes.c_float(0.0), ctypes.c_float(0.9), ctypes.byref(rng))
+            out.append(token)
+            if token == self.lib.arianna_eos(self.handle):
+                break
+            assert self.lib.arianna_feed(self.handle, (ctypes.c_int * 1)(token), 1, pos) == 0
+            pos += 1
+        return out
+
+
+@pytest.fixture(scope="session")
+def lib(built) -> ctypes.CDLL:
+    library = ctypes.CDLL(str(built / "librun.so"))
+    library.arianna_open.restype = ctypes.c_void_p
+    library.arianna_open.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+    library.arianna_close.argtypes = [ctypes.c_void_p]
+    for name in ("arianna_seq_len", "arianna_vocab_size", "arianna_bos", "arianna_eos"):
+        getattr(library, name).argtypes = [ctypes.c_void_p]
+    int_p = ctypes.POINTER(ctypes.c_int)
+    library.arianna_encode.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int, ctypes.c_int, int_p, ctypes.c_int]
+    library.arianna_chat_turn.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_int, int_p,
+                                          ctypes.c_int]
+    library.arianna_feed.argtypes = [ctypes.c_void_p, int_p, ctypes.c_int, ctypes.c_int]
+    library.arianna_sample.argtypes = [ctypes.c_void_p, ctypes.c_float, ctypes.c_float,
+                                       ctypes.POINTER(ctypes.c_ulonglong)]
+    library.arianna_decode.restype = ctypes.c_char_p
+    library.arianna_decode.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+    return library
+
+
+def torch_greedy(model: Transformer, prompt: list[int], steps: int, eos_id: int) -> list[int]:
+    out = model.generate(torch.tensor([prompt]), steps, temperature=0.0, eos_id=eos_id)
+    return out[0, len(prompt):].tolist()
+
+
+def dequantized_model(path: Path) -> Transformer:
+    _, args, state = read_model_bin(path)
+    model = Transformer(args)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def run_binary(binary: Path, *args: str, stdin: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([str(binary), *map(str, args)], input=stdin.encode() if stdin is not None else None,
+                          capture_output=True, timeout=timeout, env=ENV)
+
+
+def varied_lines() -> list[str | bytes]:
+    """A few hundred lines: Russian, English, code, emoji, whitespace runs, mixed scripts, invalid UTF-8."""
+    rng = random.Random(1)
+    pieces = ["Привет, мир!", "Hello, world!", "    return x  # comment", "\tindent\ttabs", "😀🚀 emoji ✨",
+              "数字 123456 和 中文", "  leading", "trailing   ", "a  b   c    d", "\n\n", "ёЁ й", "x=1;y=2",
+              "<|user|>", "▁literal▁", "ﬁ ligature", "", " ", "Ω≈ç√∫", "naïve café", "<s></s><unk>"]
+    lines: list[str | bytes] = list(CORPUS_LINES) + pieces
+    for _ in range(260):
+        lines.append("".join(rng.choice(pieces) for _ in range(rng.randint(1, 5))))
+    for _ in range(40):
+        raw = bytearray(rng.choice(pieces).encode())
+        raw.insert(rng.randint(0, len(raw)), rng.choice([0xFF, 0xC0, 0x80, 0xE2, 0xED, 0xF5]))
+        lines.append(bytes(raw))
+    lines += [b"\xe2\x96", b"\xed\xa0\x80 surrogate", b"\xc0\x80 overlong", b"\xef\xbf\xbd ok"]
+    return lines
+
+
+# ------------------------------------------------------------------------------------------------
+# Tests
+
+
+def test_encoder_matches_sentencepiece(lib, tokenizer_files, model_files):
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer_files[0]))
+    engine = Engine(lib, model_files[1], tokenizer_files[1])
+    try:
+        for line in varied_lines():
+            assert engine.encode(line) == sp.encode(line), repr(line)
+        assert engine.encode("Hi", bos=True, eos=True) == [sp.bos_id()] + sp.encode("Hi") + [sp.eos_id()]
+    finally:
+        engine.close()
+
+
+@pytest.mark.skipif(not LLAMA2_TOKENIZER.is_file(), reason="no Llama 2 tokenizer at ../shared/llama2")
+def test_encoder_matches_sentencepiece_llama2(lib, workdir):
+    llama = Tokenizer(LLAMA2_TOKENIZER)
+    tok_bin = llama.export(workdir / "llama2_tok.bin")
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=8, n_layers=1, n_heads=2, vocab_size=llama.n_words, max_seq_len=8))
+    model_bin = export_model(model, workdir / "llama2_vocab_model.bin", version=1)
+    engine = Engine(lib, model_bin, tok_bin)
+    try:
+        for line in varied_lines():
+            assert engine.encode(line) == llama.sp.encode(line), repr(line)
+    finally:
+        engine.close()
+
+
+def expected_text(tokenizer_bin: Path, tokens: list[int]) -> bytes:
+    """The bytes ./run prints for tokens (after the BOS), decoding each piece as llama2.c does."""
+    data = tokenizer_bin.read_bytes()
+    pieces, offset = [], 4
+    while offset < len(data):
+        length = struct.unpack_from("<i", data, offset + 4)[0]
+        pieces.append(data[offset + 8:offset + 8 + length])
+        offset += 8 + length
+    out = b""
+    for prev, token in zip(tokens, tokens[1:]):
+        piece = pieces[token]
+        if len(piece) == 6 and piece.startswith(b"<0x") and piece.endswith(b">"):
+            piece = bytes([int(piece[3:5], 16)])
+        elif prev == 1 and piece.startswith(b" "):
+            piece = piece[1:]
+        out += piece
+    return out
+
+
+@pytest.mark.parametrize("version", [0, 1, 2])
+def test_greedy_matches_pytorch(version, built, lib, tiny_model, model_files, tokenizer_files):
+    tokenizer = Tokenizer(tokenizer_files[0])
+    reference = tiny_model if version < 2 else dequantized_model(model_files[2])
+    for text in ["Модель учится", "def train(steps", "<|user|>\nWho are you?\n<|assistant|>\n"]:
+        prompt = tokenizer.encode(text, bos=True, eos=False)
+        steps = 40
+        want = torch_greedy(reference, prompt, steps, tokenizer.eos_id)
+        engine = Engine(lib, model_files[version], tokenizer_files[1])
+        try:
+            assert engine.greedy(prompt, steps) == want, text
+            assert engine.greedy(prompt, steps, batch=False) == want, text
+        finally:
+            engine.close()
+        # The binary: -n counts all positions; it stops at EOS without printing it.
+        result = run_binary(built / "run", model_files[version], "-z", tokenizer_files[1], "-t", "0",
+                            "-n", len(prompt) + steps, "-i", text, "-T", "2")
+        assert result.returncode == 0, result.stderr.decode()
+        generated = [t for t in want if t != tokenizer.eos_id]
+        assert result.stdout == expected_text(tokenizer_files[1], prompt + generated) + b"\n"
+
+
+def test_chat_template_matches_encode_dialog(lib, tokenizer_files, model_files):
+    tokenizer = Tokenizer(tokenizer_files[0])
+    engine = Engine(lib, model_files[0], tokenizer_files[1])
+    try:
+        def encode(text: str) -> list[int]:
+            return tokenizer.encode(text, bos=False, eos=False)
+        system, user1, answer, user2 = "Ты Арианна.  Be brief.", "Привет! How are you?", "Fine.", "  code:\n\tx = 1"
+        first, _ = encode_dialog(encode, [{"role": "system", "content": system}, {"role": "user", "content": user1}],
+                                 tokenizer.bos_id, tokenizer.eos_id)
+        assert engine.chat_turn(system, user1, True) == first
+        assert engine.chat_turn(None, user1, True) == encode_dialog(
+            encode, [{"role": "user", "content": user1}], tokenizer.bos_id, tokenizer.eos_id)[0]
+        full, _ = encode_dialog(encode, [{"role": "system", "content": system}, {"role": "user", "content": user1},
+                                         {"role": "assistant", "content": answer}, {"role": "user", "content": user2}],
+                                tokenizer.bos_id, tokenizer.eos_id)
+        later = engine.chat_turn("", user2, False)
+        assert full == first + encode(answer) + [tokenizer.eos_id] + later
+        long_user = "слово " * 5000  # far beyond any fixed buffer
+        assert len(engine.chat_turn(None, long_user, False)) > 5000
+    finally:
+        engine.close()
+
+
+def test_chat_mode_keeps_history_and_survives_a_full_context(built, tiny_model, model_files, tokenizer_files):
+    """Each reply equals PyTorch's greedy continuation of the whole conversation; a full context starts over."""
+    tokenizer = Tokenizer(tokenizer_files[0])
+    system, turns = "You are Arianna.", ["Who are you?", "Как дела?", "Who are you?"]
+    result = run_binary(built / "run", model_files[1], "-z", tokenizer_files[1], "-m", "chat", "-t", "0",
+                        "-y", system, "-n", "20", stdin="\n".join(turns) + "\n")
+    assert result.returncode == 0, result.stderr.decode()
+    replies = result.stdout.decode().split("\n")
+    encode = lambda text: tokenizer.encode(text, bos=False, eos=False)  # noqa: E731
+    # The engine's history holds each reply's own tokens (re-encoding the reply's text could differ).
+    history = []
+    for index, (turn, reply) in enumerate(zip(turns, replies)):
+        messages = ([{"role": "system", "content": system}] if index == 0 else []) + [{"role": "user", "content": turn}]
+        segment = encode_dialog(encode, messages, tokenizer.bos_id, tokenizer.eos_id)[0]
+        history += segment if index == 0 else segment[1:]
+        if len(history) + 20 >= tiny_model.args.max_seq_len:
+            break
+        answer = [t for t in torch_greedy(tiny_model, history, 20, tokenizer.eos_id) if t != tokenizer.eos_id]
+        assert reply.encode() == expected_text(tokenizer_files[1], [0] + answer), index
+        history += answer + [tokenizer.eos_id]
+    assert index > 0  # at least two turns compared: the KV cache carried the first into the second
+    # Many turns overflow the 96-token context: the conversation restarts instead of crashing.
+    result = run_binary(built / "rundebug", model_files[2], "-z", tokenizer_files[1], "-m", "chat", "-t", "0",
+                        "-y", "S " * 30, stdin="Who are you? Tell me more.\n" * 12 + "x " * 200 + "\n")
+    assert result.returncode == 0, result.stderr.decode()
+    assert b"context of 96 tokens is full" in result.stderr
+    assert b"does not fit" in result.stderr
+    assert b"Sanitizer" not in result.stderr and b"runtime error" not in result.stderr
+
+
+def test_sampling_is_reproducible_with_a_seed(built, model_files, tokenizer_files):
+    outputs = [run_binary(built / "run", model_files[1], "-z", tokenizer_files[1], "-t", "1.0", "-p", p, "-s", s,
+                          "-n", "60").stdout for s, p in [("7", "0.9"), ("7", "0.9"), ("8", "0.9"), ("7", "1")]]
+    assert outputs[0] == outputs[1]
+    assert outputs[0] != outputs[2] or outputs[0] != outputs[3]
+
+
+def corrupt_cases(model: Path, tokenizer: Path, tmp: Path) -> list[tuple[str, list, str]]:
+    """(name, args, expected message part) for bad files and flags."""
+    data = model.read_bytes()
+    files = {
+        "truncated": data[:len(data) // 2],
+        "truncated_header": data[:100],
+        "wrong_magic": b"XXXX" + data[4:],
+        "wrong_version": data[:4] + struct.pack("<i", 7) + data[8:],
+        "absurd_dims": data[:8] + struct.pack("<i", 1 << 30) + data[12:],
+        "zero_heads": data[:20] + struct.pack("<i", 0) + data[24:],
+        "extra_bytes": data + b"\0" * 16,
+        "empty": b"",
+    }
+    cases = []
+    for name, content in files.items():
+        path = tmp / f"bad_{name}.bin"
+        path.write_bytes(content)
+        cases.append((name, [path, "-z", tokenizer], str(path)))
+    tok = tokenizer.read_bytes()
+    bad_tokenizers = {
+        "tok_truncated": tok[:-3],
+        "tok_bad_length": tok[:8] + struct.pack("<i", 1 << 30) + tok[12:],
+        "tok_bad_max_len": struct.pack("<i", -5) + tok[4:],
+        "tok_vocab_mismatch": tok + struct.pack("<fi", 0.0, 1) + b"x",
+    }
+    for name, content in bad_tokenizers.items():
+        path = tmp / f"{name}.bin"
+        path.write_bytes(content)
+        cases.append((name, [model, "-z", path], "tokenizer" if name == "tok_vocab_mismatch" else str(path)))
+    cases += [
+        ("missing_model", [tmp / "nope.bin", "-z", tokenizer], "nope.bin"),
+        ("missing_tokenizer", [model, "-z", tmp / "nope_tok.bin"], "nope_tok.bin"),
+        ("prompt_too_long", [model, "-z", tokenizer, "-i", "слово " * 3000], "prompt"),
+        ("steps_beyond_context", [model, "-z", tokenizer, "-n", "100000"], "-n 100000"),
+        ("bad_mode", [model, "-z", tokenizer, "-m", "dance"], "mode"),
+        ("bad_temperature", [model, "-z", tokenizer, "-t", "abc"], "-t"),
+    ]
+    return cases
+
+
+@pytest.mark.parametrize("version", [0, 2])
+def test_bad_input_fails_cleanly_under_sanitizers(version, built, model_files, tokenizer_files, workdir):
+    tmp = workdir / f"bad_v{version}"
+    tmp.mkdir(exist_ok=True)
+    for name, args, message in corrupt_cases(model_files[version], tokenizer_files[1], tmp):
+        result = run_binary(built / "rundebug", *args)
+        stderr = result.stderr.decode(errors="replace")
+        assert result.returncode == 1, (name, stderr)
+        assert "Sanitizer" not in stderr and "runtime error" not in stderr, (name, stderr)
+        lines = stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], (name, stderr)

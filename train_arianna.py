@@ -1,0 +1,332 @@
+"""Pretrain a Llama-architecture model on the pretokenized corpus.
+
+    python train_arianna.py                                   # custom 4096 tokenizer, sizes chosen for the corpus
+    python train_arianna.py --vocab_source=llama2 --vocab_size=32000 --device=cuda --batch_size=64
+    torchrun --standalone --nproc_per_node=2 train_arianna.py --gradient_accumulation_steps=2
+
+Writes to --out_dir: ckpt.pt (the latest state; --init_from=resume continues from it exactly),
+best.pt (the weights with the lowest validation loss), log.jsonl (one JSON object per evaluation)
+and, at the end, model.bin exported from best.pt.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from export import export_model
+from model import ModelArgs, Transformer
+from schedules import BATCH_SCHEDULES, LR_SCHEDULES, accumulation_steps, learning_rate, parse_boundaries
+from training import (Runtime, StopFlag, ProgressLog, bits_per_byte, clean_state_dict, load_checkpoint,
+                      make_optimizer, model_from_checkpoint, oom_guard, parse_config, save_checkpoint, setup_runtime)
+
+
+def _option(default, help: str, **extra):
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class TrainConfig:
+    # data
+    data_dir: str = _option("data", "where arianna_data.py wrote the shards")
+    vocab_source: str = _option("custom", "custom: data/tok{vocab_size}/, llama2: data/arianna_data/",
+                                choices=["custom", "llama2"])
+    vocab_size: int = _option(4096, "tokenizer size (32000 for llama2)")
+    # output
+    out_dir: str = _option("out", "checkpoints, log.jsonl and model.bin go here")
+    init_from: str = _option("scratch", "scratch, or resume from out_dir/ckpt.pt", choices=["scratch", "resume"])
+    export_version: int = _option(0, "model.bin format written at the end (0, 1 or 2)", choices=[0, 1, 2])
+    # model; None = sized to the corpus (see auto_model_size)
+    dim: Optional[int] = _option(None, "model width")
+    n_layers: Optional[int] = _option(None, "transformer blocks")
+    n_heads: Optional[int] = _option(None, "attention heads")
+    n_kv_heads: Optional[int] = _option(None, "key/value heads (grouped-query attention); default n_heads")
+    multiple_of: int = _option(32, "SwiGLU hidden size is rounded up to a multiple of this")
+    max_seq_len: int = _option(256, "context length in tokens")
+    dropout: Optional[float] = _option(None, "dropout; default from the corpus size")
+    # optimisation
+    batch_size: int = _option(16, "sequences per micro-batch")
+    gradient_accumulation_steps: int = _option(1, "micro-batches per optimizer step (split across DDP ranks)")
+    max_iters: Optional[int] = _option(None, "optimizer steps; default from the corpus size")
+    learning_rate: float = _option(1e-3, "peak learning rate")
+    min_lr: Optional[float] = _option(None, "final learning rate; default learning_rate / 10")
+    warmup_iters: Optional[int] = _option(None, "warmup steps; default 5% of max_iters, at most 100")
+    lr_schedule: str = _option("cosine", "learning-rate schedule (formulas in schedules.py)", choices=list(LR_SCHEDULES))
+    batch_schedule: str = _option("constant", "trinity: the effective batch triples at each --trinity_steps step",
+                                  choices=list(BATCH_SCHEDULES))
+    trinity_steps: str = _option("", "steps where --batch_schedule=trinity triples the batch, e.g. 1000,3000,6000")
+    weight_decay: float = _option(0.1, "AdamW weight decay on matrices")
+    beta1: float = _option(0.9, "AdamW beta1")
+    beta2: float = _option(0.95, "AdamW beta2")
+    grad_clip: float = _option(1.0, "clip the gradient norm to this (0: off)")
+    # evaluation and stopping
+    eval_interval: int = _option(100, "steps between evaluations (and checkpoints)")
+    eval_iters: int = _option(20, "batches per loss estimate")
+    early_stop_patience: int = _option(5, "stop after this many evaluations without a better val loss (0: never)")
+    # system
+    device: str = _option("auto", "auto (cuda, mps, cpu), cuda, cuda:N, mps or cpu")
+    dtype: str = _option("auto", "auto, float32, bfloat16 or float16",
+                         choices=["auto", "float32", "bfloat16", "float16"])
+    compile: bool = _option(False, "torch.compile the model (faster steps after a slow first one)")
+    seed: int = _option(1337, "seeds weights, batches and dropout")
+
+
+# ----------------------------------------------------------------------------- data
+
+class TokenShards:
+    """The train or val shards of a pretokenized corpus, memory-mapped and read as one token stream."""
+
+    def __init__(self, directory: Path, split: str):
+        self.paths = sorted(directory.glob(f"{split}_*.bin"))
+        self.shards = [np.memmap(path, dtype=np.uint16, mode="r") for path in self.paths]
+        self.lengths = np.array([len(shard) for shard in self.shards], dtype=np.int64)
+        self.starts = np.concatenate(([0], np.cumsum(self.lengths)))
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def window(self, start: int, length: int) -> np.ndarray:
+        """length tokens from position start of the whole stream, crossing shard boundaries as needed."""
+        pieces, position, remaining = [], start, length
+        shard = int(np.searchsorted(self.starts, position, side="right") - 1)
+        while remaining > 0:
+            offset = position - self.starts[shard]
+            piece = self.shards[shard][offset:offset + remaining]
+            pieces.append(piece)
+            remaining -= len(piece)
+            position += len(piece)
+            shard += 1
+        return np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
+
+
+def stack_windows(shards: TokenShards, starts: list[int], length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and next-token targets [len(starts), length] from windows of length + 1 tokens."""
+    rows = np.stack([shards.window(start, length + 1) for start in starts]).astype(np.int64)
+    batch = torch.from_numpy(rows)
+    if device.type == "cuda":
+        batch = batch.pin_memory().to(device, non_blocking=True)
+    else:
+        batch = batch.to(device)
+    return batch[:, :-1], batch[:, 1:]
+
+
+def train_batch(shards: TokenShards, step: int, micro_step: int, cfg: TrainConfig, runtime: Runtime):
+    """The micro-batch for (step, micro_step, rank): a pure function of them, so a resumed run sees the same data."""
+    seed = ((cfg.seed * 1_000_003 + step) * 1009 + micro_step) * 131 + runtime.rank
+    generator = torch.Generator().manual_seed(seed % 2**63)
+    starts = torch.randint(len(shards) - cfg.max_seq_len - 1, (cfg.batch_size,), generator=generator).tolist()
+    return stack_windows(shards, starts, cfg.max_seq_len, runtime.device)
+
+
+def read_meta(data_dir: Path, cfg: TrainConfig) -> dict:
+    pretokenize = f"python arianna_data.py pretokenize --vocab_size={0 if cfg.vocab_source == 'llama2' else cfg.vocab_size}"
+    meta_path = data_dir / "meta.json"
+    if not meta_path.is_file() or not list(data_dir.glob("train_*.bin")):
+        sys.exit(f"error: no .bin shards in {data_dir}/; run `{pretokenize}` first")
+    meta = json.loads(meta_path.read_text())
+    if meta["vocab_size"] != cfg.vocab_size:
+        sys.exit(f"error: {data_dir} was tokenized with a {meta['vocab_size']}-token vocab but --vocab_size="
+                 f"{cfg.vocab_size}; pass --vocab_size={meta['vocab_size']} or rerun `{pretokenize}`")
+    return meta
+
+
+# ----------------------------------------------------------------------------- model size
+
+def auto_model_size(train_tokens: int) -> dict:
+    """A model size and regularisation that fit the corpus: small corpora overfit big models within minutes."""
+    if train_tokens < 300_000:
+        return dict(dim=192, n_layers=4, n_heads=6, dropout=0.2)
+    if train_tokens < 3_000_000:
+        return dict(dim=288, n_layers=6, n_heads=6, dropout=0.1)
+    if train_tokens < 30_000_000:
+        return dict(dim=512, n_layers=8, n_heads=8, dropout=0.05)
+    return dict(dim=768, n_layers=12, n_heads=12, dropout=0.0)
+
+
+def auto_max_iters(train_tokens: int, tokens_per_step: int) -> int:
+    """About 30 passes over a small corpus (early stopping ends it sooner when val stops improving), at most 20000 steps."""
+    return int(min(20_000, max(200, 30 * train_tokens / tokens_per_step)))
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def estimate_losses(model: torch.nn.Module, train: TokenShards, val: TokenShards, cfg: TrainConfig,
+                    runtime: Runtime) -> dict[str, float]:
+    """Mean loss on the validation set (consecutive windows from its start, the same every time) and on
+    train windows drawn with a fixed seed, so successive estimates compare like with like."""
+    model.eval()
+    losses = {}
+    window = min(cfg.max_seq_len, len(val) - 1)
+    val_starts = list(range(0, len(val) - window, window))[: cfg.eval_iters * cfg.batch_size]
+    generator = torch.Generator().manual_seed(cfg.seed)
+    train_starts = torch.randint(len(train) - cfg.max_seq_len - 1, (cfg.eval_iters * cfg.batch_size,),
+                                 generator=generator).tolist()
+    for split, shards, starts, length in (("val", val, val_starts, window),
+                                          ("train", train, train_starts, cfg.max_seq_len)):
+        total = 0.0
+        for first in range(0, len(starts), cfg.batch_size):
+            chunk = starts[first:first + cfg.batch_size]
+            inputs, targets = stack_windows(shards, chunk, length, runtime.device)
+            with runtime.autocast():
+                _, loss = model(inputs, targets)
+            total += loss.item() * len(chunk)
+        losses[split] = total / len(starts)
+    model.train()
+    return losses
+
+
+# ----------------------------------------------------------------------------- training
+
+def main(argv: Optional[list[str]] = None) -> None:
+    cfg = parse_config(TrainConfig, argv, description=__doc__.split("\n\n")[0])
+    runtime = setup_runtime(cfg.device, cfg.dtype, cfg.seed)
+    out_dir = Path(cfg.out_dir)
+    data_dir = Path(cfg.data_dir) / ("arianna_data" if cfg.vocab_source == "llama2" else f"tok{cfg.vocab_size}")
+    meta = read_meta(data_dir, cfg)
+    train, val = TokenShards(data_dir, "train"), TokenShards(data_dir, "val")
+    if len(train) < cfg.max_seq_len + 2:
+        sys.exit(f"error: {data_dir} holds only {len(train)} training tokens, fewer than --max_seq_len="
+                 f"{cfg.max_seq_len}; add text to doc/ or lower --max_seq_len")
+    if len(val) < 2:
+        sys.exit(f"error: {data_dir} has no validation tokens; rerun `python arianna_data.py pretokenize` with more documents")
+    if cfg.gradient_accumulation_steps % runtime.world_size:
+        sys.exit(f"error: --gradient_accumulation_steps={cfg.gradient_accumulation_steps} must be a multiple of the "
+                 f"{runtime.world_size} torchrun processes")
+    accumulation = cfg.gradient_accumulation_steps // runtime.world_size
+    try:
+        trinity_boundaries = parse_boundaries(cfg.trinity_steps)
+    except ValueError as exc:
+        sys.exit(f"error: {exc}")
+    if cfg.batch_schedule == "trinity" and not trinity_boundaries:
+        sys.exit("error: --batch_schedule=trinity needs --trinity_steps=a,b,c (the steps where the batch triples)")
+    tokens_per_step = cfg.batch_size * cfg.max_seq_len * accumulation * runtime.world_size
+
+    checkpoint = None
+    if cfg.init_from == "resume":
+        checkpoint = load_checkpoint(out_dir / "ckpt.pt")
+        model_args = ModelArgs(**checkpoint["model_args"])
+        if model_args.vocab_size != cfg.vocab_size:
+            sys.exit(f"error: {out_dir / 'ckpt.pt'} was trained with a {model_args.vocab_size}-token vocab, "
+                     f"the data has {cfg.vocab_size}; pass the matching --vocab_size/--vocab_source")
+        # The schedule and sizes decided at the start stay fixed, whatever this command line says.
+        for name in ("max_iters", "warmup_iters", "min_lr", "dropout"):
+            setattr(cfg, name, checkpoint["config"][name])
+    else:
+        sizes = auto_model_size(len(train))
+        for name, value in sizes.items():
+            if getattr(cfg, name) is None:
+                setattr(cfg, name, value)
+        model_args = ModelArgs(dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
+                               vocab_size=cfg.vocab_size, multiple_of=cfg.multiple_of, max_seq_len=cfg.max_seq_len,
+                               dropout=cfg.dropout)
+    if cfg.max_iters is None:
+        cfg.max_iters = auto_max_iters(len(train), tokens_per_step)
+    if cfg.warmup_iters is None:
+        cfg.warmup_iters = min(100, cfg.max_iters // 20)
+    if cfg.min_lr is None:
+        cfg.min_lr = cfg.learning_rate / 10
+
+    model = Transformer(model_args).to(runtime.device)
+    optimizer = make_optimizer(model, cfg.learning_rate, cfg.weight_decay, (cfg.beta1, cfg.beta2), runtime)
+    step, best_val_loss, evals_since_best = 0, math.inf, 0
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        step, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
+        evals_since_best = checkpoint["evals_since_best"]
+        torch.set_rng_state(checkpoint["rng_state"])
+        checkpoint = None  # free the memory before training
+    n_params = sum(p.numel() for p in model.parameters())
+    train_model = torch.compile(model) if cfg.compile else model
+    if runtime.ddp:
+        train_model = DistributedDataParallel(train_model, device_ids=[runtime.local_rank] if runtime.device_type == "cuda" else None)
+
+    def state(iter_num: int) -> dict:
+        return dict(model=clean_state_dict(model), model_args=model_args.to_dict(), config=asdict(cfg),
+                    iter_num=iter_num, best_val_loss=best_val_loss, evals_since_best=evals_since_best,
+                    optimizer=optimizer.state_dict(), rng_state=torch.get_rng_state(), meta=meta)
+
+    def save_latest(iter_num: int) -> None:
+        if runtime.is_master:
+            save_checkpoint(out_dir / "ckpt.pt", state(iter_num))
+
+    progress = ProgressLog(out_dir, cfg.max_iters, step, runtime.is_master)
+    if step == 0:
+        progress.write(f"model: dim {model_args.dim}, {model_args.n_layers} layers, {model_args.n_heads} heads "
+                       f"({model_args.n_kv_heads} kv), {n_params / 1e6:.2f}M parameters, dropout {model_args.dropout}; "
+                       f"{len(train):,} train / {len(val):,} val tokens; {cfg.max_iters} steps of {tokens_per_step:,} "
+                       f"tokens on {runtime.device} in {str(runtime.dtype).removeprefix('torch.')}")
+    stop = StopFlag()
+    started = time.perf_counter()
+    with oom_guard(runtime, lambda: save_latest(step)):
+        while step < cfg.max_iters and not stop.requested:
+            lr = learning_rate(step, cfg.lr_schedule, cfg.learning_rate, cfg.min_lr, cfg.warmup_iters, cfg.max_iters)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            step_accumulation = accumulation_steps(step, accumulation, cfg.batch_schedule, trinity_boundaries)
+            for micro_step in range(step_accumulation):
+                inputs, targets = train_batch(train, step, micro_step, cfg, runtime)
+                if runtime.ddp:  # all-reduce the gradients only on the last micro-step
+                    train_model.require_backward_grad_sync = micro_step == step_accumulation - 1
+                with runtime.autocast():
+                    _, loss = train_model(inputs, targets)
+                runtime.scaler.scale(loss / step_accumulation).backward()
+            if cfg.grad_clip > 0:
+                runtime.scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            runtime.scaler.step(optimizer)
+            runtime.scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            effective_batch = cfg.batch_size * step_accumulation * runtime.world_size
+            progress.update(step, loss.item(), effective_batch * cfg.max_seq_len, lr, batch=effective_batch)
+
+            if step % cfg.eval_interval == 0 or step == cfg.max_iters:
+                losses = estimate_losses(model, train, val, cfg, runtime)
+                improved = losses["val"] < best_val_loss
+                if improved:
+                    best_val_loss, evals_since_best = losses["val"], 0
+                    if runtime.is_master:
+                        save_checkpoint(out_dir / "best.pt", dict(model=clean_state_dict(model),
+                                        model_args=model_args.to_dict(), config=asdict(cfg), iter_num=step,
+                                        val_loss=best_val_loss, meta=meta))
+                else:
+                    evals_since_best += 1
+                progress.record(dict(
+                    iter=step, train_loss=losses["train"], val_loss=losses["val"],
+                    train_bpb=bits_per_byte(losses["train"], meta["train_tokens"], meta["train_bytes"]),
+                    val_bpb=bits_per_byte(losses["val"], meta["val_tokens"], meta["val_bytes"]),
+                    best_val_loss=best_val_loss, lr=lr, batch=effective_batch, tokens=step * tokens_per_step,
+                    elapsed_s=round(time.perf_counter() - started, 1)))
+                save_latest(step)
+                if cfg.early_stop_patience and evals_since_best >= cfg.early_stop_patience:
+                    progress.write(f"early stop: val loss has not improved for {evals_since_best} evaluations")
+                    break
+    progress.close()
+    stop.restore()
+    if stop.requested:
+        save_latest(step)
+        if runtime.is_master:
+            print(f"interrupted at step {step}; saved {out_dir / 'ckpt.pt'}. Continue with --init_from=resume",
+                  file=sys.stderr)
+        runtime.shutdown()
+        return
+    if runtime.is_master:
+        best_path = out_dir / "best.pt"
+        best = model_from_checkpoint(load_checkpoint(best_path)) if best_path.exists() else model.cpu()
+        bin_path = export_model(best, out_dir / "model.bin", cfg.export_version)
+        print(f"best val loss {best_val_loss:.4f}; wrote {bin_path} from {best_path}")
+    runtime.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -26,7 +26,7 @@ LDLIBS = -lm
 NATIVE := $(shell echo 'int main(void){return 0;}' | $(CC) -march=native -x c - -o /dev/null 2>/dev/null && echo -march=native)
 OPENMP := $(shell echo 'int main(void){return 0;}' | $(CC) -fopenmp -x c - -o /dev/null 2>/dev/null && echo -fopenmp)
 
-.PHONY: run runfast runomp runportable rundebug bench fuzz clean-run
+.PHONY: run runfast runomp runportable rundebug bench fuzz
 
 # The fastest binary this compiler can make.
 run: run.c
@@ -55,3 +55,12 @@ librun.so: run.c
 bench: bench_run.c run.c
 	$(CC) $(CFLAGS_BASE) $(NATIVE) $(OPENMP) -o bench_run bench_run.c $(LDLIBS)
 	./bench_run
+
+# libFuzzer on the model and tokenizer loaders (needs clang: apt-get install clang). Not part of `make test`.
+# Findings land in fuzz/ as crash-*; FUZZ_SECONDS sets how long it runs.
+FUZZ_SECONDS ?= 180
+fuzz: fuzz/fuzz_loaders.c run.c
+	clang -g -O1 $(NATIVE) -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
+		-o fuzz/fuzz_loaders fuzz/fuzz_loaders.c -lm
+	mkdir -p fuzz/corpus
+	./fuzz/fuzz_loaders -max_total_time=$(FUZZ_SECONDS) -max_len=65536 -artifact_prefix=fuzz/ fuzz/corpus fuzz/seeds

@@ -56,7 +56,11 @@ def library_path() -> Path:
     library, source = REPO_DIR / LIBRARY_NAME, REPO_DIR / "run.c"
     stale = source.exists() and (not library.exists() or library.stat().st_mtime < source.stat().st_mtime)
     if stale:
-        build = subprocess.run(["make", "-s", LIBRARY_NAME], cwd=REPO_DIR, capture_output=True, text=True)
+        try:
+            build = subprocess.run(["make", "-s", LIBRARY_NAME], cwd=REPO_DIR, capture_output=True, text=True)
+        except OSError as e:
+            raise SystemExit(f"error: cannot run `make {LIBRARY_NAME}` in {REPO_DIR} ({e.strerror}); "
+                             "install make and a C compiler") from None
         if build.returncode != 0:
             detail = (build.stderr.strip().splitlines() or ["make failed"])[-1]
             raise SystemExit(f"error: building {library} with `make {LIBRARY_NAME}` failed: {detail}")

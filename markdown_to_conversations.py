@@ -199,8 +199,7 @@ def split_sections(path: Path, text: str) -> list[Section]:
 
 def detect_language(section: Section) -> str:
     """'ru' if Cyrillic makes up a real share of the prose letters (code excluded), else 'en'."""
-    prose = "\n".join(line for line in remove_code_blocks(section.body).splitlines())
-    prose = INLINE_CODE.sub(" ", prose) + "\n" + section.heading
+    prose = INLINE_CODE.sub(" ", remove_code_blocks(section.body)) + "\n" + section.heading
     cyrillic, latin = len(CYRILLIC.findall(prose)), len(LATIN.findall(prose))
     return "ru" if cyrillic > 0 and cyrillic >= 0.25 * (cyrillic + latin) else "en"
 

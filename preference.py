@@ -24,20 +24,32 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib
+import importlib.util
 import math
-from dataclasses import dataclass
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lora import adapters_disabled, lora_layers
+from finetune import (FinetuneConfig, LineWarnings, Trainer, export_finetuned, fail, load_base_model, load_policy,
+                      load_tokenizer, planned_steps, read_jsonl, tokenizer_path)
+from lora import adapters_disabled, lora_layers, merge_lora
 from model import Transformer
-from tokenizer import encode_dialog
+from tokenizer import Tokenizer, encode_dialog
+from training import (ProgressLog, Runtime, StopFlag, clean_state_dict, load_checkpoint, model_from_checkpoint,
+                      save_checkpoint, setup_runtime)
 
 Messages = list[dict]
 ROLES = ("system", "user", "assistant")
+REWARD_MODEL_KIND = "reward_model"
+REWARD_HEAD = "reward_head"  # the head's name in a reward run's ckpt.pt ("extra")
+VALUE_HEAD = "value_head"    # the value head's name in a PPO run's ckpt.pt ("extra")
+PPO_MINIBATCHES = 4          # each PPO epoch walks a step's answers in this many shuffled minibatches
 
 
 # ----------------------------------------------------------------------------- data
@@ -423,7 +435,7 @@ def make_rollout(policy: Transformer, value_head: ScalarHead, reference: Referen
 
 def ppo_update(policy: Transformer, value_head: ScalarHead, optimizer: torch.optim.Optimizer, rollout: Rollout,
                ppo_epochs: int, minibatch_size: int, cliprange: float, vf_coef: float, temperature: float,
-               grad_clip: float, generator: Optional[torch.Generator] = None) -> dict[str, float]:
+               grad_clip: float, runtime: Runtime, generator: Optional[torch.Generator] = None) -> dict[str, float]:
     """ppo_epochs passes over the rollout in shuffled minibatches; the means of the losses and clip fraction."""
     policy.train()
     batch, width = rollout.mask.shape
@@ -434,20 +446,22 @@ def ppo_update(policy: Transformer, value_head: ScalarHead, optimizer: torch.opt
         order = torch.randperm(batch, generator=generator).tolist()
         for start in range(0, batch, minibatch_size):
             rows = torch.tensor(order[start:start + minibatch_size], device=rollout.tokens.device)
-            logps, values = answer_outputs(policy, rollout.tokens[rows], rollout.prompt_lengths[rows], width,
-                                           temperature, value_head)
+            with runtime.autocast():
+                logps, values = answer_outputs(policy, rollout.tokens[rows], rollout.prompt_lengths[rows], width,
+                                               temperature, value_head)
             # TRL clips the value with cliprange_value, whose default equals cliprange's 0.2.
             losses = ppo_losses(logps, rollout.logps[rows], values, rollout.values[rows], rollout.advantages[rows],
                                 rollout.returns[rows], rollout.mask[rows], cliprange, cliprange, vf_coef)
-            optimizer.zero_grad(set_to_none=True)
-            losses.loss.backward()
+            runtime.scaler.scale(losses.loss).backward()
             if grad_clip > 0:
+                runtime.scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(parameters, grad_clip)
-            optimizer.step()
-            totals["loss/policy"] += losses.policy_loss.item()
-            totals["loss/value"] += losses.value_loss.item()
-            totals["policy/clipfrac"] += losses.clipfrac.item()
-            totals["policy/approxkl"] += losses.approx_kl.item()
+            runtime.scaler.step(optimizer)
+            runtime.scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            for key, value in (("loss/policy", losses.policy_loss), ("loss/value", losses.value_loss),
+                               ("policy/clipfrac", losses.clipfrac), ("policy/approxkl", losses.approx_kl)):
+                totals[key] += value.item()
             updates += 1
     return {key: total / updates for key, total in totals.items()}
 
@@ -508,3 +522,310 @@ def evaluate_pairs(batch_loss: Callable[[torch.Tensor, torch.Tensor, torch.Tenso
         for key, value in {"loss": loss.item(), **metrics}.items():
             totals[key] = totals.get(key, 0.0) + value * len(chunk)
     return {key: total / len(pairs) for key, total in totals.items()}
+
+
+# ----------------------------------------------------------------------------- files
+
+def load_pairs(path: str | Path, tokenizer: Tokenizer, longest: int) -> list[TokenizedPair]:
+    """Preference pairs of a JSONL file; malformed lines reported as FILE:LINE and skipped, overlong pairs counted."""
+    warnings = LineWarnings(path)
+    pairs: list[TokenizedPair] = []
+    too_long = 0
+    for line_number, record in read_jsonl(path):
+        try:
+            messages = preference_messages(record)
+        except ValueError as exc:
+            warnings(line_number, str(exc))
+            continue
+        pair = tokenize_pair(tokenizer_encode(tokenizer), messages, tokenizer.bos_id, tokenizer.eos_id)
+        if max(len(pair.chosen), len(pair.rejected)) > longest:
+            too_long += 1
+            continue
+        pairs.append(pair)
+    warnings.summary()
+    if too_long:
+        print(f"{path}: {too_long} pairs longer than {longest} tokens dropped", file=sys.stderr)
+    if not pairs:
+        fail(f'{path} has no usable preference pair; expected lines like {{"prompt": ..., "chosen": ..., "rejected": ...}} '
+             'or {"chosen": [messages], "rejected": [messages]}')
+    print(f"{path}: {len(pairs)} preference pairs")
+    return pairs
+
+
+def load_prompts(path: str | Path, tokenizer: Tokenizer, longest: int) -> list[PromptItem]:
+    """Prompts of a JSONL file ({"prompt": str} or {"messages": [...]}) that leave room for longest answer tokens."""
+    warnings = LineWarnings(path)
+    prompts: list[PromptItem] = []
+    too_long = 0
+    for line_number, record in read_jsonl(path):
+        try:
+            messages = prompt_messages(record)
+        except ValueError as exc:
+            warnings(line_number, str(exc))
+            continue
+        tokens, _ = encode_dialog(tokenizer_encode(tokenizer), messages, tokenizer.bos_id, tokenizer.eos_id)
+        if len(tokens) > longest:
+            too_long += 1
+            continue
+        prompts.append(PromptItem(tokens, messages[-1]["content"]))
+    warnings.summary()
+    if too_long:
+        print(f"{path}: {too_long} prompts dropped: longer than {longest} tokens, which leaves no room for "
+              "--max_new_tokens in the context", file=sys.stderr)
+    if not prompts:
+        fail(f'{path} has no usable prompt; expected lines like {{"prompt": "..."}} or {{"messages": [...]}}')
+    print(f"{path}: {len(prompts)} prompts")
+    return prompts
+
+
+def tokenizer_encode(tokenizer: Tokenizer) -> Callable[[str], list[int]]:
+    """The chat template's encode(): SentencePiece without BOS/EOS of its own."""
+    return lambda text: tokenizer.encode(text, bos=False, eos=False)
+
+
+def split_pairs(pairs: list[TokenizedPair], cfg: FinetuneConfig, tokenizer: Tokenizer,
+                longest: int) -> tuple[list[TokenizedPair], list[TokenizedPair]]:
+    """(train, validation): --val_data's pairs, else a seeded --val_fraction of --data held out."""
+    if cfg.val_data:
+        return pairs, load_pairs(cfg.val_data, tokenizer, longest)
+    if cfg.val_fraction <= 0 or len(pairs) < 2:
+        return pairs, []
+    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    n_val = max(1, round(len(pairs) * cfg.val_fraction))
+    return [pairs[i] for i in order[n_val:]], [pairs[i] for i in order[:n_val]]
+
+
+def shuffled_batch(items: Sequence, batch_index: int, batch_size: int, seed: int) -> list:
+    """Batch number batch_index of items visited epoch after epoch in a seeded shuffle: a pure function of the
+    index, so a resumed run sees exactly the batches it would have seen."""
+    batch = []
+    for position in range(batch_index * batch_size, (batch_index + 1) * batch_size):
+        epoch, index = divmod(position, len(items))
+        order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed + epoch))
+        batch.append(items[order[index]])
+    return batch
+
+
+# ----------------------------------------------------------------------------- reward model files and functions
+
+def save_reward_model(path: str | Path, reward_model: RewardModel, tokenizer_model: str, config: dict) -> None:
+    """A self-contained reward model checkpoint (kind "reward_model"): the backbone with adapters merged, and the head."""
+    backbone = merge_lora(copy.deepcopy(reward_model.backbone).cpu())
+    save_checkpoint(path, {
+        "kind": REWARD_MODEL_KIND, "model": clean_state_dict(backbone), "model_args": backbone.args.to_dict(),
+        "head": {k: v.cpu() for k, v in reward_model.head.state_dict().items()},
+        "tokenizer_model": tokenizer_model, "config": config,
+    })
+
+
+def load_reward_model(path: str | Path) -> RewardModel:
+    """A reward model written by --method=reward: its reward_model.pt, or the run's resumable ckpt.pt."""
+    checkpoint = load_checkpoint(path)
+    if checkpoint.get("kind") == REWARD_MODEL_KIND:
+        reward_model = RewardModel(model_from_checkpoint(checkpoint))
+        reward_model.head.load_state_dict(checkpoint["head"])
+    elif checkpoint.get("kind") == "finetune" and checkpoint.get("method") == "reward":
+        backbone, _ = load_base_model(path)  # merges LoRA adapters into their recorded base
+        reward_model = RewardModel(backbone)
+        reward_model.head.load_state_dict(checkpoint["extra"][REWARD_HEAD])
+    else:
+        fail(f"{path} is not a reward model; train one with `python finetune.py --method=reward --out_dir=DIR` "
+             "and pass DIR/reward_model.pt")
+    return reward_model.requires_grad_(False).eval()
+
+
+def load_reward_fn(spec: str) -> Callable[[str, str], float]:
+    """The function named by "module:function" (an importable module) or "path/to/file.py:function"."""
+    module_name, _, function_name = spec.rpartition(":")
+    if not module_name or not function_name:
+        fail(f"--reward_fn={spec} must be module:function or path/to/file.py:function")
+    try:
+        if module_name.endswith(".py"):
+            if not Path(module_name).is_file():
+                fail(f"--reward_fn: {module_name} not found")
+            module_spec = importlib.util.spec_from_file_location(Path(module_name).stem, module_name)
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+    except ImportError as exc:
+        fail(f"--reward_fn={spec}: cannot import {module_name} ({exc}); give a module on PYTHONPATH or a .py file path")
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        fail(f"--reward_fn={spec}: {module_name} has no function {function_name}")
+    return function
+
+
+def reward_model_scorer(reward_model: RewardModel, pad_id: int) -> ScoreAnswers:
+    def score(prompts: Sequence[PromptItem], answers: Sequence[list[int]]) -> torch.Tensor:
+        rows = [prompt.tokens + answer for prompt, answer in zip(prompts, answers)]
+        device = reward_model.head.proj.weight.device
+        lengths = torch.tensor([len(row) for row in rows], device=device)
+        with torch.no_grad():
+            return reward_model(pad_right(rows, pad_id, device), lengths)
+    return score
+
+
+def function_scorer(reward_fn: Callable[[str, str], float], tokenizer: Tokenizer) -> ScoreAnswers:
+    def score(prompts: Sequence[PromptItem], answers: Sequence[list[int]]) -> torch.Tensor:
+        texts = [tokenizer.decode([t for t in answer if t != tokenizer.eos_id]) for answer in answers]
+        return torch.tensor([float(reward_fn(prompt.text, text)) for prompt, text in zip(prompts, texts)])
+    return score
+
+
+# ----------------------------------------------------------------------------- the three methods
+
+def _context(cfg: FinetuneConfig, model: Transformer) -> int:
+    return min(cfg.max_seq_len or model.args.max_seq_len, model.args.max_seq_len)
+
+
+def run_dpo(cfg: FinetuneConfig) -> None:
+    """Direct preference optimisation of the policy against the starting model."""
+    if not cfg.data:
+        fail("--method=dpo needs --data=prefs.jsonl with {\"prompt\", \"chosen\", \"rejected\"} lines")
+    runtime = setup_runtime(cfg.device, cfg.dtype, cfg.seed)
+    policy, base = load_policy(cfg, runtime)
+    tokenizer = load_tokenizer(cfg, base)
+    longest = _context(cfg, policy) + 1  # the last token is scored, never fed
+    train_pairs, val_pairs = split_pairs(load_pairs(cfg.data, tokenizer, longest), cfg, tokenizer, longest)
+    total_steps = planned_steps(cfg, lambda micro: cfg.batch_size, len(train_pairs))
+    print(f"DPO on {len(train_pairs)} pairs, evaluating on {len(val_pairs) or 'the training'} pairs; {total_steps} steps")
+    reference = Reference(policy)  # before the trainer resumes: the reference is the starting model
+    trainer = Trainer(cfg, runtime, policy, base, total_steps)
+    pad_id = tokenizer.eos_id
+
+    def batch_loss(tokens: torch.Tensor, answer_mask: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        return dpo_batch_loss(policy, reference, tokens, answer_mask, cfg.beta)
+
+    def micro_step(step: int, micro: int) -> tuple[torch.Tensor, int, dict]:
+        batch = pair_batch(shuffled_batch(train_pairs, micro, cfg.batch_size, cfg.seed), pad_id, runtime.device)
+        loss, metrics = batch_loss(*batch)
+        return loss, batch[0].numel(), metrics
+
+    def evaluate() -> dict:
+        with runtime.autocast():
+            metrics = evaluate_pairs(batch_loss, val_pairs or train_pairs, cfg.batch_size, pad_id, runtime.device)
+        return {"val_loss": metrics.pop("loss"), **metrics}
+
+    if trainer.run(micro_step, evaluate):
+        export_finetuned(cfg, policy, base)
+    runtime.shutdown()
+
+
+def run_reward(cfg: FinetuneConfig) -> None:
+    """A Bradley-Terry reward model: the backbone (full or LoRA) plus a scalar head, on chosen/rejected pairs."""
+    if not cfg.data:
+        fail("--method=reward needs --data=prefs.jsonl with {\"prompt\", \"chosen\", \"rejected\"} lines")
+    runtime = setup_runtime(cfg.device, cfg.dtype, cfg.seed)
+    backbone, base = load_policy(cfg, runtime)
+    tokenizer = load_tokenizer(cfg, base)
+    longest = _context(cfg, backbone)
+    train_pairs, val_pairs = split_pairs(load_pairs(cfg.data, tokenizer, longest), cfg, tokenizer, longest)
+    total_steps = planned_steps(cfg, lambda micro: cfg.batch_size, len(train_pairs))
+    print(f"reward model on {len(train_pairs)} pairs, held out {len(val_pairs)}; {total_steps} steps")
+    reward_model = RewardModel(backbone).to(runtime.device)
+    trainer = Trainer(cfg, runtime, backbone, base, total_steps, extra_modules={REWARD_HEAD: reward_model.head})
+    pad_id = tokenizer.eos_id
+
+    def batch_loss(tokens: torch.Tensor, answer_mask: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        return reward_batch_loss(reward_model, tokens, lengths)
+
+    def micro_step(step: int, micro: int) -> tuple[torch.Tensor, int, dict]:
+        batch = pair_batch(shuffled_batch(train_pairs, micro, cfg.batch_size, cfg.seed), pad_id, runtime.device)
+        loss, metrics = batch_loss(*batch)
+        return loss, batch[0].numel(), metrics
+
+    def evaluate() -> dict:
+        with runtime.autocast():
+            metrics = evaluate_pairs(batch_loss, val_pairs or train_pairs, cfg.batch_size, pad_id, runtime.device)
+        return {"val_loss": metrics.pop("loss"), "eval/accuracy": metrics.pop("accuracy"),
+                **{f"eval/{key}": value for key, value in metrics.items()}}
+
+    if trainer.run(micro_step, evaluate):
+        path = Path(cfg.out_dir) / "reward_model.pt"
+        save_reward_model(path, reward_model, str(tokenizer_path(cfg, base)), asdict(cfg))
+        print(f"wrote {path} (use it with --method=ppo --reward_model={path})")
+    runtime.shutdown()
+
+
+def run_ppo(cfg: FinetuneConfig) -> None:
+    """PPO: sample answers to prompts, score them, and update the policy and its value head (TRL's recipe)."""
+    if not cfg.prompts:
+        fail("--method=ppo needs --prompts=prompts.jsonl with {\"prompt\": ...} or {\"messages\": [...]} lines")
+    if bool(cfg.reward_model) == bool(cfg.reward_fn):
+        fail("--method=ppo needs exactly one of --reward_model=CKPT (from --method=reward) or --reward_fn=module:function")
+    if cfg.temperature <= 0:
+        fail("--method=ppo samples answers: --temperature must be > 0 (1.0 samples the policy as it is)")
+    runtime = setup_runtime(cfg.device, cfg.dtype, cfg.seed)
+    policy, base = load_policy(cfg, runtime)
+    tokenizer = load_tokenizer(cfg, base)
+    context = _context(cfg, policy)
+    if cfg.max_new_tokens >= context:
+        fail(f"--max_new_tokens={cfg.max_new_tokens} leaves no room for a prompt in the {context}-token context")
+    prompts = load_prompts(cfg.prompts, tokenizer, context - cfg.max_new_tokens)
+    if cfg.reward_model:
+        reward_model = load_reward_model(cfg.reward_model).to(runtime.device)
+        if reward_model.backbone.args.vocab_size != policy.args.vocab_size:
+            fail(f"--reward_model={cfg.reward_model} has {reward_model.backbone.args.vocab_size} tokens but the "
+                 f"policy has {policy.args.vocab_size}: train the reward model from the same tokenizer")
+        if reward_model.backbone.args.max_seq_len < context:
+            fail(f"--reward_model={cfg.reward_model} reads {reward_model.backbone.args.max_seq_len} tokens, fewer than "
+                 f"the policy's {context}; lower --max_seq_len")
+        score_answers = reward_model_scorer(reward_model, tokenizer.eos_id)
+    else:
+        score_answers = function_scorer(load_reward_fn(cfg.reward_fn), tokenizer)
+    total_steps = cfg.max_iters or max(1, math.ceil(cfg.epochs * len(prompts) / cfg.batch_size))
+    print(f"PPO on {len(prompts)} prompts, {cfg.batch_size} answers per step; {total_steps} steps")
+    value_head = ScalarHead(policy.args.dim).to(runtime.device)
+    reference = Reference(policy)  # before the trainer resumes: the reference is the starting model
+    trainer = Trainer(cfg, runtime, policy, base, total_steps, extra_modules={VALUE_HEAD: value_head})
+    finished = ppo_loop(cfg, runtime, trainer, value_head, reference, prompts, score_answers, tokenizer.eos_id)
+    if finished:
+        export_finetuned(cfg, policy, base)
+    runtime.shutdown()
+
+
+def ppo_loop(cfg: FinetuneConfig, runtime: Runtime, trainer: Trainer, value_head: ScalarHead, reference: Reference,
+             prompts: Sequence[PromptItem], score_answers: ScoreAnswers, eos_id: int) -> bool:
+    """One step = one batch of sampled answers and its --ppo_epochs of minibatch updates. The Trainer supplies the
+    optimizer, lr schedule, checkpoints and resume; the loop is PPO's own, since a step holds many optimizer updates.
+    Returns False if Ctrl-C stopped it (ckpt.pt saved)."""
+    policy, out_dir = trainer.model, Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    minibatch = max(1, cfg.batch_size // PPO_MINIBATCHES)
+    progress = ProgressLog(out_dir, trainer.total_steps, trainer.step, runtime.is_master)
+    stop = StopFlag()
+    try:
+        while trainer.step < trainer.total_steps:
+            step = trainer.step
+            step_lr = trainer.lr(step)
+            for group in trainer.optimizer.param_groups:
+                group["lr"] = step_lr
+            # Seeded by step: a resumed run samples and shuffles exactly as the uninterrupted one would.
+            generator = torch.Generator(device=runtime.device).manual_seed(cfg.seed * 1_000_003 + step)
+            shuffle = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+            batch = shuffled_batch(prompts, step, cfg.batch_size, cfg.seed)
+            with runtime.autocast():
+                rollout = make_rollout(policy, value_head, reference, batch, score_answers, cfg.max_new_tokens,
+                                       cfg.temperature, eos_id, cfg.kl_coef, cfg.gamma, cfg.lam, generator)
+            stats = ppo_update(policy, value_head, trainer.optimizer, rollout, cfg.ppo_epochs, minibatch, cfg.cliprange,
+                               cfg.vf_coef, cfg.temperature, cfg.grad_clip, runtime, shuffle)
+            trainer.step += 1
+            metrics = {**rollout_metrics(rollout), **stats}
+            progress.update(trainer.step, stats["loss/policy"] + cfg.vf_coef * stats["loss/value"],
+                            int(rollout.mask.sum()), step_lr, reward=metrics["env/reward_mean"], kl=metrics["objective/kl"])
+            at_end = trainer.step == trainer.total_steps
+            if at_end or (cfg.log_interval > 0 and trainer.step % cfg.log_interval == 0):
+                progress.record({"step": trainer.step, "lr": step_lr, **metrics})
+            if at_end or (cfg.eval_interval > 0 and trainer.step % cfg.eval_interval == 0):
+                trainer.save(out_dir / "ckpt.pt")
+            if cfg.checkpoint_every > 0 and trainer.step % cfg.checkpoint_every == 0:
+                trainer.save_phoenix()
+            if stop.requested and not at_end:
+                trainer.save(out_dir / "ckpt.pt")
+                progress.write(f"stopped at step {trainer.step}; {out_dir / 'ckpt.pt'} saved, continue with --init=resume")
+                return False
+    finally:
+        stop.restore()
+        progress.close()
+    return True

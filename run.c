@@ -564,10 +564,26 @@ typedef float vfloat __attribute__((vector_size(VLEN * 4)));
 typedef float vfloat_unaligned __attribute__((vector_size(VLEN * 4), aligned(4), may_alias));
 #define LOADV(p) (*(const vfloat_unaligned *)(p))
 
+typedef float vfloat4 __attribute__((vector_size(16)));
+
+/* Sum of the lanes by halving (a few shuffles) rather than lane by lane. */
 static inline float hsum(vfloat v) {
-    float s = 0.0f;
-    for (int i = 0; i < VLEN; i++) s += v[i];
-    return s;
+#if VLEN == 16
+    typedef float vfloat8 __attribute__((vector_size(32)));
+    vfloat8 lo8, hi8;
+    memcpy(&lo8, &v, 32), memcpy(&hi8, (char *)&v + 32, 32);
+    lo8 += hi8;
+#elif VLEN == 8
+    vfloat lo8 = v;
+#endif
+    vfloat4 lo, hi;
+#if VLEN >= 8
+    memcpy(&lo, &lo8, 16), memcpy(&hi, (char *)&lo8 + 16, 16);
+    lo += hi;
+#else
+    lo = v;
+#endif
+    return (lo[0] + lo[2]) + (lo[1] + lo[3]);
 }
 
 /* out[c*ostride + r] = dot(w row r, x row c) for R rows of w and C rows of x: R*C accumulators in registers,
@@ -622,6 +638,10 @@ static void matmul_rows_f32(float *out, const Matrix *m, const float *x, int n_t
 typedef struct {
     int8_t *q;
     float *s;
+#ifdef HAVE_AVX512_VNNI
+    uint8_t *biased;  /* q + 128: vpdpbusd wants one unsigned operand */
+    float *lane_scale; /* per 64-byte chunk, the scale of the group each int32 lane falls in */
+#endif
 } QuantizedRows;
 
 static void quantize_row(int8_t *q, float *s, const float *x, int n, int gs) {
@@ -634,41 +654,64 @@ static void quantize_row(int8_t *q, float *s, const float *x, int n, int gs) {
     }
 }
 
-static float dot_q8(const int8_t *wq, const float *ws, const int8_t *xq, const float *xs, int n, int gs) {
-    float sum = 0.0f;
 #ifdef HAVE_AVX512_VNNI
-    if (gs % 64 == 0 || gs == 32) {
-        /* vpdpbusd multiplies unsigned by signed bytes: feed |x| and move x's sign onto w. */
-        __m512 acc = _mm512_setzero_ps();
-        const __m512i zero = _mm512_setzero_si512();
-        if (gs == 32) {
-            for (int g = 0; g < n / 32; g += 2) {
-                __m512i xv = _mm512_loadu_si512(xq + g * 32), wv = _mm512_loadu_si512(wq + g * 32);
-                __mmask64 neg = _mm512_movepi8_mask(xv);
-                __m512i prod = _mm512_dpbusd_epi32(zero, _mm512_abs_epi8(xv), _mm512_mask_sub_epi8(wv, neg, zero, wv));
-                __m512 scale = _mm512_insertf32x8(_mm512_set1_ps(ws[g] * xs[g]), _mm256_set1_ps(ws[g + 1] * xs[g + 1]), 1);
-                acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(prod), scale, acc);
-            }
-            if ((n / 32) % 2) { /* odd number of groups: the last one alone */
-                const int g = n / 32 - 1;
-                int32_t isum = 0;
-                for (int j = 0; j < 32; j++) isum += wq[g * 32 + j] * xq[g * 32 + j];
-                sum += (float)isum * ws[g] * xs[g];
-            }
-        } else {
-            for (int g = 0; g < n / gs; g++) {
-                __m512i prod = zero;
-                for (int j = g * gs; j < (g + 1) * gs; j += 64) {
-                    __m512i xv = _mm512_loadu_si512(xq + j), wv = _mm512_loadu_si512(wq + j);
-                    __mmask64 neg = _mm512_movepi8_mask(xv);
-                    prod = _mm512_dpbusd_epi32(prod, _mm512_abs_epi8(xv), _mm512_mask_sub_epi8(wv, neg, zero, wv));
-                }
-                acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(prod), _mm512_set1_ps(ws[g] * xs[g]), acc);
+/* The AVX-512 VNNI kernel handles group sizes of 32 or a multiple of 64 (what export.py writes for
+   dims that are multiples of 32); others take the portable loop. */
+static int vnni_group_ok(int gs) { return gs == 32 || gs % 64 == 0; }
+
+static void prepare_vnni_row(uint8_t *biased, float *lane_scale, const int8_t *q, const float *s, int n, int gs) {
+    for (int j = 0; j < n; j++) biased[j] = (uint8_t)(q[j] + 128);
+    for (int c = 0; c < (n + 63) / 64; c++)
+        for (int lane = 0; lane < 16; lane++) {
+            const int byte = c * 64 + lane * 4;
+            lane_scale[c * 16 + lane] = byte < n ? s[byte / gs] : 0.0f;
+        }
+}
+
+/* The weight scales of chunk c of a row, one per int32 lane. */
+static inline __m512 weight_lane_scale(const float *ws, int c, int gs, int groups) {
+    if (gs == 32) { /* two groups per chunk; the last chunk of an odd count has one */
+        const __m512i pick = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+        const __mmask16 present = 2 * c + 1 < groups ? 0x3 : 0x1;
+        return _mm512_permutexvar_ps(pick, _mm512_maskz_loadu_ps(present, ws + 2 * c));
+    }
+    return _mm512_set1_ps(ws[c * 64 / gs]);
+}
+
+/* R rows x C tokens: sum over 64-byte chunks of (x+128).w - 128.w, exact in int32 per lane, then scaled.
+   The correction 128.w is computed once per row chunk and shared by the C tokens. */
+static inline __attribute__((always_inline)) void tile_q8(float *out, int ostride, const int8_t *wq, const float *ws,
+                                                         const QuantizedRows *x, int t0, int n, int gs, int R, int C) {
+    const int chunks = (n + 63) / 64, lanes_per_row = chunks * 16;
+    __m512 acc[4][4];
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < C; t++) acc[r][t] = _mm512_setzero_ps();
+    const __m512i bias = _mm512_set1_epi8((char)128);
+    for (int c = 0; c < chunks; c++) {
+        const __mmask64 mask = n - c * 64 >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (n - c * 64)) - 1);
+        __m512i xu[4];
+        __m512 xs[4];
+        for (int t = 0; t < C; t++) {
+            xu[t] = _mm512_maskz_loadu_epi8(mask, x->biased + (size_t)(t0 + t) * n + c * 64);
+            xs[t] = _mm512_loadu_ps(x->lane_scale + (size_t)(t0 + t) * lanes_per_row + c * 16);
+        }
+        for (int r = 0; r < R; r++) {
+            const __m512i w = _mm512_maskz_loadu_epi8(mask, wq + (size_t)r * n + c * 64);
+            const __m512i neg_correction = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_dpbusd_epi32(_mm512_setzero_si512(), bias, w));
+            const __m512 wscale = weight_lane_scale(ws + (size_t)r * (n / gs), c, gs, n / gs);
+            for (int t = 0; t < C; t++) {
+                const __m512 dot = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(neg_correction, xu[t], w));
+                acc[r][t] = _mm512_fmadd_ps(dot, _mm512_mul_ps(wscale, xs[t]), acc[r][t]);
             }
         }
-        return sum + _mm512_reduce_add_ps(acc);
     }
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < C; t++) out[(size_t)t * ostride + r] = _mm512_reduce_add_ps(acc[r][t]);
+}
 #endif
+
+static float dot_q8(const int8_t *wq, const float *ws, const int8_t *xq, const float *xs, int n, int gs) {
+    float sum = 0.0f;
     for (int g = 0; g < n / gs; g++) {
         int32_t isum = 0;
         for (int j = 0; j < gs; j++) isum += wq[g * gs + j] * xq[g * gs + j];
@@ -679,6 +722,25 @@ static float dot_q8(const int8_t *wq, const float *ws, const int8_t *xq, const f
 
 static void matmul_rows_q8(float *out, const Matrix *m, const QuantizedRows *x, int n_tok, int gs, int r0, int r1) {
     const int n = m->cols, groups = n / gs;
+#ifdef HAVE_AVX512_VNNI
+    if (vnni_group_ok(gs)) {
+        for (int r = r0; r < r1; r += 4) {
+            const int8_t *wq = m->q + (size_t)r * n;
+            const float *ws = m->s + (size_t)r * groups;
+            float *o = out + r;
+            if (r1 - r < 4) {
+                for (int rr = r; rr < r1; rr++)
+                    for (int t = 0; t < n_tok; t++)
+                        tile_q8(out + (size_t)t * m->rows + rr, m->rows, m->q + (size_t)rr * n, m->s + (size_t)rr * groups, x, t, n, gs, 1, 1);
+                break;
+            }
+            int t = 0;
+            for (; t + 4 <= n_tok; t += 4) tile_q8(o + (size_t)t * m->rows, m->rows, wq, ws, x, t, n, gs, 4, 4);
+            for (; t < n_tok; t++) tile_q8(o + (size_t)t * m->rows, m->rows, wq, ws, x, t, n, gs, 4, 1);
+        }
+        return;
+    }
+#endif
     for (int r = r0; r < r1; r++) {
         const int8_t *wq = m->q + (size_t)r * n;
         const float *ws = m->s + (size_t)r * groups;
@@ -782,6 +844,10 @@ static int runstate_alloc(Engine *e) {
     if (c->version == 2) {
         s->xq.q = zalloc(MAX_BATCH * width, 1, &failed);
         s->xq.s = zalloc(MAX_BATCH * width, 4, &failed);
+#ifdef HAVE_AVX512_VNNI
+        s->xq.biased = zalloc(MAX_BATCH * width, 1, &failed);
+        s->xq.lane_scale = zalloc(MAX_BATCH * ((width + 63) / 64 * 16), 4, &failed);
+#endif
     }
     if (failed) return -1;
     /* Same angles as model.py: float32 frequency times float32 position. */
@@ -797,7 +863,11 @@ static int runstate_alloc(Engine *e) {
 
 static void runstate_free(RunState *s) {
     void *all[] = {s->x, s->xb, s->xb2, s->q, s->hb, s->hb2, s->att, s->key_cache, s->value_cache, s->logits,
-                   s->probs, s->prob_index, s->rope_cos, s->rope_sin, s->xq.q, s->xq.s};
+                   s->probs, s->prob_index, s->rope_cos, s->rope_sin, s->xq.q, s->xq.s,
+#ifdef HAVE_AVX512_VNNI
+                   s->xq.biased, s->xq.lane_scale,
+#endif
+    };
     for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++) free(all[i]);
     memset(s, 0, sizeof(*s));
 }
@@ -849,8 +919,14 @@ static void matmul_jobs(Engine *e, const float *x, int n_tok, const MatmulJob *j
     const int cols = jobs[0].w->cols, quantized = jobs[0].w->q != NULL, gs = e->w.cfg.group_size;
     QuantizedRows *xq = &e->s.xq;
     if (quantized)
-        for (int t = 0; t < n_tok; t++)
+        for (int t = 0; t < n_tok; t++) {
             quantize_row(xq->q + (size_t)t * cols, xq->s + (size_t)t * (cols / gs), x + (size_t)t * cols, cols, gs);
+#ifdef HAVE_AVX512_VNNI
+            if (vnni_group_ok(gs))
+                prepare_vnni_row(xq->biased + (size_t)t * cols, xq->lane_scale + (size_t)t * ((cols + 63) / 64 * 16),
+                                 xq->q + (size_t)t * cols, xq->s + (size_t)t * (cols / gs), cols, gs);
+#endif
+        }
     enum { BLOCK = 16 }; /* rows per work item: a multiple of the tile height */
     int starts[4] = {0}, total = 0;
     for (int j = 0; j < n_jobs; j++) starts[j] = total, total += (jobs[j].w->rows + BLOCK - 1) / BLOCK;

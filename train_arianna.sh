@@ -84,8 +84,13 @@ run_step() {
     printf '%s' "$command_line" > "$record"
 }
 
-# Flags passed only when their variable is set, so the scripts' own defaults apply otherwise.
-optional_flag() { [[ -n "${2:-}" ]] && printf -- '--%s=%s\n' "$1" "$2" || true; }
+# Device, dtype and batch size for both trainings, passed only when set so the scripts' defaults apply otherwise.
+# (Arrays are built by appending and expanded with ${a[@]+...}: macOS ships bash 3.2, where an empty
+# "${a[@]}" under set -u is an error.)
+RUNTIME_FLAGS=()
+if [[ -n "${ARIANNA_DEVICE:-}" ]]; then RUNTIME_FLAGS+=(--device="$ARIANNA_DEVICE"); fi
+if [[ -n "${ARIANNA_DTYPE:-}" ]]; then RUNTIME_FLAGS+=(--dtype="$ARIANNA_DTYPE"); fi
+if [[ -n "${ARIANNA_BATCH_SIZE:-}" ]]; then RUNTIME_FLAGS+=(--batch_size="$ARIANNA_BATCH_SIZE"); fi
 
 # ---------------------------------------------------------------------------------------- python
 
@@ -129,12 +134,13 @@ fi
 run_step pretokenize "$SHARDS/meta.json" data/arianna_corpus.txt "$TOKENIZER_MODEL" arianna_data.py -- \
     "$PYTHON" arianna_data.py pretokenize --vocab_size="$VOCAB"
 
-mapfile -t TRAIN_FLAGS < <(optional_flag batch_size "${ARIANNA_BATCH_SIZE:-}"; optional_flag max_iters "${ARIANNA_MAX_ITERS:-}"
-                           optional_flag device "${ARIANNA_DEVICE:-}"; optional_flag dtype "${ARIANNA_DTYPE:-}")
-read -r -a EXTRA_TRAIN_ARGS <<< "${ARIANNA_EXTRA_TRAIN_ARGS:-}"
+TRAIN_COMMAND=("$PYTHON" train_arianna.py --vocab_source="$VOCAB_SOURCE" --vocab_size="$VOCAB_SIZE" --out_dir="$OUT_DIR"
+               ${RUNTIME_FLAGS[@]+"${RUNTIME_FLAGS[@]}"})
+if [[ -n "${ARIANNA_MAX_ITERS:-}" ]]; then TRAIN_COMMAND+=(--max_iters="$ARIANNA_MAX_ITERS"); fi
+read -r -a EXTRA_ARGS <<< "${ARIANNA_EXTRA_TRAIN_ARGS:-}"
+TRAIN_COMMAND+=(${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"})
 run_step train "$OUT_DIR/model.bin" "$SHARDS/meta.json" train_arianna.py model.py training.py schedules.py export.py -- \
-    "$PYTHON" train_arianna.py --vocab_source="$VOCAB_SOURCE" --vocab_size="$VOCAB_SIZE" --out_dir="$OUT_DIR" \
-    "${TRAIN_FLAGS[@]}" "${EXTRA_TRAIN_ARGS[@]}"
+    "${TRAIN_COMMAND[@]}"
 
 # Fine-tune from the weights with the best validation loss (the ones train_arianna.py exported).
 PRETRAINED="$OUT_DIR/best.pt"
@@ -159,13 +165,14 @@ run_step dialogs "$DIALOGS" "$DOC_DIR" "$TOKENIZER_MODEL" markdown_to_conversati
     "$PYTHON" markdown_to_conversations.py --doc_dir="$DOC_DIR" --out="$DIALOGS" --seed=1337 \
     --max_answer_tokens="$MAX_ANSWER_TOKENS" --tokenizer_model="$TOKENIZER_MODEL"
 
-mapfile -t SFT_FLAGS < <(optional_flag batch_size "${ARIANNA_BATCH_SIZE:-}"; optional_flag max_iters "${ARIANNA_SFT_ITERS:-}"
-                         optional_flag device "${ARIANNA_DEVICE:-}"; optional_flag dtype "${ARIANNA_DTYPE:-}")
-read -r -a EXTRA_SFT_ARGS <<< "${ARIANNA_EXTRA_SFT_ARGS:-}"
+SFT_COMMAND=("$PYTHON" finetune.py --method=sft --init_from="$PRETRAINED" --data="$DIALOGS" --out_dir="$CHAT_DIR"
+             --lora_r=0 --pretrain_mix="${ARIANNA_PRETRAIN_MIX:-0.2}" --pretrain_data="$SHARDS"
+             --export_version="$EXPORT_VERSION" ${RUNTIME_FLAGS[@]+"${RUNTIME_FLAGS[@]}"})
+if [[ -n "${ARIANNA_SFT_ITERS:-}" ]]; then SFT_COMMAND+=(--max_iters="$ARIANNA_SFT_ITERS"); fi
+read -r -a EXTRA_ARGS <<< "${ARIANNA_EXTRA_SFT_ARGS:-}"
+SFT_COMMAND+=(${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"})
 run_step chat_finetune "$CHAT_DIR/ckpt.pt" "$DIALOGS" "$PRETRAINED" "$SHARDS/meta.json" finetune.py lora.py training.py model.py -- \
-    "$PYTHON" finetune.py --method=sft --init_from="$PRETRAINED" --data="$DIALOGS" --out_dir="$CHAT_DIR" \
-    --lora_r=0 --pretrain_mix="${ARIANNA_PRETRAIN_MIX:-0.2}" --pretrain_data="$SHARDS" --export_version="$EXPORT_VERSION" \
-    "${SFT_FLAGS[@]}" "${EXTRA_SFT_ARGS[@]}"
+    "${SFT_COMMAND[@]}"
 
 run_step export "$CHAT_DIR/model.bin" "$CHAT_DIR/ckpt.pt" export.py -- \
     "$PYTHON" export.py "$CHAT_DIR/model.bin" --version="$EXPORT_VERSION" --checkpoint="$CHAT_DIR/ckpt.pt"

@@ -1085,7 +1085,7 @@ int arianna_sample(Engine *e, float temperature, float topp, unsigned long long 
     int best = 0;
     for (int i = 1; i < n; i++)
         if (logits[i] > logits[best]) best = i;
-    if (!(temperature > 0.0f)) return best;
+    if (!(temperature > 0.0f) || n == 1) return best;
     float *probs = e->s.probs, sum = 0.0f;
     for (int i = 0; i < n; i++) sum += (probs[i] = expf((logits[i] - logits[best]) / temperature));
     for (int i = 0; i < n; i++) probs[i] /= sum;
@@ -1101,6 +1101,7 @@ int arianna_sample(Engine *e, float temperature, float topp, unsigned long long 
     int *idx = e->s.prob_index, m = 0;
     for (int i = 0; i < n; i++)
         if (probs[i] >= cutoff) idx[m++] = i;
+    if (m == 0) return best; /* only when the logits hold NaN: a corrupt model */
     sort_indices_by_prob(idx, m, probs);
     float mass = 0.0f;
     int keep = m;

@@ -68,8 +68,8 @@ class TrainConfig:
     beta2: float = _option(0.95, "AdamW beta2")
     grad_clip: float = _option(1.0, "clip the gradient norm to this (0: off)")
     # evaluation and stopping
-    eval_interval: int = _option(100, "steps between evaluations (and checkpoints)")
-    eval_iters: int = _option(20, "batches per loss estimate")
+    eval_interval: Optional[int] = _option(None, "steps between evaluations and checkpoints; default max_iters / 20")
+    eval_iters: int = _option(8, "batches per loss estimate")
     early_stop_patience: int = _option(5, "stop after this many evaluations without a better val loss (0: never)")
     # system
     device: str = _option("auto", "auto (cuda, mps, cpu), cuda, cuda:N, mps or cpu")
@@ -218,7 +218,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             sys.exit(f"error: {out_dir / 'ckpt.pt'} was trained with a {model_args.vocab_size}-token vocab, "
                      f"the data has {cfg.vocab_size}; pass the matching --vocab_size/--vocab_source")
         # The schedule and sizes decided at the start stay fixed, whatever this command line says.
-        for name in ("max_iters", "warmup_iters", "min_lr", "dropout"):
+        for name in ("max_iters", "warmup_iters", "min_lr", "dropout", "eval_interval"):
             setattr(cfg, name, checkpoint["config"][name])
     else:
         sizes = auto_model_size(len(train))
@@ -230,6 +230,8 @@ def main(argv: Optional[list[str]] = None) -> None:
                                dropout=cfg.dropout)
     if cfg.max_iters is None:
         cfg.max_iters = auto_max_iters(len(train), tokens_per_step)
+    if cfg.eval_interval is None:
+        cfg.eval_interval = max(10, min(250, cfg.max_iters // 20))
     if cfg.warmup_iters is None:
         cfg.warmup_iters = min(100, cfg.max_iters // 20)
     if cfg.min_lr is None:

@@ -1,17 +1,27 @@
 """Preference training (preference.py): DPO, the reward model and PPO, on tiny models trained here on CPU."""
 from __future__ import annotations
 
+import json
 import math
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import sentencepiece as spm
 import torch
 
+import finetune
+import lora
 import preference
 from model import ModelArgs, Transformer
 from tokenizer import Tokenizer, encode_dialog
+from training import setup_runtime
+
+REPO = Path(__file__).resolve().parent.parent
 
 THINGS = ["sky", "grass", "sun", "sea", "tree", "fire", "snow", "rock", "bird", "fish", "road", "door"]
 FILLER = ["red", "blue", "green", "small", "big", "old", "new", "warm", "cold", "soft"]
@@ -170,3 +180,239 @@ def test_preference_formats_render_through_the_chat_template(tokenizer):
 def test_malformed_preference_records_say_what_is_wrong(record, message):
     with pytest.raises(ValueError, match=message.replace("{", r"\{").replace("(", r"\(")):
         preference.preference_messages(record)
+
+
+# ----------------------------------------------------------------------------- training runs
+
+def user(text: str) -> dict:
+    return {"role": "user", "content": text}
+
+
+def assistant(text: str) -> dict:
+    return {"role": "assistant", "content": text}
+
+
+def write_jsonl(path, records) -> str:
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    return str(path)
+
+
+def supervised_base(tokenizer: Tokenizer, conversations: list[list[dict]], steps: int, path) -> str:
+    """A tiny model taught the conversations by plain next-token training, saved as train_arianna.py would."""
+    model = tiny_model(tokenizer.n_words)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    rows = [encode_dialog(encoder(tokenizer), c, tokenizer.bos_id, tokenizer.eos_id) for c in conversations]
+    for step in range(steps):
+        inputs, targets = finetune.collate(random.Random(step).sample(rows, 16))
+        _, loss = model(inputs, targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    torch.save({"model": model.state_dict(), "model_args": model.args.to_dict(),
+                "tokenizer_model": str(tokenizer.model_path)}, path)
+    return str(path)
+
+
+def greedy_answers(model: Transformer, tokenizer: Tokenizer, questions: list[str]) -> list[str]:
+    model.eval()
+    answers = []
+    for question in questions:
+        prompt, _ = encode_dialog(encoder(tokenizer), [user(question)], tokenizer.bos_id, tokenizer.eos_id)
+        out = model.generate(torch.tensor([prompt]), 8, temperature=0.0, eos_id=tokenizer.eos_id)[0, len(prompt):]
+        answers.append(tokenizer.decode([t for t in out.tolist() if t != tokenizer.eos_id]))
+    return answers
+
+
+def log_records(out_dir) -> list[dict]:
+    return [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
+
+
+def run_flags(**flags) -> list[str]:
+    defaults = dict(device="cpu", dtype="float32", warmup_iters=0, val_fraction=0, log_interval=1)
+    return [f"--{key}={value}" for key, value in {**defaults, **flags}.items()]
+
+
+DPO_QUESTIONS = [f"tell me about the {thing}" for thing in THINGS]
+
+
+@pytest.fixture(scope="module")
+def dpo_setup(tokenizer, tmp_path_factory):
+    """A model that mostly answers "the X is bad" (greedy: never good), and pairs preferring "the X is good"."""
+    folder = tmp_path_factory.mktemp("dpo")
+    conversations = [[user(f"tell me about the {thing}"), assistant(f"the {thing} is {answer}")]
+                     for thing in THINGS for answer in ("bad", "bad", "bad", "good")]
+    base = supervised_base(tokenizer, conversations, 150, folder / "base.pt")
+    prefs = write_jsonl(folder / "prefs.jsonl", [
+        {"prompt": f"tell me about the {thing}", "chosen": f"the {thing} is good", "rejected": f"the {thing} is bad"}
+        for thing in THINGS])
+    return base, prefs
+
+
+def test_dpo_through_the_cli_prefers_the_chosen_answers(dpo_setup, tokenizer, tmp_path):
+    base, prefs = dpo_setup
+    before, _ = finetune.load_base_model(base)
+    assert not any("good" in answer for answer in greedy_answers(before, tokenizer, DPO_QUESTIONS))
+    out_dir = tmp_path / "dpo"
+    flags = run_flags(method="dpo", init_from=base, data=prefs, out_dir=out_dir, lora_r=0, max_iters=40,
+                      batch_size=12, learning_rate=3e-4, eval_interval=20, beta=0.1)
+    result = subprocess.run([sys.executable, "finetune.py", *flags], cwd=REPO, capture_output=True, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    evaluations = [r for r in log_records(out_dir) if "val_loss" in r]
+    assert [r["step"] for r in evaluations] == [20, 40]
+    assert evaluations[-1]["rewards/accuracies"] > 0.9
+    assert evaluations[-1]["rewards/margins"] > evaluations[0]["rewards/margins"] > 0
+    after, _ = finetune.load_base_model(out_dir / "ckpt.pt")
+    answers = greedy_answers(after, tokenizer, DPO_QUESTIONS)
+    assert sum(answer.endswith("is good") for answer in answers) >= 0.75 * len(answers), answers
+    assert (out_dir / "model.bin").stat().st_size > 0
+
+
+class StopAfterChecks:
+    """Stands in for training.StopFlag: reports a Ctrl-C at its n-th check (one check per training step)."""
+    stop_at = 8
+
+    def __init__(self) -> None:
+        self.checks = 0
+
+    @property
+    def requested(self) -> bool:
+        self.checks += 1
+        return self.checks >= self.stop_at
+
+    def restore(self) -> None:
+        pass
+
+
+def test_dpo_with_lora_uses_the_base_as_reference_and_resumes_at_the_same_step(dpo_setup, tmp_path, monkeypatch, capsys):
+    base, prefs = dpo_setup
+    common = dict(method="dpo", init_from=base, data=prefs, lora_r=4, max_iters=16, batch_size=12,
+                  learning_rate=2e-3, beta=0.5, eval_interval=100)
+    preference.run_dpo(finetune.parse_finetune_config(run_flags(out_dir=tmp_path / "straight", **common)))
+    evaluation = log_records(tmp_path / "straight")[-1]
+    assert evaluation["rewards/accuracies"] > 0.9 and evaluation["rewards/margins"] > 0.5
+
+    # The reference is the base: with the adapters off the trained policy computes exactly the starting model.
+    policy, saved = finetune.load_policy(finetune.parse_finetune_config(run_flags(**common)), setup_runtime("cpu", "float32"))
+    lora.load_lora_state_dict(policy, torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=True)["lora"])
+    reference = preference.Reference(policy)
+    assert reference.frozen is None  # no second copy of the model
+    start, _ = finetune.load_base_model(base)
+    tokens = torch.tensor([[1, 5, 9, 14, 20, 3]])
+    with reference.model() as ref:
+        torch.testing.assert_close(ref(tokens)[0], start(tokens)[0])
+    assert not torch.allclose(policy(tokens)[0], start(tokens)[0])
+
+    # Interrupted after step 8, then resumed: same steps, same adapters as the uninterrupted run.
+    monkeypatch.setattr(finetune, "StopFlag", StopAfterChecks)
+    preference.run_dpo(finetune.parse_finetune_config(run_flags(out_dir=tmp_path / "resumed", **common)))
+    assert torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=True)["iter_num"] == 8
+    assert not (tmp_path / "resumed" / "model.bin").exists()
+    monkeypatch.undo()
+    capsys.readouterr()
+    preference.run_dpo(finetune.parse_finetune_config(run_flags(out_dir=tmp_path / "resumed", init="resume", **common)))
+    assert "resuming from" in capsys.readouterr().out
+    steps = [r["step"] for r in log_records(tmp_path / "resumed") if "loss" in r]
+    assert steps == list(range(1, 17))
+    straight = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=True)["lora"]
+    resumed = torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=True)["lora"]
+    for name, tensor in straight.items():
+        torch.testing.assert_close(resumed[name], tensor, rtol=1e-5, atol=1e-6)
+    assert (tmp_path / "resumed" / "model.bin").exists()
+
+
+def reward_pairs(seed: int, count: int) -> list[dict]:
+    """Pairs whose chosen answer says "good" and rejected says "bad", amid random other words."""
+    rng = random.Random(seed)
+    pairs = []
+    for _ in range(count):
+        thing = rng.choice(THINGS)
+        a, b = rng.sample(FILLER, 2)
+        chosen, rejected = (f"the {a} {thing} is good", f"the {b} {thing} is bad") if rng.random() < 0.5 else \
+            (f"good {a} {thing}", f"bad {b} {thing}")
+        pairs.append({"prompt": f"tell me about the {thing}", "chosen": chosen, "rejected": rejected})
+    return pairs
+
+
+@pytest.fixture(scope="module")
+def reward_run(dpo_setup, tmp_path_factory):
+    base, _ = dpo_setup
+    folder = tmp_path_factory.mktemp("reward")
+    train = write_jsonl(folder / "train.jsonl", reward_pairs(0, 48))
+    held_out = write_jsonl(folder / "held_out.jsonl", reward_pairs(1, 32))
+    flags = run_flags(method="reward", init_from=base, data=train, val_data=held_out, out_dir=folder / "out",
+                      lora_r=0, max_iters=40, batch_size=16, learning_rate=1e-3, eval_interval=40)
+    preference.run_reward(finetune.parse_finetune_config(flags))
+    return folder
+
+
+def test_reward_model_separates_held_out_pairs(reward_run, tokenizer):
+    evaluation = log_records(reward_run / "out")[-1]
+    assert evaluation["eval/accuracy"] >= 0.85 and evaluation["val_loss"] < 0.3
+    held_out = preference.load_pairs(reward_run / "held_out.jsonl", tokenizer, 48)
+    scores = []
+    for path in ("reward_model.pt", "ckpt.pt"):  # the exported model and the resumable checkpoint load alike
+        reward_model = preference.load_reward_model(reward_run / "out" / path)
+        tokens, _, lengths = preference.pair_batch(held_out, tokenizer.eos_id)
+        with torch.no_grad():
+            scores.append(reward_model(tokens, lengths))
+    torch.testing.assert_close(scores[0], scores[1])
+    chosen, rejected = scores[0][:len(held_out)], scores[0][len(held_out):]
+    assert (chosen > rejected).float().mean().item() >= 0.85
+
+
+@pytest.fixture(scope="module")
+def ppo_setup(tokenizer, tmp_path_factory):
+    """A model answering "say a word about the X" with yes, no, maybe or later alike, and a reward for "yes"."""
+    folder = tmp_path_factory.mktemp("ppo")
+    conversations = [[user(f"say a word about the {thing}"), assistant(answer)] for thing in THINGS for answer in ANSWERS]
+    base = supervised_base(tokenizer, conversations, 120, folder / "base.pt")
+    prompts = write_jsonl(folder / "prompts.jsonl", [{"prompt": f"say a word about the {thing}"} for thing in THINGS])
+    (folder / "rewards.py").write_text("def says_yes(prompt, answer):\n    return 1.0 if 'yes' in answer.split() else 0.0\n")
+    return base, prompts, f"{folder / 'rewards.py'}:says_yes"
+
+
+def test_ppo_with_a_reward_function_raises_the_mean_reward_with_bounded_kl(ppo_setup, tmp_path):
+    base, prompts, reward_fn = ppo_setup
+    flags = run_flags(method="ppo", init_from=base, prompts=prompts, reward_fn=reward_fn, out_dir=tmp_path, lora_r=0,
+                      max_iters=15, batch_size=16, learning_rate=3e-4, max_new_tokens=6, eval_interval=100)
+    preference.run_ppo(finetune.parse_finetune_config(flags))
+    records = log_records(tmp_path)
+    assert [r["step"] for r in records] == list(range(1, 16))
+    assert {"env/reward_mean", "objective/kl", "objective/entropy", "policy/clipfrac", "loss/value"} <= set(records[0])
+    rewards = [r["env/reward_mean"] for r in records]
+    assert np.mean(rewards[-5:]) > np.mean(rewards[:3]) + 0.25, rewards
+    assert max(r["objective/kl"] for r in records) < 5.0
+    assert (tmp_path / "model.bin").exists()
+
+
+def test_ppo_with_lora_and_a_reward_model(ppo_setup, reward_run, tmp_path):
+    base, prompts, _ = ppo_setup
+    flags = run_flags(method="ppo", init_from=base, prompts=prompts, reward_model=reward_run / "out" / "reward_model.pt",
+                      out_dir=tmp_path, lora_r=4, max_iters=2, batch_size=8, learning_rate=1e-3, max_new_tokens=4)
+    preference.run_ppo(finetune.parse_finetune_config(flags))
+    records = log_records(tmp_path)
+    assert [r["step"] for r in records] == [1, 2] and all(math.isfinite(r["env/reward_mean"]) for r in records)
+    assert records[0]["objective/kl"] == pytest.approx(0.0, abs=1e-5)  # first batch: adapters still zero, policy = base
+    checkpoint = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert "lora" in checkpoint and "model" not in checkpoint and preference.VALUE_HEAD in checkpoint["extra"]
+    assert (tmp_path / "model.bin").exists()
+
+
+def test_malformed_preference_lines_are_reported_by_line_number(tokenizer, tmp_path, capsys):
+    path = tmp_path / "prefs.jsonl"
+    path.write_text("\n".join([
+        json.dumps({"prompt": "tell me about the sky", "chosen": "the sky is good", "rejected": "the sky is bad"}),
+        "{not json",
+        json.dumps({"prompt": "tell me about the sea", "chosen": "the sea is good"}),
+        "",
+        json.dumps({"chosen": [assistant("good")], "rejected": [assistant("bad")]}),
+        json.dumps({"prompt": "tell me about the sun", "chosen": "the sun is good", "rejected": "the sun is bad"}),
+    ]) + "\n")
+    pairs = preference.load_pairs(path, tokenizer, 48)
+    assert len(pairs) == 2
+    err = capsys.readouterr().err
+    assert f"{path}:2: not valid JSON" in err
+    assert f"{path}:3: missing 'rejected'" in err
+    assert f"{path}:5: " in err and "share no opening messages" in err
+    assert f"{path}:1:" not in err and f"{path}:6:" not in err

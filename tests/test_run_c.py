@@ -72,7 +72,7 @@ def tokenizer_files(workdir) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="session")
 def tiny_model(tokenizer_files) -> Transformer:
-    """A 2-layer model with grouped-query attention, trained ~150 steps on the corpus so its argmax is clear."""
+    """A 2-layer model with grouped-query attention, trained 100 steps on the corpus so its argmax is clear."""
     torch.manual_seed(0)
     tokenizer = Tokenizer(tokenizer_files[0])
     args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tokenizer.n_words, max_seq_len=96)
@@ -82,7 +82,7 @@ def tiny_model(tokenizer_files) -> Transformer:
         data += tokenizer.encode(line, bos=True, eos=True)
     data = torch.tensor(data)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(150):
+    for _ in range(100):
         starts = torch.randint(0, len(data) - 65, (16,))
         batch = torch.stack([data[s:s + 65] for s in starts])
         _, loss = model(batch[:, :-1], batch[:, 1:])

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import dataclasses
 import hashlib
 import io
 import json
@@ -43,6 +42,7 @@ from typing import Iterator, Optional
 import numpy as np
 import sentencepiece as spm
 
+from config import add_config_arguments
 from tokenizer import llama2_tokenizer_path
 
 CORPUS_NAME = "arianna_corpus.txt"
@@ -476,18 +476,6 @@ def pretokenize(config: PretokenizeConfig) -> Path:
 
 
 # ----------------------------------------------------------------------------- command line
-
-def add_config_arguments(parser: argparse.ArgumentParser, config_class: type) -> None:
-    """One --name option per dataclass field (required when the field has no default); help from field metadata."""
-    hints = typing.get_type_hints(config_class)
-    for config_field in dataclasses.fields(config_class):
-        kind = hints[config_field.name]
-        kind = next((arg for arg in typing.get_args(kind) if arg is not type(None)), kind)  # Optional[str] -> str
-        required = config_field.default is dataclasses.MISSING
-        parser.add_argument(f"--{config_field.name}", type=kind, required=required,
-                            default=argparse.SUPPRESS if required else config_field.default,
-                            help=config_field.metadata.get("help", ""))
-
 
 COMMANDS = {
     "prepare": (PrepareConfig, prepare, "gather doc/**/*.md into data/arianna_corpus.txt"),

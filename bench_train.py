@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 import torch
 
 from model import ModelArgs, Transformer
-from training import cpu_has_fast_bf16, parse_config
+from config import parse_config
+from training import cpu_has_fast_bf16
 
 
 @dataclass

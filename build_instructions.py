@@ -20,7 +20,7 @@ from typing import Optional
 
 import yaml
 
-from training import parse_config
+from config import parse_config
 
 DEFAULT_TEMPLATE = "Сгенерируй {language} код из спецификации:\n{spec}"
 LANGUAGES = {

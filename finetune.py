@@ -44,12 +44,13 @@ import torch
 from torch import nn
 
 import lora
+from config import parse_config
 from export import export_model
 from model import Transformer
 from schedules import BATCH_SCHEDULES, LR_SCHEDULES, accumulation_steps, learning_rate, parse_boundaries
 from tokenizer import Tokenizer, encode_dialog, llama2_tokenizer_path
 from training import (ProgressLog, Runtime, StopFlag, clean_state_dict, load_checkpoint, make_optimizer,
-                      model_from_checkpoint, parse_config, save_checkpoint, setup_runtime)
+                      model_from_checkpoint, save_checkpoint, setup_runtime)
 
 METHODS = ("sft", "dpo", "reward", "ppo")
 ROLES = ("system", "user", "assistant")

@@ -15,15 +15,16 @@ only on the files and the flags: the same --seed gives a byte-identical file.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
 import re
 import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
+
+from config import parse_config
 
 MARKDOWN_SUFFIXES = (".md", ".markdown")
 
@@ -93,13 +94,15 @@ INLINE_CODE = re.compile(r"`+([^`]*)`+")
 @dataclass
 class ConversationConfig:
     """Flags of this script (each one is --name=value)."""
-    doc_dir: str = "doc"
-    out: str = "data/dialogs.jsonl"
-    seed: int = 1337
-    max_answer_tokens: int = 192
-    tokenizer_model: str = ""
-    questions_per_section: int = 2
-    system: str = ""
+    doc_dir: str = field(default="doc", metadata={"help": "folder of .md/.markdown files, searched recursively"})
+    out: str = field(default="data/dialogs.jsonl", metadata={"help": "output JSON lines file"})
+    seed: int = field(default=1337, metadata={"help": "seed for the choice of question templates (same seed, same file)"})
+    max_answer_tokens: int = field(default=192, metadata={
+        "help": "cap on answer length: tokens with --tokenizer_model, else whitespace words"})
+    tokenizer_model: str = field(default="", metadata={"help": "SentencePiece .model used to count answer tokens"})
+    questions_per_section: int = field(default=2, metadata={
+        "help": "how many differently worded questions each section gets"})
+    system: str = field(default="", metadata={"help": "optional system prompt put first in every dialog"})
 
     def __post_init__(self) -> None:
         if self.max_answer_tokens < 1:
@@ -394,25 +397,8 @@ def write_jsonl_atomically(path: Path, records: list[dict]) -> None:
     os.replace(tmp_path, path)
 
 
-def parse_args(argv: Optional[list[str]] = None) -> ConversationConfig:
-    parser = argparse.ArgumentParser(description="Turn markdown sections into chat dialogs (JSON lines, messages format)")
-    helps = dict(
-        doc_dir="folder of .md/.markdown files, searched recursively",
-        out="output JSON lines file",
-        seed="seed for the choice of question templates (same seed, same file)",
-        max_answer_tokens="cap on answer length: tokens with --tokenizer_model, else whitespace words",
-        tokenizer_model="SentencePiece .model used to count answer tokens",
-        questions_per_section="how many differently worded questions each section gets",
-        system="optional system prompt put first in every dialog",
-    )
-    for f in fields(ConversationConfig):
-        parser.add_argument(f"--{f.name}", type=type(f.default),
-                            default=f.default, help=helps[f.name])
-    return ConversationConfig(**vars(parser.parse_args(argv)))
-
-
 def main(argv: Optional[list[str]] = None) -> None:
-    config = parse_args(argv)
+    config = parse_config(ConversationConfig, argv, description="Turn markdown sections into chat dialogs (JSON lines, messages format)")
     dialogs, sections_used, files_read = build_dialogs(config)
     write_jsonl_atomically(Path(config.out), dialogs)
     print(f"wrote {len(dialogs)} dialogs from {sections_used} sections ({files_read} files) to {config.out}")

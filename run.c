@@ -28,8 +28,10 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#if defined(__AVX512F__)
 #include <immintrin.h>
+#endif
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define HAVE_AVX512_VNNI 1
 #endif
 
@@ -588,6 +590,26 @@ static inline float hsum(vfloat v) {
 
 /* out[c*ostride + r] = dot(w row r, x row c) for R rows of w and C rows of x: R*C accumulators in registers,
    so each loaded weight vector is used C times. R and C are constants once inlined. */
+#if defined(__AVX512F__)
+/* AVX-512 spelled out: GCC reloads vector-extension operands from memory instead of keeping them in registers. */
+static inline __attribute__((always_inline)) void tile_f32(float *out, int ostride, const float *w, const float *x,
+                                                           int xstride, int n, int R, int C) {
+    __m512 acc[8][4];
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++) acc[r][c] = _mm512_setzero_ps();
+    for (int k = 0; k < n; k += 16) {
+        const __mmask16 mask = n - k >= 16 ? 0xFFFF : (__mmask16)((1u << (n - k)) - 1);
+        __m512 xv[4];
+        for (int c = 0; c < C; c++) xv[c] = _mm512_maskz_loadu_ps(mask, x + (size_t)c * xstride + k);
+        for (int r = 0; r < R; r++) {
+            const __m512 wv = _mm512_maskz_loadu_ps(mask, w + (size_t)r * n + k);
+            for (int c = 0; c < C; c++) acc[r][c] = _mm512_fmadd_ps(wv, xv[c], acc[r][c]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++) out[(size_t)c * ostride + r] = _mm512_reduce_add_ps(acc[r][c]);
+}
+#else
 static inline __attribute__((always_inline)) void tile_f32(float *out, int ostride, const float *w, const float *x,
                                                            int xstride, int n, int R, int C) {
     vfloat acc[8][4];
@@ -609,6 +631,7 @@ static inline __attribute__((always_inline)) void tile_f32(float *out, int ostri
             out[(size_t)c * ostride + r] = s;
         }
 }
+#endif
 
 /* Rows [r0, r1) of out[t][r] = W[r] . x[t] for t < n_tok, fp32 weights. */
 static void matmul_rows_f32(float *out, const Matrix *m, const float *x, int n_tok, int r0, int r1) {
@@ -973,8 +996,8 @@ static void attention(Engine *e, int l, int n_tok, int pos) {
         float maxv = -INFINITY;
         for (int p = 0; p < end; p++) {
             const float *k = kc + (size_t)p * kv_dim + kvh * head;
-            float dot = 0.0f;
-            for (int i = 0; i < head; i++) dot += q[i] * k[i];
+            float dot;
+            tile_f32(&dot, 1, k, q, 0, head, 1, 1);
             att[p] = dot * inv_sqrt;
             maxv = fmaxf(maxv, att[p]);
         }

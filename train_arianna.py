@@ -22,11 +22,12 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from config import parse_config
 from export import export_model
 from model import ModelArgs, Transformer
 from schedules import BATCH_SCHEDULES, LR_SCHEDULES, accumulation_steps, learning_rate, parse_boundaries
 from training import (Runtime, StopFlag, ProgressLog, bits_per_byte, clean_state_dict, load_checkpoint,
-                      make_optimizer, model_from_checkpoint, oom_guard, parse_config, save_checkpoint, setup_runtime)
+                      make_optimizer, model_from_checkpoint, oom_guard, save_checkpoint, setup_runtime)
 
 
 def _option(default, help: str, **extra):
@@ -68,8 +69,9 @@ class TrainConfig:
     beta2: float = _option(0.95, "AdamW beta2")
     grad_clip: float = _option(1.0, "clip the gradient norm to this (0: off)")
     # evaluation and stopping
-    eval_interval: Optional[int] = _option(None, "steps between evaluations and checkpoints; default max_iters / 20")
-    eval_iters: int = _option(8, "batches per loss estimate")
+    eval_interval: Optional[int] = _option(None, "steps between evaluations and checkpoints; default max_iters / 20, "
+                                                 "at least 25")
+    eval_iters: int = _option(4, "batches per loss estimate")
     early_stop_patience: int = _option(5, "stop after this many evaluations without a better val loss (0: never)")
     # system
     device: str = _option("auto", "auto (cuda, mps, cpu), cuda, cuda:N, mps or cpu")
@@ -231,7 +233,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     if cfg.max_iters is None:
         cfg.max_iters = auto_max_iters(len(train), tokens_per_step)
     if cfg.eval_interval is None:
-        cfg.eval_interval = max(10, min(250, cfg.max_iters // 20))
+        cfg.eval_interval = max(25, min(250, cfg.max_iters // 20))
     if cfg.warmup_iters is None:
         cfg.warmup_iters = min(100, cfg.max_iters // 20)
     if cfg.min_lr is None:

@@ -6,7 +6,6 @@ loops themselves stay in their scripts, where they can be read top to bottom.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import json
@@ -15,51 +14,14 @@ import os
 import signal
 import sys
 import time
-import types
-import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional, TypeVar
+from typing import Any, Iterator
 
 import torch
 from tqdm import tqdm
 
 from model import ModelArgs, Transformer
-
-ConfigT = TypeVar("ConfigT")
-
-
-# ----------------------------------------------------------------------------- configuration
-
-def _parse_bool(text: str) -> bool:
-    lowered = text.lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-def parse_config(cls: type[ConfigT], argv: Optional[list[str]] = None, description: str = "") -> ConfigT:
-    """Build an argparse parser from a dataclass's fields (help and choices from field metadata) and parse argv.
-
-    Accepts --key=value and --key value; a bool takes true/false (a bare --flag means true); an
-    Optional field left at None means "choose for me".
-    """
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    hints = typing.get_type_hints(cls)
-    for field in dataclasses.fields(cls):
-        kind = hints[field.name]
-        if typing.get_origin(kind) in (typing.Union, types.UnionType):  # Optional[X] -> X
-            kind = next(arg for arg in typing.get_args(kind) if arg is not type(None))
-        options: dict[str, Any] = {"default": field.default, "help": field.metadata.get("help", " ")}
-        if kind is bool:
-            options.update(type=_parse_bool, nargs="?", const=True)
-        else:
-            options.update(type=kind, choices=field.metadata.get("choices"))
-        parser.add_argument(f"--{field.name}", **options)
-    return cls(**vars(parser.parse_args(argv)))
-
 
 # ----------------------------------------------------------------------------- device, dtype, DDP
 

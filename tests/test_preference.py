@@ -37,7 +37,7 @@ def tokenizer(tmp_path_factory) -> Tokenizer:
     path = tmp_path_factory.mktemp("tok") / "tok.model"
     with open(path, "wb") as model_file:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(lines), model_writer=model_file, vocab_size=96, model_type="bpe",
+            sentence_iterator=iter(lines), model_writer=model_file, vocab_size=128, model_type="bpe",
             character_coverage=1.0, hard_vocab_limit=False, minloglevel=2,
             user_defined_symbols=["<|system|>", "<|user|>", "<|assistant|>"],
             unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
@@ -237,24 +237,23 @@ DPO_QUESTIONS = [f"tell me about the {thing}" for thing in THINGS]
 
 @pytest.fixture(scope="module")
 def dpo_setup(tokenizer, tmp_path_factory):
-    """A model that mostly answers "the X is bad" (greedy: never good), and pairs preferring "the X is good"."""
+    """A model that mostly answers "it is bad" (greedy: always), and pairs preferring "it is good"."""
     folder = tmp_path_factory.mktemp("dpo")
-    conversations = [[user(f"tell me about the {thing}"), assistant(f"the {thing} is {answer}")]
+    conversations = [[user(f"tell me about the {thing}"), assistant(f"it is {answer}")]
                      for thing in THINGS for answer in ("bad", "bad", "bad", "good")]
     base = supervised_base(tokenizer, conversations, 150, folder / "base.pt")
     prefs = write_jsonl(folder / "prefs.jsonl", [
-        {"prompt": f"tell me about the {thing}", "chosen": f"the {thing} is good", "rejected": f"the {thing} is bad"}
-        for thing in THINGS])
+        {"prompt": f"tell me about the {thing}", "chosen": "it is good", "rejected": "it is bad"} for thing in THINGS])
     return base, prefs
 
 
 def test_dpo_through_the_cli_prefers_the_chosen_answers(dpo_setup, tokenizer, tmp_path):
     base, prefs = dpo_setup
     before, _ = finetune.load_base_model(base)
-    assert not any("good" in answer for answer in greedy_answers(before, tokenizer, DPO_QUESTIONS))
+    assert greedy_answers(before, tokenizer, DPO_QUESTIONS) == ["it is bad"] * len(DPO_QUESTIONS)
     out_dir = tmp_path / "dpo"
     flags = run_flags(method="dpo", init_from=base, data=prefs, out_dir=out_dir, lora_r=0, max_iters=40,
-                      batch_size=12, learning_rate=3e-4, eval_interval=20, beta=0.1)
+                      batch_size=12, learning_rate=5e-4, eval_interval=20, beta=0.1)
     result = subprocess.run([sys.executable, "finetune.py", *flags], cwd=REPO, capture_output=True, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -264,7 +263,7 @@ def test_dpo_through_the_cli_prefers_the_chosen_answers(dpo_setup, tokenizer, tm
     assert evaluations[-1]["rewards/margins"] > evaluations[0]["rewards/margins"] > 0
     after, _ = finetune.load_base_model(out_dir / "ckpt.pt")
     answers = greedy_answers(after, tokenizer, DPO_QUESTIONS)
-    assert sum(answer.endswith("is good") for answer in answers) >= 0.75 * len(answers), answers
+    assert sum(answer == "it is good" for answer in answers) >= 0.75 * len(answers), answers
     assert (out_dir / "model.bin").stat().st_size > 0
 
 
@@ -290,7 +289,7 @@ def test_dpo_with_lora_uses_the_base_as_reference_and_resumes_at_the_same_step(d
                   learning_rate=2e-3, beta=0.5, eval_interval=100)
     preference.run_dpo(finetune.parse_finetune_config(run_flags(out_dir=tmp_path / "straight", **common)))
     evaluation = log_records(tmp_path / "straight")[-1]
-    assert evaluation["rewards/accuracies"] > 0.9 and evaluation["rewards/margins"] > 0.5
+    assert evaluation["rewards/accuracies"] > 0.9 and evaluation["rewards/margins"] > 0
 
     # The reference is the base: with the adapters off the trained policy computes exactly the starting model.
     policy, saved = finetune.load_policy(finetune.parse_finetune_config(run_flags(**common)), setup_runtime("cpu", "float32"))

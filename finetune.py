@@ -113,14 +113,15 @@ class FinetuneConfig:
     reward_fn: str = field(default="", metadata={
         "help": "ppo: a Python reward function as module:function, instead of a reward model"})
     prompts: str = field(default="", metadata={"help": "ppo: JSONL of prompts"})
-    kl_coef: float = 0.05
-    cliprange: float = 0.2
-    vf_coef: float = 0.1
-    gamma: float = 1.0
-    lam: float = 0.95
-    ppo_epochs: int = 4
-    max_new_tokens: int = 64
-    temperature: float = 1.0
+    kl_coef: float = field(default=0.05, metadata={"help": "ppo: per-token penalty on log pi - log ref"})
+    cliprange: float = field(default=0.2, metadata={"help": "ppo: clip of the policy ratio and of the value change"})
+    vf_coef: float = field(default=0.1, metadata={"help": "ppo: weight of the value loss"})
+    gamma: float = field(default=1.0, metadata={"help": "ppo: discount of later rewards"})
+    lam: float = field(default=0.95, metadata={"help": "ppo: GAE lambda (bias against variance of advantages)"})
+    ppo_epochs: int = field(default=4, metadata={"help": "ppo: passes over each batch of sampled answers"})
+    ppo_minibatches: int = field(default=4, metadata={"help": "ppo: minibatches per PPO epoch"})
+    max_new_tokens: int = field(default=64, metadata={"help": "ppo: longest sampled answer"})
+    temperature: float = field(default=1.0, metadata={"help": "ppo: sampling temperature of the answers"})
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.pretrain_mix < 1.0:

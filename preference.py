@@ -49,7 +49,6 @@ ROLES = ("system", "user", "assistant")
 REWARD_MODEL_KIND = "reward_model"
 REWARD_HEAD = "reward_head"  # the head's name in a reward run's ckpt.pt ("extra")
 VALUE_HEAD = "value_head"    # the value head's name in a PPO run's ckpt.pt ("extra")
-PPO_MINIBATCHES = 4          # each PPO epoch walks a step's answers in this many shuffled minibatches
 
 
 # ----------------------------------------------------------------------------- data
@@ -792,7 +791,7 @@ def ppo_loop(cfg: FinetuneConfig, runtime: Runtime, trainer: Trainer, value_head
     Returns False if Ctrl-C stopped it (ckpt.pt saved)."""
     policy, out_dir = trainer.model, Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    minibatch = max(1, cfg.batch_size // PPO_MINIBATCHES)
+    minibatch = max(1, cfg.batch_size // cfg.ppo_minibatches)
     progress = ProgressLog(out_dir, trainer.total_steps, trainer.step, runtime.is_master)
     stop = StopFlag()
     try:

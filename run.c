@@ -578,12 +578,12 @@ static inline float hsum(vfloat v) {
 #elif VLEN == 8
     vfloat lo8 = v;
 #endif
-    vfloat4 lo, hi;
 #if VLEN >= 8
+    vfloat4 lo, hi;
     memcpy(&lo, &lo8, 16), memcpy(&hi, (char *)&lo8 + 16, 16);
     lo += hi;
 #else
-    lo = v;
+    vfloat4 lo = v;
 #endif
     return (lo[0] + lo[2]) + (lo[1] + lo[3]);
 }
@@ -1203,7 +1203,7 @@ const char *arianna_decode(Engine *e, int prev_token, int token) { return tokeni
 /* ------------------------------------------------------------------------------------------------ */
 /* Command line                                                                                    */
 
-static double now_seconds(void) {
+static inline double now_seconds(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;

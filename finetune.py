@@ -47,7 +47,7 @@ import lora
 from config import parse_config
 from export import export_model
 from model import Transformer
-from schedules import BATCH_SCHEDULES, LR_SCHEDULES, accumulation_steps, learning_rate, parse_boundaries
+from schedules import BATCH_SCHEDULES, LR_SCHEDULES, accumulation_steps, batch_boundaries, learning_rate, parse_boundaries
 from tokenizer import Tokenizer, encode_dialog, llama2_tokenizer_path
 from training import (ProgressLog, Runtime, StopFlag, clean_state_dict, load_checkpoint, make_optimizer,
                       model_from_checkpoint, save_checkpoint, setup_runtime)
@@ -133,11 +133,9 @@ class FinetuneConfig:
         if self.batch_size < 1 or self.gradient_accumulation_steps < 1:
             sys.exit("error: --batch_size and --gradient_accumulation_steps must be at least 1")
         try:
-            boundaries = parse_boundaries(self.trinity_steps)
+            batch_boundaries(self.batch_schedule, self.trinity_steps)
         except ValueError as exc:
             sys.exit(f"error: {exc}")
-        if self.batch_schedule == "trinity" and not boundaries:
-            sys.exit("error: --batch_schedule=trinity needs --trinity_steps=a,b,c (the steps where the batch triples)")
         unknown = set(self.targets) - set(lora.LORA_TARGETS)
         if self.lora_r > 0 and (unknown or not self.targets):
             sys.exit(f"error: --lora_targets={self.lora_targets}: pick from {','.join(lora.LORA_TARGETS)}")
@@ -672,13 +670,18 @@ def evaluate_sft(model: Transformer, examples: list[SFTExample], batch_size: int
     return total / max(count, 1)
 
 
+def context_length(cfg: FinetuneConfig, model: Transformer) -> int:
+    """The longest example in tokens: --max_seq_len, capped by (and defaulting to) the model's context."""
+    return min(cfg.max_seq_len or model.args.max_seq_len, model.args.max_seq_len)
+
+
 def run_sft(cfg: FinetuneConfig) -> None:
     if not cfg.data:
         fail("--data=FILE.jsonl is needed for --method=sft")
     runtime = setup_runtime(cfg.device, cfg.dtype, cfg.seed)
     model, base = load_policy(cfg, runtime)
     tokenizer = load_tokenizer(cfg, base)
-    context = min(cfg.max_seq_len or model.args.max_seq_len, model.args.max_seq_len)
+    context = context_length(cfg, model)
     examples = load_sft_examples(cfg.data, tokenizer, context, cfg.truncate)
     if cfg.val_data:
         train_examples, val_examples = examples, load_sft_examples(cfg.val_data, tokenizer, context, cfg.truncate)

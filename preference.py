@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from finetune import (FinetuneConfig, LineWarnings, Trainer, export_finetuned, fail, load_base_model, load_policy,
-                      load_tokenizer, planned_steps, read_jsonl, tokenizer_path)
+from finetune import (FinetuneConfig, LineWarnings, Trainer, context_length, export_finetuned, fail, load_base_model,
+                      load_policy, load_tokenizer, planned_steps, read_jsonl, tokenizer_path)
 from lora import adapters_disabled, lora_layers, merge_lora
 from model import Transformer
 from tokenizer import Tokenizer, encode_dialog
@@ -525,23 +525,27 @@ def evaluate_pairs(batch_loss: Callable[[torch.Tensor, torch.Tensor, torch.Tenso
 
 # ----------------------------------------------------------------------------- files
 
-def load_pairs(path: str | Path, tokenizer: Tokenizer, longest: int) -> list[TokenizedPair]:
-    """Preference pairs of a JSONL file; malformed lines reported as FILE:LINE and skipped, overlong pairs counted."""
+def valid_records(path: str | Path, parse: Callable[[dict], list[dict]]) -> Iterator[list[dict]]:
+    """parse() of each JSON line of path; lines it rejects with ValueError are reported as FILE:LINE and skipped."""
     warnings = LineWarnings(path)
-    pairs: list[TokenizedPair] = []
-    too_long = 0
     for line_number, record in read_jsonl(path):
         try:
-            messages = preference_messages(record)
+            yield parse(record)
         except ValueError as exc:
             warnings(line_number, str(exc))
-            continue
+    warnings.summary()
+
+
+def load_pairs(path: str | Path, tokenizer: Tokenizer, longest: int) -> list[TokenizedPair]:
+    """Preference pairs of a JSONL file; malformed lines reported as FILE:LINE and skipped, overlong pairs counted."""
+    pairs: list[TokenizedPair] = []
+    too_long = 0
+    for messages in valid_records(path, preference_messages):
         pair = tokenize_pair(tokenizer_encode(tokenizer), messages, tokenizer.bos_id, tokenizer.eos_id)
         if max(len(pair.chosen), len(pair.rejected)) > longest:
             too_long += 1
             continue
         pairs.append(pair)
-    warnings.summary()
     if too_long:
         print(f"{path}: {too_long} pairs longer than {longest} tokens dropped", file=sys.stderr)
     if not pairs:
@@ -553,21 +557,14 @@ def load_pairs(path: str | Path, tokenizer: Tokenizer, longest: int) -> list[Tok
 
 def load_prompts(path: str | Path, tokenizer: Tokenizer, longest: int) -> list[PromptItem]:
     """Prompts of a JSONL file ({"prompt": str} or {"messages": [...]}) that leave room for longest answer tokens."""
-    warnings = LineWarnings(path)
     prompts: list[PromptItem] = []
     too_long = 0
-    for line_number, record in read_jsonl(path):
-        try:
-            messages = prompt_messages(record)
-        except ValueError as exc:
-            warnings(line_number, str(exc))
-            continue
+    for messages in valid_records(path, prompt_messages):
         tokens, _ = encode_dialog(tokenizer_encode(tokenizer), messages, tokenizer.bos_id, tokenizer.eos_id)
         if len(tokens) > longest:
             too_long += 1
             continue
         prompts.append(PromptItem(tokens, messages[-1]["content"]))
-    warnings.summary()
     if too_long:
         print(f"{path}: {too_long} prompts dropped: longer than {longest} tokens, which leaves no room for "
               "--max_new_tokens in the context", file=sys.stderr)
@@ -674,10 +671,6 @@ def function_scorer(reward_fn: Callable[[str, str], float], tokenizer: Tokenizer
 
 # ----------------------------------------------------------------------------- the three methods
 
-def _context(cfg: FinetuneConfig, model: Transformer) -> int:
-    return min(cfg.max_seq_len or model.args.max_seq_len, model.args.max_seq_len)
-
-
 def run_dpo(cfg: FinetuneConfig) -> None:
     """Direct preference optimisation of the policy against the starting model."""
     if not cfg.data:
@@ -685,7 +678,7 @@ def run_dpo(cfg: FinetuneConfig) -> None:
     runtime = setup_runtime(cfg.device, cfg.dtype, cfg.seed)
     policy, base = load_policy(cfg, runtime)
     tokenizer = load_tokenizer(cfg, base)
-    longest = _context(cfg, policy) + 1  # the last token is scored, never fed
+    longest = context_length(cfg, policy) + 1  # the last token is scored, never fed
     train_pairs, val_pairs = split_pairs(load_pairs(cfg.data, tokenizer, longest), cfg, tokenizer, longest)
     total_steps = planned_steps(cfg, lambda micro: cfg.batch_size, len(train_pairs))
     print(f"DPO on {len(train_pairs)} pairs, evaluating on {len(val_pairs) or 'the training'} pairs; {total_steps} steps")
@@ -718,7 +711,7 @@ def run_reward(cfg: FinetuneConfig) -> None:
     runtime = setup_runtime(cfg.device, cfg.dtype, cfg.seed)
     backbone, base = load_policy(cfg, runtime)
     tokenizer = load_tokenizer(cfg, base)
-    longest = _context(cfg, backbone)
+    longest = context_length(cfg, backbone)
     train_pairs, val_pairs = split_pairs(load_pairs(cfg.data, tokenizer, longest), cfg, tokenizer, longest)
     total_steps = planned_steps(cfg, lambda micro: cfg.batch_size, len(train_pairs))
     print(f"reward model on {len(train_pairs)} pairs, held out {len(val_pairs)}; {total_steps} steps")
@@ -758,7 +751,7 @@ def run_ppo(cfg: FinetuneConfig) -> None:
     runtime = setup_runtime(cfg.device, cfg.dtype, cfg.seed)
     policy, base = load_policy(cfg, runtime)
     tokenizer = load_tokenizer(cfg, base)
-    context = _context(cfg, policy)
+    context = context_length(cfg, policy)
     if cfg.max_new_tokens >= context:
         fail(f"--max_new_tokens={cfg.max_new_tokens} leaves no room for a prompt in the {context}-token context")
     prompts = load_prompts(cfg.prompts, tokenizer, context - cfg.max_new_tokens)

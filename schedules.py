@@ -54,6 +54,14 @@ def parse_boundaries(text: str) -> list[int]:
     return boundaries
 
 
+def batch_boundaries(schedule: str, text: str) -> list[int]:
+    """The --trinity_steps boundaries for a batch schedule; a clear ValueError when trinity has none."""
+    boundaries = parse_boundaries(text)
+    if schedule == "trinity" and not boundaries:
+        raise ValueError("--batch_schedule=trinity needs --trinity_steps=a,b,c (the steps where the batch triples)")
+    return boundaries
+
+
 def accumulation_steps(step: int, base_accum: int, schedule: str, boundaries: Sequence[int]) -> int:
     """Gradient-accumulation micro-steps at optimizer step `step` (formulas in the module docstring)."""
     if schedule not in BATCH_SCHEDULES:

@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from config import parse_config
 from export import export_model
 from model import ModelArgs, Transformer
-from schedules import BATCH_SCHEDULES, LR_SCHEDULES, accumulation_steps, learning_rate, parse_boundaries
+from schedules import BATCH_SCHEDULES, LR_SCHEDULES, accumulation_steps, batch_boundaries, learning_rate
 from training import (Runtime, StopFlag, ProgressLog, bits_per_byte, clean_state_dict, load_checkpoint,
                       make_optimizer, model_from_checkpoint, oom_guard, save_checkpoint, setup_runtime)
 
@@ -205,11 +205,9 @@ def main(argv: Optional[list[str]] = None) -> None:
                  f"{runtime.world_size} torchrun processes")
     accumulation = cfg.gradient_accumulation_steps // runtime.world_size
     try:
-        trinity_boundaries = parse_boundaries(cfg.trinity_steps)
+        trinity_boundaries = batch_boundaries(cfg.batch_schedule, cfg.trinity_steps)
     except ValueError as exc:
         sys.exit(f"error: {exc}")
-    if cfg.batch_schedule == "trinity" and not trinity_boundaries:
-        sys.exit("error: --batch_schedule=trinity needs --trinity_steps=a,b,c (the steps where the batch triples)")
     tokens_per_step = cfg.batch_size * cfg.max_seq_len * accumulation * runtime.world_size
 
     checkpoint = None

@@ -82,6 +82,8 @@ def tiny_model(tokenizer_files) -> Transformer:
         data += tokenizer.encode(line, bos=True, eos=True)
     data = torch.tensor(data)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: a second thread only adds contention on a busy machine
     for _ in range(100):
         starts = torch.randint(0, len(data) - 65, (16,))
         batch = torch.stack([data[s:s + 65] for s in starts])
@@ -89,6 +91,7 @@ def tiny_model(tokenizer_files) -> Transformer:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+    torch.set_num_threads(threads)
     return model.eval()
 
 
@@ -252,9 +255,9 @@ def expected_text(tokenizer_bin: Path, tokens: list[int]) -> bytes:
 def test_greedy_matches_pytorch(version, built, lib, tiny_model, model_files, tokenizer_files):
     tokenizer = Tokenizer(tokenizer_files[0])
     reference = tiny_model if version < 2 else dequantized_model(model_files[2])
-    for text in ["Модель учится", "def train(steps", "<|user|>\nWho are you?\n<|assistant|>\n"]:
+    for text in ["Модель учится", "<|user|>\nWho are you?\n<|assistant|>\n def train(steps"]:
         prompt = tokenizer.encode(text, bos=True, eos=False)
-        steps = 40
+        steps = 32
         want = torch_greedy(reference, prompt, steps, tokenizer.eos_id)
         engine = Engine(lib, model_files[version], tokenizer_files[1])
         try:

@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV = .venv
 VENV_PYTHON = $(VENV)/bin/python
 
-.PHONY: test bench bench-train
+.PHONY: test bench-train
 
 # The stamp is shared with train_arianna.sh: requirements are installed again only when they change.
 $(VENV)/.requirements-installed: requirements.txt

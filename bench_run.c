@@ -3,7 +3,8 @@
    Builds each model image in memory (random weights, version 1 fp32 or version 2 Q8_0), loads it through
    the same parser as a file, and times arianna_feed/arianna_sample. Shapes: B (dim 288, 6 layers, vocab
    4096, seq 256), A (same, vocab 32000: stories15M), C (dim 768, 12 layers, vocab 32000, seq 1024:
-   stories110M). Usage: ./bench_run [gen_tokens=128] [prompt_tokens=128] [shapes=BAC] */
+   stories110M). Usage: ./bench_run [gen_tokens=128] [prompt_tokens=128] [shapes=BAC] [threads=12] [weights=12]
+   (weights: 1 fp32, 2 int8) */
 #define ARIANNA_LIBRARY
 #include "run.c"
 
@@ -103,7 +104,8 @@ static void bench(const Shape *s, int version, int threads, int gen_tokens, int 
 
 int main(int argc, char **argv) {
     const int gen_tokens = argc > 1 ? atoi(argv[1]) : 128, prompt_tokens = argc > 2 ? atoi(argv[2]) : 128;
-    const char *which = argc > 3 ? argv[3] : "BAC";
+    const char *which = argc > 3 ? argv[3] : "BAC", *thread_counts = argc > 4 ? argv[4] : "12";
+    const char *versions = argc > 5 ? argv[5] : "12";
     const Shape shapes[] = {{"B", 288, 768, 6, 6, 4096, 256}, {"A", 288, 768, 6, 6, 32000, 256},
                             {"C", 768, 2048, 12, 12, 32000, 1024}};
     printf("| shape | weights | threads | gen tok/s | prompt tok/s | prompt/gen | gen tok/s x threads per CPU s | "
@@ -111,8 +113,8 @@ int main(int argc, char **argv) {
     for (const char *w = which; *w; w++)
         for (int i = 0; i < 3; i++)
             if (shapes[i].name[0] == *w)
-                for (int version = 1; version <= 2; version++)
-                    for (int threads = 1; threads <= 2; threads++)
-                        bench(&shapes[i], version, threads, gen_tokens, prompt_tokens);
+                for (const char *v = versions; *v; v++)
+                    for (const char *t = thread_counts; *t; t++)
+                        bench(&shapes[i], *v - '0', *t - '0', gen_tokens, prompt_tokens);
     return 0;
 }

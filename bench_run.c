@@ -115,6 +115,7 @@ int main(int argc, char **argv) {
             if (shapes[i].name[0] == *w)
                 for (const char *v = versions; *v; v++)
                     for (const char *t = thread_counts; *t; t++)
-                        bench(&shapes[i], *v - '0', *t - '0', gen_tokens, prompt_tokens);
+                        if ((*v == '1' || *v == '2') && *t >= '1' && *t <= '9')
+                            bench(&shapes[i], *v - '0', *t - '0', gen_tokens, prompt_tokens);
     return 0;
 }

@@ -815,8 +815,14 @@ static inline float dot_q8_row(const int8_t *wq, const float *ws, const Quantize
 static inline void dot_q8_rows4(float *out, const int8_t *wq, const float *ws, const QuantizedRows *x, int n, int gs) {
     const int chunks = (n + 63) / 64, groups = n / gs;
     const __m512i zero = _mm512_setzero_si512();
-    __m512 acc[4];
+    __m512 acc[4], row_scales[4];
     for (int i = 0; i < 4; i++) acc[i] = _mm512_setzero_ps();
+    /* gs 32 (at most 16 groups here): each row's scales in one register, spread to the lanes of chunk c by
+       a permute with indices 2c (lanes 0-7) and 2c + 1 (lanes 8-15); past the last group they read 0. */
+    const int in_register = gs == 32 && groups <= 16;
+    if (in_register)
+        for (int i = 0; i < 4; i++) row_scales[i] = _mm512_maskz_loadu_ps((__mmask16)((1u << groups) - 1), ws + (size_t)i * groups);
+    __m512i pick = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
     for (int c = 0; c < chunks; c++) {
         const __mmask64 mask = n - c * 64 >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (n - c * 64)) - 1);
         const __m512i ax = _mm512_loadu_si512(x->absq + c * 64);
@@ -825,9 +831,11 @@ static inline void dot_q8_rows4(float *out, const int8_t *wq, const float *ws, c
         for (int i = 0; i < 4; i++) {
             const __m512i w = _mm512_maskz_loadu_epi8(mask, wq + (size_t)i * n + c * 64);
             const __m512i d = _mm512_dpbusd_epi32(zero, ax, _mm512_mask_sub_epi8(w, neg, zero, w));
-            acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d),
-                                     _mm512_mul_ps(weight_lane_scale(ws + (size_t)i * groups, c, gs, groups), xs), acc[i]);
+            const __m512 wscale = in_register ? _mm512_permutexvar_ps(pick, row_scales[i])
+                                              : weight_lane_scale(ws + (size_t)i * groups, c, gs, groups);
+            acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(wscale, xs), acc[i]);
         }
+        pick = _mm512_add_epi32(pick, _mm512_set1_epi32(2));
     }
     for (int i = 0; i < 4; i++) out[i] = _mm512_reduce_add_ps(acc[i]);
 }

@@ -671,6 +671,25 @@ def function_scorer(reward_fn: Callable[[str, str], float], tokenizer: Tokenizer
 
 # ----------------------------------------------------------------------------- the three methods
 
+def train_on_pairs(trainer: Trainer, batch_loss: Callable[..., tuple[torch.Tensor, dict]], train_pairs: list[TokenizedPair],
+                   val_pairs: list[TokenizedPair], pad_id: int, eval_prefix: str) -> bool:
+    """Trainer.run over shuffled batches of pairs, evaluating on val_pairs (else the training pairs); the evaluation's
+    metrics are logged as val_loss and eval_prefix + name. False if Ctrl-C stopped it."""
+    cfg, runtime = trainer.cfg, trainer.runtime
+
+    def micro_step(step: int, micro: int) -> tuple[torch.Tensor, int, dict]:
+        batch = pair_batch(shuffled_batch(train_pairs, micro, cfg.batch_size, cfg.seed), pad_id, runtime.device)
+        loss, metrics = batch_loss(*batch)
+        return loss, batch[0].numel(), metrics
+
+    def evaluate() -> dict:
+        with runtime.autocast():
+            metrics = evaluate_pairs(batch_loss, val_pairs or train_pairs, cfg.batch_size, pad_id, runtime.device)
+        return {"val_loss": metrics.pop("loss"), **{eval_prefix + key: value for key, value in metrics.items()}}
+
+    return trainer.run(micro_step, evaluate)
+
+
 def run_dpo(cfg: FinetuneConfig) -> None:
     """Direct preference optimisation of the policy against the starting model."""
     if not cfg.data:
@@ -689,17 +708,7 @@ def run_dpo(cfg: FinetuneConfig) -> None:
     def batch_loss(tokens: torch.Tensor, answer_mask: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, dict]:
         return dpo_batch_loss(policy, reference, tokens, answer_mask, cfg.beta)
 
-    def micro_step(step: int, micro: int) -> tuple[torch.Tensor, int, dict]:
-        batch = pair_batch(shuffled_batch(train_pairs, micro, cfg.batch_size, cfg.seed), pad_id, runtime.device)
-        loss, metrics = batch_loss(*batch)
-        return loss, batch[0].numel(), metrics
-
-    def evaluate() -> dict:
-        with runtime.autocast():
-            metrics = evaluate_pairs(batch_loss, val_pairs or train_pairs, cfg.batch_size, pad_id, runtime.device)
-        return {"val_loss": metrics.pop("loss"), **metrics}
-
-    if trainer.run(micro_step, evaluate):
+    if train_on_pairs(trainer, batch_loss, train_pairs, val_pairs, pad_id, eval_prefix=""):
         export_finetuned(cfg, policy, base)
     runtime.shutdown()
 
@@ -722,18 +731,7 @@ def run_reward(cfg: FinetuneConfig) -> None:
     def batch_loss(tokens: torch.Tensor, answer_mask: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, dict]:
         return reward_batch_loss(reward_model, tokens, lengths)
 
-    def micro_step(step: int, micro: int) -> tuple[torch.Tensor, int, dict]:
-        batch = pair_batch(shuffled_batch(train_pairs, micro, cfg.batch_size, cfg.seed), pad_id, runtime.device)
-        loss, metrics = batch_loss(*batch)
-        return loss, batch[0].numel(), metrics
-
-    def evaluate() -> dict:
-        with runtime.autocast():
-            metrics = evaluate_pairs(batch_loss, val_pairs or train_pairs, cfg.batch_size, pad_id, runtime.device)
-        return {"val_loss": metrics.pop("loss"), "eval/accuracy": metrics.pop("accuracy"),
-                **{f"eval/{key}": value for key, value in metrics.items()}}
-
-    if trainer.run(micro_step, evaluate):
+    if train_on_pairs(trainer, batch_loss, train_pairs, val_pairs, pad_id, eval_prefix="eval/"):
         path = Path(cfg.out_dir) / "reward_model.pt"
         save_reward_model(path, reward_model, str(tokenizer_path(cfg, base)), asdict(cfg))
         print(f"wrote {path} (use it with --method=ppo --reward_model={path})")

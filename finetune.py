@@ -670,6 +670,13 @@ def evaluate_sft(model: Transformer, examples: list[SFTExample], batch_size: int
     return total / max(count, 1)
 
 
+def start_method(cfg: FinetuneConfig) -> tuple[Runtime, Transformer, BaseCheckpoint, Tokenizer]:
+    """What every method begins with: the runtime, the policy (with LoRA/QLoRA per cfg), its base and tokenizer."""
+    runtime = setup_runtime(cfg.device, cfg.dtype, cfg.seed)
+    model, base = load_policy(cfg, runtime)
+    return runtime, model, base, load_tokenizer(cfg, base)
+
+
 def context_length(cfg: FinetuneConfig, model: Transformer) -> int:
     """The longest example in tokens: --max_seq_len, capped by (and defaulting to) the model's context."""
     return min(cfg.max_seq_len or model.args.max_seq_len, model.args.max_seq_len)
@@ -678,9 +685,7 @@ def context_length(cfg: FinetuneConfig, model: Transformer) -> int:
 def run_sft(cfg: FinetuneConfig) -> None:
     if not cfg.data:
         fail("--data=FILE.jsonl is needed for --method=sft")
-    runtime = setup_runtime(cfg.device, cfg.dtype, cfg.seed)
-    model, base = load_policy(cfg, runtime)
-    tokenizer = load_tokenizer(cfg, base)
+    runtime, model, base, tokenizer = start_method(cfg)
     context = context_length(cfg, model)
     examples = load_sft_examples(cfg.data, tokenizer, context, cfg.truncate)
     if cfg.val_data:

@@ -37,12 +37,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from finetune import (FinetuneConfig, LineWarnings, Trainer, context_length, export_finetuned, fail, load_base_model,
-                      load_policy, load_tokenizer, planned_steps, read_jsonl, tokenizer_path)
+                      planned_steps, read_jsonl, start_method, tokenizer_path)
 from lora import adapters_disabled, lora_layers, merge_lora
 from model import Transformer
 from tokenizer import Tokenizer, encode_dialog
 from training import (ProgressLog, Runtime, StopFlag, clean_state_dict, load_checkpoint, model_from_checkpoint,
-                      save_checkpoint, setup_runtime)
+                      save_checkpoint)
 
 Messages = list[dict]
 ROLES = ("system", "user", "assistant")
@@ -694,9 +694,7 @@ def run_dpo(cfg: FinetuneConfig) -> None:
     """Direct preference optimisation of the policy against the starting model."""
     if not cfg.data:
         fail("--method=dpo needs --data=prefs.jsonl with {\"prompt\", \"chosen\", \"rejected\"} lines")
-    runtime = setup_runtime(cfg.device, cfg.dtype, cfg.seed)
-    policy, base = load_policy(cfg, runtime)
-    tokenizer = load_tokenizer(cfg, base)
+    runtime, policy, base, tokenizer = start_method(cfg)
     longest = context_length(cfg, policy) + 1  # the last token is scored, never fed
     train_pairs, val_pairs = split_pairs(load_pairs(cfg.data, tokenizer, longest), cfg, tokenizer, longest)
     total_steps = planned_steps(cfg, lambda micro: cfg.batch_size, len(train_pairs))
@@ -717,9 +715,7 @@ def run_reward(cfg: FinetuneConfig) -> None:
     """A Bradley-Terry reward model: the backbone (full or LoRA) plus a scalar head, on chosen/rejected pairs."""
     if not cfg.data:
         fail("--method=reward needs --data=prefs.jsonl with {\"prompt\", \"chosen\", \"rejected\"} lines")
-    runtime = setup_runtime(cfg.device, cfg.dtype, cfg.seed)
-    backbone, base = load_policy(cfg, runtime)
-    tokenizer = load_tokenizer(cfg, base)
+    runtime, backbone, base, tokenizer = start_method(cfg)
     longest = context_length(cfg, backbone)
     train_pairs, val_pairs = split_pairs(load_pairs(cfg.data, tokenizer, longest), cfg, tokenizer, longest)
     total_steps = planned_steps(cfg, lambda micro: cfg.batch_size, len(train_pairs))
@@ -746,9 +742,7 @@ def run_ppo(cfg: FinetuneConfig) -> None:
         fail("--method=ppo needs exactly one of --reward_model=CKPT (from --method=reward) or --reward_fn=module:function")
     if cfg.temperature <= 0:
         fail("--method=ppo samples answers: --temperature must be > 0 (1.0 samples the policy as it is)")
-    runtime = setup_runtime(cfg.device, cfg.dtype, cfg.seed)
-    policy, base = load_policy(cfg, runtime)
-    tokenizer = load_tokenizer(cfg, base)
+    runtime, policy, base, tokenizer = start_method(cfg)
     context = context_length(cfg, policy)
     if cfg.max_new_tokens >= context:
         fail(f"--max_new_tokens={cfg.max_new_tokens} leaves no room for a prompt in the {context}-token context")

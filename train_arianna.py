@@ -242,12 +242,12 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     model = Transformer(model_args).to(runtime.device)
     optimizer = make_optimizer(model, cfg.learning_rate, cfg.weight_decay, (cfg.beta1, cfg.beta2), runtime)
-    step, best_val_loss, evals_since_best = 0, math.inf, 0
+    step, best_val_loss, evals_since_best, tokens_seen = 0, math.inf, 0, 0
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         step, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
-        evals_since_best = checkpoint["evals_since_best"]
+        evals_since_best, tokens_seen = checkpoint["evals_since_best"], checkpoint["tokens_seen"]
         torch.set_rng_state(checkpoint["rng_state"])
         checkpoint = None  # free the memory before training
     n_params = sum(p.numel() for p in model.parameters())
@@ -258,7 +258,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     def state(iter_num: int) -> dict:
         return dict(model=clean_state_dict(model), model_args=model_args.to_dict(), config=asdict(cfg),
                     iter_num=iter_num, best_val_loss=best_val_loss, evals_since_best=evals_since_best,
-                    optimizer=optimizer.state_dict(), rng_state=torch.get_rng_state(), meta=meta)
+                    tokens_seen=tokens_seen, optimizer=optimizer.state_dict(), rng_state=torch.get_rng_state(), meta=meta)
 
     def save_latest(iter_num: int) -> None:
         if runtime.is_master:
@@ -293,6 +293,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             optimizer.zero_grad(set_to_none=True)
             step += 1
             effective_batch = cfg.batch_size * step_accumulation * runtime.world_size
+            tokens_seen += effective_batch * cfg.max_seq_len  # counted per step: trinity changes the batch
             progress.update(step, loss.item(), effective_batch * cfg.max_seq_len, lr, batch=effective_batch)
 
             if step % cfg.eval_interval == 0 or step == cfg.max_iters:
@@ -310,7 +311,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                     iter=step, train_loss=losses["train"], val_loss=losses["val"],
                     train_bpb=bits_per_byte(losses["train"], meta["train_tokens"], meta["train_bytes"]),
                     val_bpb=bits_per_byte(losses["val"], meta["val_tokens"], meta["val_bytes"]),
-                    best_val_loss=best_val_loss, lr=lr, batch=effective_batch, tokens=step * tokens_per_step,
+                    best_val_loss=best_val_loss, lr=lr, batch=effective_batch, tokens=tokens_seen,
                     elapsed_s=round(time.perf_counter() - started, 1)))
                 save_latest(step)
                 if cfg.early_stop_patience and evals_since_best >= cfg.early_stop_patience:

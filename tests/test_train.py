@@ -41,6 +41,7 @@ def test_training_loss_falls_and_bits_per_byte_are_logged(trained: Path) -> None
     for entry in log:
         expected = entry["val_loss"] * meta["val_tokens"] / (meta["val_bytes"] * math.log(2))
         assert entry["val_bpb"] == pytest.approx(expected)
+        assert entry["tokens"] == entry["iter"] * 8 * 64  # batch_size x max_seq_len per step
     # A uniform guess costs ln(512) = 6.24 nats; the tiny repetitive corpus is learned far below that.
     assert log[-1]["train_loss"] < 2.5 < math.log(TINY_VOCAB)
     assert log[-1]["train_loss"] < log[0]["train_loss"] - 1.0

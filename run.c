@@ -1231,6 +1231,19 @@ static void embed(const Weights *w, float *x, int token) {
 }
 
 /* Tokens at positions pos..pos+n_tok-1 (n_tok <= MAX_BATCH) through the model; logits of the last one. */
+/* x[t] += m @ in[t] for the n_tok tokens, on this thread's rows of the residual stream (in: [n_tok, cols]). */
+static void add_projection(Engine *e, const Matrix *m, const float *in, int cols, QuantizedRows *xq, int n_tok,
+                           int tid, int nth) {
+    RunState *s = &e->s;
+    const int dim = e->w.cfg.dim;
+    int r0, r1;
+    prepare_input(e, xq, in, n_tok, cols);
+    thread_rows(dim, tid, nth, &r0, &r1);
+    matmul_range(e, s->xb2, m, in, xq, n_tok, r0, r1);
+    for (int t = 0; t < n_tok; t++)
+        for (int r = r0; r < r1; r++) s->x[(size_t)t * dim + r] += s->xb2[(size_t)t * dim + r];
+}
+
 static void forward_batch(Engine *e, const int *tokens, int n_tok, int pos) {
     const Config *c = &e->w.cfg;
     RunState *s = &e->s;
@@ -1283,11 +1296,7 @@ static void forward_batch(Engine *e, const int *tokens, int n_tok, int pos) {
             }
 #pragma omp barrier
             /* wo, then the residual on this thread's rows. */
-            prepare_input(e, xq, s->xb, n_tok, dim);
-            thread_rows(dim, tid, nth, &r0, &r1);
-            matmul_range(e, s->xb2, &L->wo, s->xb, xq, n_tok, r0, r1);
-            for (int t = 0; t < n_tok; t++)
-                for (int r = r0; r < r1; r++) s->x[(size_t)t * dim + r] += s->xb2[(size_t)t * dim + r];
+            add_projection(e, &L->wo, s->xb, dim, xq, n_tok, tid, nth);
 #pragma omp barrier
             /* w1 and w3 on the same rows, SwiGLU on them. */
             for (int t = 0; t < n_tok; t++) rmsnorm(xb + (size_t)t * dim, s->x + (size_t)t * dim, L->rms_ffn, dim, 1e-5f);
@@ -1303,11 +1312,7 @@ static void forward_batch(Engine *e, const int *tokens, int n_tok, int pos) {
                 }
 #pragma omp barrier
             /* w2, then the residual. */
-            prepare_input(e, xq, s->hb, n_tok, hidden);
-            thread_rows(dim, tid, nth, &r0, &r1);
-            matmul_range(e, s->xb2, &L->w2, s->hb, xq, n_tok, r0, r1);
-            for (int t = 0; t < n_tok; t++)
-                for (int r = r0; r < r1; r++) s->x[(size_t)t * dim + r] += s->xb2[(size_t)t * dim + r];
+            add_projection(e, &L->w2, s->hb, hidden, xq, n_tok, tid, nth);
 #pragma omp barrier
         }
         /* The classifier (the largest matrix of small models), split like the others. */

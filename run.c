@@ -8,8 +8,10 @@
    llama2.c's tokenizer .bin (tokenizer.py writes it). Both are memory-mapped and checked against the
    file length before anything is read.
 
-   Built with -DARIANNA_LIBRARY this file is a shared library without main() (the API chat.py uses, see
-   CONTRACTS.md); the ./run binary's chat mode goes through the very same functions. */
+   Built with -DARIANNA_LIBRARY this file is a shared library without main(), the API chat.py uses:
+   arianna_open/close, arianna_encode, arianna_chat_turn (the chat template), arianna_feed (tokens at a
+   position into the KV cache), arianna_logits, arianna_sample, arianna_decode. The ./run binary's chat mode
+   goes through the very same functions. */
 #define _POSIX_C_SOURCE 200809L
 #include <ctype.h>
 #include <errno.h>
@@ -60,11 +62,15 @@ typedef struct {
     int shared_classifier, version, group_size; /* group_size: version 2 only */
 } Config;
 
-/* One weight matrix [rows, cols]: fp32 (f) or Q8_0 (q with scales s, one per group_size values). */
+/* One weight matrix [rows, cols]: fp32 (f) or Q8_0 (q with scales s, one per group_size values). With AVX-512
+   VNNI, Q8_0 matrices the kernels read are also repacked at load (see pack_q8): packed [rows/16][cols/4][16][4]
+   bytes, packed_scales [rows/16][cols/group_size][16]. */
 typedef struct {
     const float *f;
     const int8_t *q;
     const float *s;
+    const uint8_t *packed;
+    const float *packed_scales;
     int rows, cols;
 } Matrix;
 
@@ -79,7 +85,7 @@ typedef struct {
     Matrix tok_embeddings; /* [vocab, dim], also the classifier when shared */
     Matrix classifier;
     const float *rms_final;
-    void **owned; /* aligned copies of misaligned scale arrays */
+    void **owned; /* allocations of the loader: aligned copies of misaligned scale arrays, packed matrices */
     int n_owned;
 } Weights;
 
@@ -101,21 +107,46 @@ static int read_i32(const unsigned char *p) {
     return v;
 }
 
+/* 64-byte aligned memory that weights_free releases. */
+static void *owned_alloc(Weights *w, size_t bytes) {
+    void **owned = realloc(w->owned, (size_t)(w->n_owned + 1) * sizeof(void *));
+    if (!owned) return NULL;
+    w->owned = owned;
+    void *p = aligned_alloc(64, (bytes + 63) / 64 * 64);
+    if (p) w->owned[w->n_owned++] = p;
+    return p;
+}
+
 /* Scale arrays follow int8 arrays whose length need not be a multiple of 4; copy those to aligned memory. */
 static const float *aligned_floats(Weights *w, const void *p, size_t count) {
     if (((uintptr_t)p & 3u) == 0) return (const float *)p;
-    float *copy = malloc(count * sizeof(float) + 1);
-    void **owned = realloc(w->owned, (size_t)(w->n_owned + 1) * sizeof(void *));
-    if (!copy || !owned) {
-        free(copy);
-        if (owned) w->owned = owned;
-        return NULL;
-    }
-    memcpy(copy, p, count * sizeof(float));
-    w->owned = owned;
-    w->owned[w->n_owned++] = copy;
+    float *copy = owned_alloc(w, count * sizeof(float));
+    if (copy) memcpy(copy, p, count * sizeof(float));
     return copy;
 }
+
+#ifdef HAVE_AVX512_VNNI
+/* vpdpbusd multiplies unsigned by signed bytes and adds each 4 products into an int32 lane. So rows go in
+   blocks of 16, a row per lane: for every 4 columns, 64 bytes hold the block's 16 rows' 4 weights plus 128
+   (unsigned), and the kernel multiplies them by 4 broadcast input bytes. The +128 comes back out by starting
+   each group's sum at -128 times the sum of the group's input bytes. Rows past the end are zero weights. */
+static int pack_q8(Weights *w, Matrix *m, int gs) {
+    const size_t rows = (size_t)m->rows, cols = (size_t)m->cols, blocks = (rows + 15) / 16, groups = cols / (size_t)gs;
+    uint8_t *packed = owned_alloc(w, blocks * 16 * cols);
+    float *scales = owned_alloc(w, blocks * 16 * groups * sizeof(float));
+    if (!packed || !scales) return -1;
+#pragma omp parallel for
+    for (size_t b = 0; b < blocks; b++)
+        for (size_t lane = 0; lane < 16; lane++) {
+            const size_t r = 16 * b + lane;
+            for (size_t k = 0; k < cols; k++)
+                packed[(b * (cols / 4) + k / 4) * 64 + lane * 4 + k % 4] = (uint8_t)(r < rows ? m->q[r * cols + k] + 128 : 128);
+            for (size_t g = 0; g < groups; g++) scales[(b * groups + g) * 16 + lane] = r < rows ? m->s[r * groups + g] : 0.0f;
+        }
+    m->packed = packed, m->packed_scales = scales;
+    return 0;
+}
+#endif
 
 static void weights_free(Weights *w) {
     for (int i = 0; i < w->n_owned; i++) free(w->owned[i]);
@@ -208,7 +239,7 @@ static int weights_parse(Weights *w, const unsigned char *data, size_t size, con
     const float *rms_att = NULL, *rms_ffn = NULL;
     if (c->version == 0) {
         const float *emb = take(&cur, vocab * dim * 4);
-        w->tok_embeddings = (Matrix){emb, NULL, NULL, c->vocab_size, c->dim};
+        w->tok_embeddings = (Matrix){.f = emb, .rows = c->vocab_size, .cols = c->dim};
         rms_att = take(&cur, layers * dim * 4);
     } else {
         rms_att = take(&cur, layers * dim * 4);
@@ -227,31 +258,36 @@ static int weights_parse(Weights *w, const unsigned char *data, size_t size, con
         Matrix *m = &w->tok_embeddings;
         /* Order of the file: embeddings, then each kind of matrix for all layers, then the classifier. */
         for (int i = 0; i < 1 + 7 * n_layers + !c->shared_classifier; i++) {
-            if (i == 0) *m = (Matrix){NULL, NULL, NULL, c->vocab_size, c->dim};
+            if (i == 0) *m = (Matrix){.rows = c->vocab_size, .cols = c->dim};
             else if (i <= 7 * n_layers) {
                 const int k = (i - 1) / n_layers, l = (i - 1) % n_layers;
                 m = (Matrix *)((char *)&w->layers[l] + shapes[k].offset);
-                *m = (Matrix){NULL, NULL, NULL, shapes[k].rows, shapes[k].cols};
+                *m = (Matrix){.rows = shapes[k].rows, .cols = shapes[k].cols};
             } else {
                 m = &w->classifier;
-                *m = (Matrix){NULL, NULL, NULL, c->vocab_size, c->dim};
+                *m = (Matrix){.rows = c->vocab_size, .cols = c->dim};
             }
             const size_t n = (size_t)m->rows * (size_t)m->cols;
             m->q = take(&cur, n);
             m->s = aligned_floats(w, take(&cur, n / gs * 4), n / gs);
             if (!m->s) return weights_free(w), fail(err, err_size, "%s: out of memory", path);
+#ifdef HAVE_AVX512_VNNI
+            const int multiplied = i > 0 || c->shared_classifier; /* unshared embeddings are only looked up */
+            if (gs % 4 == 0 && multiplied && pack_q8(w, m, (int)gs))
+                return weights_free(w), fail(err, err_size, "%s: out of memory", path);
+#endif
         }
     } else {
         if (c->version == 1) {
             const float *emb = take(&cur, vocab * dim * 4);
-            w->tok_embeddings = (Matrix){emb, NULL, NULL, c->vocab_size, c->dim};
+            w->tok_embeddings = (Matrix){.f = emb, .rows = c->vocab_size, .cols = c->dim};
         }
         for (int k = 0; k < 7; k++) {
             if (c->version == 0 && k == 4) rms_ffn = take(&cur, layers * dim * 4); /* legacy: between wo and w1 */
             for (int l = 0; l < n_layers; l++) {
                 Matrix *m = (Matrix *)((char *)&w->layers[l] + shapes[k].offset);
-                *m = (Matrix){take(&cur, (size_t)shapes[k].rows * shapes[k].cols * 4), NULL, NULL, shapes[k].rows,
-                              shapes[k].cols};
+                *m = (Matrix){.f = take(&cur, (size_t)shapes[k].rows * shapes[k].cols * 4),
+                              .rows = shapes[k].rows, .cols = shapes[k].cols};
             }
         }
         if (c->version == 0) {
@@ -259,7 +295,7 @@ static int weights_parse(Weights *w, const unsigned char *data, size_t size, con
             take(&cur, (size_t)c->seq_len * head * 4); /* freq_cis_real, freq_cis_imag: recomputed instead */
         }
         if (!c->shared_classifier)
-            w->classifier = (Matrix){take(&cur, vocab * dim * 4), NULL, NULL, c->vocab_size, c->dim};
+            w->classifier = (Matrix){.f = take(&cur, vocab * dim * 4), .rows = c->vocab_size, .cols = c->dim};
     }
     if (c->shared_classifier) w->classifier = w->tok_embeddings;
     for (int l = 0; l < n_layers; l++) {
@@ -681,14 +717,9 @@ static void matmul_rows_f32(float *out, const Matrix *m, const float *x, int n_t
 
 /* Activations quantized to Q8_0 like the weights, so each group's dot product is exact in int32. */
 typedef struct {
-    int8_t *q;
-    float *s;
-#ifdef HAVE_AVX512_VNNI
-    uint8_t *biased;  /* q + 128: vpdpbusd wants one unsigned operand */
-    uint8_t *absq;    /* |q| of the first row, and per 64-byte chunk a mask of its negative bytes: mat-vec */
-    __mmask64 *negative;
-    float *lane_scale; /* per 64-byte chunk, the scale of the group each int32 lane falls in */
-#endif
+    int8_t *q;          /* [MAX_BATCH][cols] */
+    float *s;           /* [MAX_BATCH][cols / group_size] */
+    int32_t *start;     /* [MAX_BATCH][cols / group_size]: -128 * sum of the group's q (packed kernel only) */
 } QuantizedRows;
 
 static void quantize_row(int8_t *q, float *s, const float *x, int n, int gs) {
@@ -718,126 +749,97 @@ static void quantize_row(int8_t *q, float *s, const float *x, int n, int gs) {
 }
 
 #ifdef HAVE_AVX512_VNNI
-/* The AVX-512 VNNI kernel handles group sizes of 32 or a multiple of 64 (what export.py writes for
-   dims that are multiples of 32); others take the portable loop. */
-static int vnni_group_ok(int gs) { return gs == 32 || gs % 64 == 0; }
-
-/* The weight scales of chunk c of a row, one per int32 lane. */
-static inline __m512 weight_lane_scale(const float *ws, int c, int gs, int groups) {
-    if (gs == 32) { /* two groups per chunk; the last chunk of an odd count has one */
-        const __m512i pick = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-        const __mmask16 present = 2 * c + 1 < groups ? 0x3 : 0x1;
-        return _mm512_permutexvar_ps(pick, _mm512_maskz_loadu_ps(present, ws + 2 * c));
-    }
-    return _mm512_set1_ps(ws[c * 64 / gs]);
+static inline int32_t load_i32(const int8_t *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return v;
 }
 
-static void prepare_vnni_row(uint8_t *biased, float *lane_scale, const int8_t *q, const float *s, int n, int gs) {
-    for (int j = 0; j < n; j++) biased[j] = (uint8_t)(q[j] + 128);
-    for (int c = 0; c < (n + 63) / 64; c++) _mm512_storeu_ps(lane_scale + c * 16, weight_lane_scale(s, c, gs, n / gs));
-}
-
-/* |q| and the sign masks for dot_q8_row. */
-static void prepare_sign_row(uint8_t *absq, __mmask64 *negative, const int8_t *q, int n) {
-    for (int c = 0; c < (n + 63) / 64; c++) {
-        const __mmask64 mask = n - c * 64 >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (n - c * 64)) - 1);
-        const __m512i v = _mm512_maskz_loadu_epi8(mask, q + c * 64);
-        _mm512_storeu_si512(absq + c * 64, _mm512_abs_epi8(v));
-        negative[c] = _mm512_movepi8_mask(v);
-    }
-}
-
-/* R rows x C tokens: sum over 64-byte chunks of (x+128).w - 128.w, exact in int32 per lane, then scaled.
-   The correction 128.w is computed once per row chunk and shared by the C tokens. */
-static inline __attribute__((always_inline)) void tile_q8(float *out, int ostride, const int8_t *wq, const float *ws,
-                                                         const QuantizedRows *x, int t0, int n, int gs, int R, int C) {
-    const int chunks = (n + 63) / 64, lanes_per_row = chunks * 16;
+/* NB blocks of 16 rows (one row per lane) from block b0, times T tokens from t0, on packed weights (see
+   pack_q8). Per group: gs/4 vpdpbusd of 4 weight columns by 4 broadcast input bytes, exact in int32 from the
+   group's start value, then one multiply-add by the rows' scales times the token's scale. NB * T independent
+   sums hide the latency of vpdpbusd; each weight load serves T tokens. */
+static inline __attribute__((always_inline)) void blocks_q8(float *out, int ostride, const Matrix *m, int b0,
+                                                           const __mmask16 *keep, const QuantizedRows *x, int t0,
+                                                           int gs, int NB, int T) {
+    const int cols = m->cols, groups = cols / gs, quads = gs / 4;
     __m512 acc[4][4];
-    for (int r = 0; r < R; r++)
-        for (int t = 0; t < C; t++) acc[r][t] = _mm512_setzero_ps();
-    const __m512i bias = _mm512_set1_epi8((char)128);
-    for (int c = 0; c < chunks; c++) {
-        const __mmask64 mask = n - c * 64 >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (n - c * 64)) - 1);
-        __m512i xu[4];
-        __m512 xs[4];
-        for (int t = 0; t < C; t++) {
-            xu[t] = _mm512_maskz_loadu_epi8(mask, x->biased + (size_t)(t0 + t) * n + c * 64);
-            xs[t] = _mm512_loadu_ps(x->lane_scale + (size_t)(t0 + t) * lanes_per_row + c * 16);
+    for (int b = 0; b < NB; b++)
+        for (int t = 0; t < T; t++) acc[b][t] = _mm512_setzero_ps();
+    for (int g = 0; g < groups; g++) {
+        __m512i dot[4][4];
+        for (int t = 0; t < T; t++) {
+            const __m512i start = _mm512_set1_epi32(x->start[(size_t)(t0 + t) * groups + g]);
+            for (int b = 0; b < NB; b++) dot[b][t] = start;
         }
-        for (int r = 0; r < R; r++) {
-            const __m512i w = _mm512_maskz_loadu_epi8(mask, wq + (size_t)r * n + c * 64);
-            const __m512i neg_correction = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_dpbusd_epi32(_mm512_setzero_si512(), bias, w));
-            const __m512 wscale = weight_lane_scale(ws + (size_t)r * (n / gs), c, gs, n / gs);
-            for (int t = 0; t < C; t++) {
-                const __m512 dot = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(neg_correction, xu[t], w));
-                acc[r][t] = _mm512_fmadd_ps(dot, _mm512_mul_ps(wscale, xs[t]), acc[r][t]);
+        for (int k = g * quads; k < (g + 1) * quads; k++) {
+            __m512i xv[4];
+            for (int t = 0; t < T; t++) xv[t] = _mm512_set1_epi32(load_i32(x->q + (size_t)(t0 + t) * cols + 4 * k));
+            for (int b = 0; b < NB; b++) {
+                const __m512i wv = _mm512_load_si512(m->packed + ((size_t)(b0 + b) * (cols / 4) + k) * 64);
+                for (int t = 0; t < T; t++) dot[b][t] = _mm512_dpbusd_epi32(dot[b][t], wv, xv[t]);
             }
         }
-    }
-    for (int r = 0; r < R; r++)
-        for (int t = 0; t < C; t++) out[(size_t)t * ostride + r] = _mm512_reduce_add_ps(acc[r][t]);
-}
-#endif
-
-#ifdef HAVE_AVX512_VNNI
-/* One row against one token: w.x = |x|.(w negated where x < 0), exact in int32 per lane (|w| <= 127, so the
-   negation cannot overflow), scaled per lane by the two groups' scales. One sequential stream, like dot_f32. */
-static inline float dot_q8_row(const int8_t *wq, const float *ws, const QuantizedRows *x, int n, int gs) {
-    const int chunks = (n + 63) / 64, groups = n / gs;
-    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-    const __m512i zero = _mm512_setzero_si512();
-    int c = 0;
-    for (; c + 2 <= chunks - (n % 64 != 0); c += 2) {
-        const __m512i w0 = _mm512_loadu_si512(wq + c * 64), w1 = _mm512_loadu_si512(wq + c * 64 + 64);
-        const __m512i d0 = _mm512_dpbusd_epi32(zero, _mm512_loadu_si512(x->absq + c * 64),
-                                               _mm512_mask_sub_epi8(w0, x->negative[c], zero, w0));
-        const __m512i d1 = _mm512_dpbusd_epi32(zero, _mm512_loadu_si512(x->absq + c * 64 + 64),
-                                               _mm512_mask_sub_epi8(w1, x->negative[c + 1], zero, w1));
-        acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0),
-                               _mm512_mul_ps(weight_lane_scale(ws, c, gs, groups), _mm512_loadu_ps(x->lane_scale + c * 16)), acc0);
-        acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1),
-                               _mm512_mul_ps(weight_lane_scale(ws, c + 1, gs, groups), _mm512_loadu_ps(x->lane_scale + c * 16 + 16)), acc1);
-    }
-    for (; c < chunks; c++) {
-        const __mmask64 mask = n - c * 64 >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (n - c * 64)) - 1);
-        const __m512i w = _mm512_maskz_loadu_epi8(mask, wq + c * 64);
-        const __m512i d = _mm512_dpbusd_epi32(zero, _mm512_loadu_si512(x->absq + c * 64),
-                                              _mm512_mask_sub_epi8(w, x->negative[c], zero, w));
-        acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d),
-                               _mm512_mul_ps(weight_lane_scale(ws, c, gs, groups), _mm512_loadu_ps(x->lane_scale + c * 16)), acc0);
-    }
-    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
-}
-#endif
-
-#ifdef HAVE_AVX512_VNNI
-/* dot_q8_row for 4 consecutive rows at once. */
-static inline void dot_q8_rows4(float *out, const int8_t *wq, const float *ws, const QuantizedRows *x, int n, int gs) {
-    const int chunks = (n + 63) / 64, groups = n / gs;
-    const __m512i zero = _mm512_setzero_si512();
-    __m512 acc[4], row_scales[4];
-    for (int i = 0; i < 4; i++) acc[i] = _mm512_setzero_ps();
-    /* gs 32 (at most 16 groups here): each row's scales in one register, spread to the lanes of chunk c by
-       a permute with indices 2c (lanes 0-7) and 2c + 1 (lanes 8-15); past the last group they read 0. */
-    const int in_register = gs == 32 && groups <= 16;
-    if (in_register)
-        for (int i = 0; i < 4; i++) row_scales[i] = _mm512_maskz_loadu_ps((__mmask16)((1u << groups) - 1), ws + (size_t)i * groups);
-    __m512i pick = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-    for (int c = 0; c < chunks; c++) {
-        const __mmask64 mask = n - c * 64 >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (n - c * 64)) - 1);
-        const __m512i ax = _mm512_loadu_si512(x->absq + c * 64);
-        const __mmask64 neg = x->negative[c];
-        const __m512 xs = _mm512_loadu_ps(x->lane_scale + c * 16);
-        for (int i = 0; i < 4; i++) {
-            const __m512i w = _mm512_maskz_loadu_epi8(mask, wq + (size_t)i * n + c * 64);
-            const __m512i d = _mm512_dpbusd_epi32(zero, ax, _mm512_mask_sub_epi8(w, neg, zero, w));
-            const __m512 wscale = in_register ? _mm512_permutexvar_ps(pick, row_scales[i])
-                                              : weight_lane_scale(ws + (size_t)i * groups, c, gs, groups);
-            acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(wscale, xs), acc[i]);
+        for (int b = 0; b < NB; b++) {
+            const __m512 ws = _mm512_load_ps(m->packed_scales + ((size_t)(b0 + b) * groups + g) * 16);
+            for (int t = 0; t < T; t++)
+                acc[b][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[b][t]),
+                                            _mm512_mul_ps(ws, _mm512_set1_ps(x->s[(size_t)(t0 + t) * groups + g])), acc[b][t]);
         }
-        pick = _mm512_add_epi32(pick, _mm512_set1_epi32(2));
     }
-    for (int i = 0; i < 4; i++) out[i] = _mm512_reduce_add_ps(acc[i]);
+    for (int b = 0; b < NB; b++)
+        for (int t = 0; t < T; t++) _mm512_mask_storeu_ps(out + (size_t)(t0 + t) * ostride + (b0 + b) * 16, keep[b], acc[b][t]);
+}
+
+/* blocks_q8 for one block and one token (generation): the block's bytes are read in order, so the whole
+   matrix is one sequential stream (from memory the prefetchers keep up with one stream per core far better
+   than with several), and each group's sum is split over four chains to hide vpdpbusd's latency instead.
+   Integer sums are exact, so the result is bit for bit blocks_q8's. */
+static inline void block_q8_token(float *out, const Matrix *m, int b, __mmask16 keep, const QuantizedRows *x, int gs) {
+    const int cols = m->cols, groups = cols / gs, quads = gs / 4;
+    const uint8_t *w = m->packed + (size_t)b * (cols / 4) * 64;
+    __m512 acc = _mm512_setzero_ps();
+    for (int g = 0; g < groups; g++) {
+        __m512i dot[4] = {_mm512_set1_epi32(x->start[g]), _mm512_setzero_si512(), _mm512_setzero_si512(),
+                          _mm512_setzero_si512()};
+        const int end = (g + 1) * quads;
+        int k = g * quads;
+        for (; k + 4 <= end; k += 4)
+            for (int j = 0; j < 4; j++)
+                dot[j] = _mm512_dpbusd_epi32(dot[j], _mm512_load_si512(w + (size_t)(k + j) * 64),
+                                             _mm512_set1_epi32(load_i32(x->q + 4 * (k + j))));
+        for (; k < end; k++)
+            dot[0] = _mm512_dpbusd_epi32(dot[0], _mm512_load_si512(w + (size_t)k * 64), _mm512_set1_epi32(load_i32(x->q + 4 * k)));
+        const __m512i sum = _mm512_add_epi32(_mm512_add_epi32(dot[0], dot[1]), _mm512_add_epi32(dot[2], dot[3]));
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum),
+                              _mm512_mul_ps(_mm512_load_ps(m->packed_scales + ((size_t)b * groups + g) * 16), _mm512_set1_ps(x->s[g])),
+                              acc);
+    }
+    _mm512_mask_storeu_ps(out + b * 16, keep, acc);
+}
+
+/* Rows [r0, r1) on packed weights: the blocks that overlap the range, storing only the range's rows. */
+static void matmul_packed_q8(float *out, const Matrix *m, const QuantizedRows *x, int n_tok, int gs, int r0, int r1) {
+    const int NB = 2, b_end = (r1 + 15) / 16;
+    for (int b = r0 / 16; b < b_end; b += NB) {
+        const int nb = b_end - b < NB ? b_end - b : NB;
+        __mmask16 keep[4];
+        for (int i = 0; i < nb; i++) {
+            const int lo = r0 - 16 * (b + i), hi = r1 - 16 * (b + i); /* lanes [lo, hi) are in range */
+            keep[i] = (__mmask16)((hi >= 16 ? 0xFFFFu : (1u << (hi > 0 ? hi : 0)) - 1) & (lo <= 0 ? 0xFFFFu : ~((1u << lo) - 1)));
+        }
+        int t = 0;
+        if (n_tok == 1)
+            for (int i = 0; i < nb; i++) block_q8_token(out, m, b + i, keep[i], x, gs);
+        else if (nb == NB) {
+            for (; t + 4 <= n_tok; t += 4) blocks_q8(out, m->rows, m, b, keep, x, t, gs, 2, 4);
+            for (; t < n_tok; t++) blocks_q8(out, m->rows, m, b, keep, x, t, gs, 2, 1);
+        } else
+            for (int i = 0; i < nb; i++) {
+                for (t = 0; t + 4 <= n_tok; t += 4) blocks_q8(out, m->rows, m, b + i, keep + i, x, t, gs, 1, 4);
+                for (; t < n_tok; t++) blocks_q8(out, m->rows, m, b + i, keep + i, x, t, gs, 1, 1);
+            }
+    }
 }
 #endif
 
@@ -852,33 +854,13 @@ static float dot_q8(const int8_t *wq, const float *ws, const int8_t *xq, const f
 }
 
 static void matmul_rows_q8(float *out, const Matrix *m, const QuantizedRows *x, int n_tok, int gs, int r0, int r1) {
-    const int n = m->cols, groups = n / gs;
 #ifdef HAVE_AVX512_VNNI
-    if (vnni_group_ok(gs) && n_tok == 1) {
-        int r = r0;
-        if (n <= 512) /* short rows: 4 at a time share the loads of x (measured +30-50%); long rows stream one by one */
-            for (; r + 4 <= r1; r += 4) dot_q8_rows4(out + r, m->q + (size_t)r * n, m->s + (size_t)r * groups, x, n, gs);
-        for (; r < r1; r++) out[r] = dot_q8_row(m->q + (size_t)r * n, m->s + (size_t)r * groups, x, n, gs);
-        return;
-    }
-    if (vnni_group_ok(gs)) {
-        for (int r = r0; r < r1; r += 4) {
-            const int8_t *wq = m->q + (size_t)r * n;
-            const float *ws = m->s + (size_t)r * groups;
-            float *o = out + r;
-            if (r1 - r < 4) {
-                for (int rr = r; rr < r1; rr++)
-                    for (int t = 0; t < n_tok; t++)
-                        tile_q8(out + (size_t)t * m->rows + rr, m->rows, m->q + (size_t)rr * n, m->s + (size_t)rr * groups, x, t, n, gs, 1, 1);
-                break;
-            }
-            int t = 0;
-            for (; t + 4 <= n_tok; t += 4) tile_q8(o + (size_t)t * m->rows, m->rows, wq, ws, x, t, n, gs, 4, 4);
-            for (; t < n_tok; t++) tile_q8(o + (size_t)t * m->rows, m->rows, wq, ws, x, t, n, gs, 4, 1);
-        }
+    if (m->packed) {
+        matmul_packed_q8(out, m, x, n_tok, gs, r0, r1);
         return;
     }
 #endif
+    const int n = m->cols, groups = n / gs;
     for (int r = r0; r < r1; r++) {
         const int8_t *wq = m->q + (size_t)r * n;
         const float *ws = m->s + (size_t)r * groups;
@@ -987,12 +969,7 @@ static int runstate_alloc(Engine *e) {
             QuantizedRows *xq = &s->xq[i];
             xq->q = zalloc(MAX_BATCH * width, 1, &failed);
             xq->s = zalloc(MAX_BATCH * width, 4, &failed);
-#ifdef HAVE_AVX512_VNNI
-            xq->biased = zalloc(MAX_BATCH * width, 1, &failed);
-            xq->lane_scale = zalloc(MAX_BATCH * ((width + 63) / 64 * 16), 4, &failed);
-            xq->absq = zalloc((width + 63) / 64 * 64, 1, &failed);
-            xq->negative = zalloc((width + 63) / 64, sizeof(__mmask64), &failed);
-#endif
+            xq->start = zalloc(MAX_BATCH * width, 4, &failed);
         }
     if (failed) return -1;
     /* Same angles as model.py: float32 frequency times float32 position. */
@@ -1009,10 +986,7 @@ static int runstate_alloc(Engine *e) {
 static void runstate_free(RunState *s, int n_threads) {
     for (int i = 0; s->xq && i < n_threads; i++) {
         QuantizedRows *xq = &s->xq[i];
-        free(xq->q), free(xq->s);
-#ifdef HAVE_AVX512_VNNI
-        free(xq->biased), free(xq->lane_scale), free(xq->absq), free(xq->negative);
-#endif
+        free(xq->q), free(xq->s), free(xq->start);
     }
     void *all[] = {s->x, s->xb, s->xb2, s->q, s->hb, s->hb2, s->att, s->key_cache, s->value_cache, s->logits,
                    s->probs, s->prob_index, s->rope_cos, s->rope_sin, s->xbt, s->xq};
@@ -1075,12 +1049,14 @@ static void prepare_input(const Engine *e, QuantizedRows *xq, const float *x, in
     if (e->w.cfg.version != 2) return;
     const int gs = e->w.cfg.group_size;
     for (int t = 0; t < n_tok; t++) {
-        quantize_row(xq->q + (size_t)t * cols, xq->s + (size_t)t * (cols / gs), x + (size_t)t * cols, cols, gs);
+        const int8_t *q = xq->q + (size_t)t * cols;
+        quantize_row((int8_t *)q, xq->s + (size_t)t * (cols / gs), x + (size_t)t * cols, cols, gs);
 #ifdef HAVE_AVX512_VNNI
-        if (vnni_group_ok(gs) && n_tok == 1) prepare_sign_row(xq->absq, xq->negative, xq->q, cols);
-        if (vnni_group_ok(gs))
-            prepare_vnni_row(xq->biased + (size_t)t * cols, xq->lane_scale + (size_t)t * ((cols + 63) / 64 * 16),
-                             xq->q + (size_t)t * cols, xq->s + (size_t)t * (cols / gs), cols, gs);
+        for (int g = 0; g < cols / gs; g++) { /* where the packed kernel's sums start, see pack_q8 */
+            int32_t sum = 0;
+            for (int j = 0; j < gs; j++) sum += q[g * gs + j];
+            xq->start[(size_t)t * (cols / gs) + g] = -128 * sum;
+        }
 #endif
     }
 }
@@ -1331,6 +1307,9 @@ int arianna_feed(Engine *e, const int *tokens, int n, int pos) {
         forward_batch(e, tokens + done, n - done < MAX_BATCH ? n - done : MAX_BATCH, pos + done);
     return 0;
 }
+
+/* The logits of the last token fed, [vocab_size]; valid until the next arianna_feed. */
+const float *arianna_logits(const Engine *e) { return e->s.logits; }
 
 /* ------------------------------------------------------------------------------------------------ */
 /* Sampling                                                                                        */

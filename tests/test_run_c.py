@@ -21,7 +21,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from export import export_model, read_model_bin  # noqa: E402
+from export import export_model, q80_group_size, read_model_bin  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
 from tokenizer import Tokenizer, encode_dialog  # noqa: E402
 
@@ -129,6 +129,16 @@ class Engine:
         return self._ids(self.lib.arianna_chat_turn, system.encode() if system is not None else None, user.encode(),
                          int(first_turn))
 
+    def logits(self, tokens: list[int], batch: bool) -> torch.Tensor:
+        """The logits after feeding tokens from position 0, in one call or one token per call."""
+        if batch:
+            assert self.lib.arianna_feed(self.handle, (ctypes.c_int * len(tokens))(*tokens), len(tokens), 0) == 0
+        else:
+            for pos, token in enumerate(tokens):
+                assert self.lib.arianna_feed(self.handle, (ctypes.c_int * 1)(token), 1, pos) == 0
+        vocab = self.lib.arianna_vocab_size(self.handle)
+        return torch.tensor(self.lib.arianna_logits(self.handle)[:vocab])
+
     def greedy(self, prompt: list[int], steps: int, pos: int = 0, batch: bool = True) -> list[int]:
         """Feeds prompt at pos, then generates greedily; returns the new tokens (stops at EOS)."""
         if batch:
@@ -163,6 +173,8 @@ def lib(built) -> ctypes.CDLL:
     library.arianna_feed.argtypes = [ctypes.c_void_p, int_p, ctypes.c_int, ctypes.c_int]
     library.arianna_sample.argtypes = [ctypes.c_void_p, ctypes.c_float, ctypes.c_float,
                                        ctypes.POINTER(ctypes.c_ulonglong)]
+    library.arianna_logits.restype = ctypes.POINTER(ctypes.c_float)
+    library.arianna_logits.argtypes = [ctypes.c_void_p]
     library.arianna_decode.restype = ctypes.c_char_p
     library.arianna_decode.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
     return library
@@ -178,6 +190,20 @@ def dequantized_model(path: Path) -> Transformer:
     model = Transformer(args)
     model.load_state_dict(state)
     return model.eval()
+
+
+def with_int8_activations(model: Transformer, group_size: int) -> Transformer:
+    """model, with the input of every matrix product rounded to Q8_0 first, as run.c does for version 2."""
+    def round_to_q80(module: torch.nn.Module, inputs: tuple[torch.Tensor]) -> tuple[torch.Tensor]:
+        groups = inputs[0].unflatten(-1, (-1, group_size))
+        scale = groups.abs().amax(-1, keepdim=True) / 127.0
+        inverse = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
+        return ((groups * inverse).round() * scale).flatten(-2),  # round() is half to even, as lrintf
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.register_forward_pre_hook(round_to_q80)
+    return model
 
 
 def run_binary(binary: Path, *args: str, stdin: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -249,6 +275,45 @@ def expected_text(tokenizer_bin: Path, tokens: list[int]) -> bytes:
             piece = piece[1:]
         out += piece
     return out
+
+
+@pytest.mark.parametrize("shape", [
+    # head 24 (not a SIMD width), Q8_0 groups of 8, 72 rows (a partial block of 16), 3 kv heads that 2 threads
+    # cannot split evenly, so each thread's rows of k and v start mid-block.
+    dict(dim=72, n_heads=3, n_kv_heads=3),
+    dict(dim=96, n_heads=6, n_kv_heads=2),  # grouped-query attention, Q8_0 groups of 32 as in shape B
+])
+def test_logits_match_pytorch_for_batches_and_threads(shape, built, lib, workdir, tokenizer_files):
+    """Logits after an 80-token prompt (two batches of at most 64) against PyTorch, fed as a batch and token by
+    token, on 1 and 2 threads. Version 2 is compared with its dequantized weights applied to inputs rounded to Q8_0
+    as the engine rounds them. Threads split rows, which changes no sum, and the int8 kernels do the same arithmetic
+    per row and token in both feeding modes: those must agree bit for bit."""
+    torch.manual_seed(1)
+    vocab = Tokenizer(tokenizer_files[0]).n_words
+    # One layer: through a second one, a Q8_0 rounding tie that float noise breaks the other way would show.
+    model = Transformer(ModelArgs(**shape, n_layers=1, vocab_size=vocab, max_seq_len=96)).eval()
+    tokens = torch.randint(3, vocab, (80,)).tolist()
+    for version in (1, 2):
+        path = export_model(model, workdir / f"shape{shape['dim']}_v{version}.bin", version=version)
+        group_size = q80_group_size(model.args, 64)  # what export_model chose
+        reference = model if version == 1 else with_int8_activations(dequantized_model(path), group_size)
+        with torch.no_grad():
+            want = reference(torch.tensor([tokens]))[0][0, -1]
+        got = {}
+        for threads in (1, 2):
+            for batch in (True, False):
+                engine = Engine(lib, path, tokenizer_files[1], threads=threads)
+                try:
+                    got[threads, batch] = engine.logits(tokens, batch)
+                finally:
+                    engine.close()
+        scale = want.abs().max().item()
+        for (threads, batch), logits in got.items():
+            error = (logits - want).abs().max().item() / scale
+            assert error < (1e-5 if version == 1 else 1e-4), (version, threads, batch, error)
+        assert torch.equal(got[1, True], got[2, True]) and torch.equal(got[1, False], got[2, False]), version
+        if version == 2:
+            assert torch.equal(got[1, True], got[1, False])
 
 
 @pytest.mark.parametrize("version", [0, 1, 2])

@@ -624,6 +624,38 @@ static inline float hsum(vfloat v) {
     return (lo[0] + lo[2]) + (lo[1] + lo[3]);
 }
 
+#if defined(__AVX512F__)
+/* Lane j of the result is the sum of the lanes of v[j]: 16 horizontal sums in 45 shuffles and adds. */
+static inline __m512 hsum16(const __m512 v[16]) {
+    __m512 a[8], b[4];
+    for (int j = 0; j < 8; j++)
+        a[j] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * j], v[2 * j + 1]), _mm512_unpackhi_ps(v[2 * j], v[2 * j + 1]));
+    for (int j = 0; j < 4; j++)
+        b[j] = _mm512_add_ps(_mm512_shuffle_ps(a[2 * j], a[2 * j + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_ps(a[2 * j], a[2 * j + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    const __m512 c0 = _mm512_add_ps(_mm512_shuffle_f32x4(b[0], b[1], 0x88), _mm512_shuffle_f32x4(b[0], b[1], 0xDD));
+    const __m512 c1 = _mm512_add_ps(_mm512_shuffle_f32x4(b[2], b[3], 0x88), _mm512_shuffle_f32x4(b[2], b[3], 0xDD));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(c0, c1, 0x88), _mm512_shuffle_f32x4(c0, c1, 0xDD));
+}
+
+/* exp(x) for x <= 0 to about 1 ulp (Cephes' expf polynomial, 2^n applied by scalef). */
+static inline __m512 exp_nonpositive(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+#endif
+
 /* out[c*ostride + r] = dot(w row r, x row c) for R rows of w and C rows of x: R*C accumulators in registers,
    so each loaded weight vector is used C times. R and C are constants once inlined. */
 #if defined(__AVX512F__)
@@ -641,6 +673,17 @@ static inline __attribute__((always_inline)) void tile_f32(float *out, int ostri
             const __m512 wv = _mm512_maskz_loadu_ps(mask, w + (size_t)r * n + k);
             for (int c = 0; c < C; c++) acc[r][c] = _mm512_fmadd_ps(wv, xv[c], acc[r][c]);
         }
+    }
+    if (R == 4 && C == 4) { /* the 16 sums in one go: lanes 4c..4c+3 are token c's 4 rows */
+        __m512 all[16];
+        for (int c = 0; c < 4; c++)
+            for (int r = 0; r < 4; r++) all[4 * c + r] = acc[r][c];
+        const __m512 sums = hsum16(all);
+        _mm_storeu_ps(out, _mm512_extractf32x4_ps(sums, 0));
+        _mm_storeu_ps(out + (size_t)ostride, _mm512_extractf32x4_ps(sums, 1));
+        _mm_storeu_ps(out + (size_t)2 * ostride, _mm512_extractf32x4_ps(sums, 2));
+        _mm_storeu_ps(out + (size_t)3 * ostride, _mm512_extractf32x4_ps(sums, 3));
+        return;
     }
     for (int r = 0; r < R; r++)
         for (int c = 0; c < C; c++) out[(size_t)c * ostride + r] = _mm512_reduce_add_ps(acc[r][c]);
@@ -722,7 +765,9 @@ typedef struct {
     int32_t *start;     /* [MAX_BATCH][cols / group_size]: -128 * sum of the group's q (packed kernel only) */
 } QuantizedRows;
 
-static void quantize_row(int8_t *q, float *s, const float *x, int n, int gs) {
+/* x [n] to Q8_0: q [n], scales s [n / gs], and per group -128 * (sum of its q), where the packed int8 kernel
+   starts each group's sum (see pack_q8). */
+static void quantize_row(int8_t *q, float *s, int32_t *start, const float *x, int n, int gs) {
 #if defined(__AVX512F__)
     if (gs % 16 == 0) { /* the same arithmetic as below, 16 lanes at a time (cvtps rounds half to even, as lrintf) */
         for (int g = 0; g < n / gs; g++) {
@@ -732,9 +777,13 @@ static void quantize_row(int8_t *q, float *s, const float *x, int n, int gs) {
             const float scale = _mm512_reduce_max_ps(amax) / 127.0f, inv = scale > 0.0f ? 1.0f / scale : 0.0f;
             s[g] = scale;
             const __m512 vinv = _mm512_set1_ps(inv);
-            for (int j = 0; j < gs; j += 16)
-                _mm_storeu_si128((__m128i *)(q + (size_t)g * gs + j),
-                                 _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xg + j), vinv))));
+            __m512i sum = _mm512_setzero_si512();
+            for (int j = 0; j < gs; j += 16) {
+                const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xg + j), vinv));
+                _mm_storeu_si128((__m128i *)(q + (size_t)g * gs + j), _mm512_cvtepi32_epi8(v));
+                sum = _mm512_add_epi32(sum, v);
+            }
+            start[g] = -128 * _mm512_reduce_add_epi32(sum);
         }
         return;
     }
@@ -744,7 +793,9 @@ static void quantize_row(int8_t *q, float *s, const float *x, int n, int gs) {
         for (int j = 0; j < gs; j++) amax = fmaxf(amax, fabsf(x[g * gs + j]));
         const float scale = amax / 127.0f, inv = scale > 0.0f ? 1.0f / scale : 0.0f;
         s[g] = scale;
-        for (int j = 0; j < gs; j++) q[g * gs + j] = (int8_t)lrintf(x[g * gs + j] * inv);
+        int32_t sum = 0;
+        for (int j = 0; j < gs; j++) sum += q[g * gs + j] = (int8_t)lrintf(x[g * gs + j] * inv);
+        start[g] = -128 * sum;
     }
 }
 
@@ -871,7 +922,16 @@ static void matmul_rows_q8(float *out, const Matrix *m, const QuantizedRows *x, 
 
 static void rmsnorm(float *out, const float *x, const float *weight, int n, float eps) {
     float ss = 0.0f;
+#if defined(__AVX512F__)
+    __m512 squares = _mm512_setzero_ps();
+    for (int i = 0; i < n; i += 16) {
+        const __m512 v = _mm512_maskz_loadu_ps(n - i >= 16 ? 0xFFFF : (__mmask16)((1u << (n - i)) - 1), x + i);
+        squares = _mm512_fmadd_ps(v, v, squares);
+    }
+    ss = _mm512_reduce_add_ps(squares);
+#else
     for (int i = 0; i < n; i++) ss += x[i] * x[i];
+#endif
     const float inv = 1.0f / sqrtf(ss / (float)n + eps);
     for (int i = 0; i < n; i++) out[i] = x[i] * inv * weight[i];
 }
@@ -1049,15 +1109,8 @@ static void prepare_input(const Engine *e, QuantizedRows *xq, const float *x, in
     if (e->w.cfg.version != 2) return;
     const int gs = e->w.cfg.group_size;
     for (int t = 0; t < n_tok; t++) {
-        const int8_t *q = xq->q + (size_t)t * cols;
-        quantize_row((int8_t *)q, xq->s + (size_t)t * (cols / gs), x + (size_t)t * cols, cols, gs);
-#ifdef HAVE_AVX512_VNNI
-        for (int g = 0; g < cols / gs; g++) { /* where the packed kernel's sums start, see pack_q8 */
-            int32_t sum = 0;
-            for (int j = 0; j < gs; j++) sum += q[g * gs + j];
-            xq->start[(size_t)t * (cols / gs) + g] = -128 * sum;
-        }
-#endif
+        quantize_row(xq->q + (size_t)t * cols, xq->s + (size_t)t * (cols / gs), xq->start + (size_t)t * (cols / gs),
+                     x + (size_t)t * cols, cols, gs);
     }
 }
 
@@ -1084,36 +1137,6 @@ static void rope_range(const RunState *s, float *v, int n_tok, int width, int he
 }
 
 #if defined(__AVX512F__)
-/* Lane j of the result is the sum of the lanes of v[j]: 16 horizontal sums in 45 shuffles and adds. */
-static inline __m512 hsum16(const __m512 v[16]) {
-    __m512 a[8], b[4];
-    for (int j = 0; j < 8; j++)
-        a[j] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * j], v[2 * j + 1]), _mm512_unpackhi_ps(v[2 * j], v[2 * j + 1]));
-    for (int j = 0; j < 4; j++)
-        b[j] = _mm512_add_ps(_mm512_shuffle_ps(a[2 * j], a[2 * j + 1], _MM_SHUFFLE(1, 0, 1, 0)),
-                             _mm512_shuffle_ps(a[2 * j], a[2 * j + 1], _MM_SHUFFLE(3, 2, 3, 2)));
-    const __m512 c0 = _mm512_add_ps(_mm512_shuffle_f32x4(b[0], b[1], 0x88), _mm512_shuffle_f32x4(b[0], b[1], 0xDD));
-    const __m512 c1 = _mm512_add_ps(_mm512_shuffle_f32x4(b[2], b[3], 0x88), _mm512_shuffle_f32x4(b[2], b[3], 0xDD));
-    return _mm512_add_ps(_mm512_shuffle_f32x4(c0, c1, 0x88), _mm512_shuffle_f32x4(c0, c1, 0xDD));
-}
-
-/* exp(x) for x <= 0 to about 1 ulp (Cephes' expf polynomial, 2^n applied by scalef). */
-static inline __m512 exp_nonpositive(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_scalef_ps(p, n);
-}
-
 /* One head of one token, head a multiple of 16 (at most 128): q and the output stay in registers, the scores
    of 16 positions are reduced together, exp is vectorized. */
 static void attention_head_avx512(float *out, const float *q, const float *kc, const float *vc, int kv_dim, int head,
@@ -1191,6 +1214,25 @@ static void attention_head(Engine *e, int l, int t, int h, int pos, float *att) 
         const float a = att[p] / sum, *v = vc + (size_t)p * kv_dim;
         for (int i = 0; i < head; i++) out[i] += a * v[i];
     }
+}
+
+/* h = silu(h) * gate over n values (SwiGLU). Every value takes the same path whatever its index, so how the
+   threads split the rows cannot change a result. */
+static void swiglu(float *h, const float *gate, int n) {
+#if defined(__AVX512F__)
+    /* silu(a) = a / (1 + exp(-a)) = a e / (1 + e) with e = exp(a): take e = exp(-|a|) <= 1, which cannot
+       overflow, and use the form that fits the sign. */
+    for (int i = 0; i < n; i += 16) {
+        const __mmask16 mask = n - i >= 16 ? 0xFFFF : (__mmask16)((1u << (n - i)) - 1);
+        const __m512 a = _mm512_maskz_loadu_ps(mask, h + i), one = _mm512_set1_ps(1.0f);
+        const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(a)));
+        const __m512 numerator = _mm512_mask_mul_ps(a, _mm512_cmp_ps_mask(a, _mm512_setzero_ps(), _CMP_LT_OQ), a, e);
+        _mm512_mask_storeu_ps(h + i, mask,
+                              _mm512_mul_ps(_mm512_div_ps(numerator, _mm512_add_ps(one, e)), _mm512_maskz_loadu_ps(mask, gate + i)));
+    }
+#else
+    for (int i = 0; i < n; i++) h[i] = h[i] / (1.0f + expf(-h[i])) * gate[i];
+#endif
 }
 
 static void embed(const Weights *w, float *x, int token) {
@@ -1280,12 +1322,7 @@ static void forward_batch(Engine *e, const int *tokens, int n_tok, int pos) {
             thread_rows(hidden, tid, nth, &r0, &r1);
             matmul_range(e, s->hb, &L->w1, xb, xq, n_tok, r0, r1);
             matmul_range(e, s->hb2, &L->w3, xb, xq, n_tok, r0, r1);
-            for (int t = 0; t < n_tok; t++)
-                for (int r = r0; r < r1; r++) {
-                    float *h1 = s->hb + (size_t)t * hidden + r;
-                    const float a = *h1;
-                    *h1 = a / (1.0f + expf(-a)) * s->hb2[(size_t)t * hidden + r]; /* SwiGLU */
-                }
+            for (int t = 0; t < n_tok; t++) swiglu(s->hb + (size_t)t * hidden + r0, s->hb2 + (size_t)t * hidden + r0, r1 - r0);
 #pragma omp barrier
             /* w2, then the residual. */
             add_projection(e, &L->w2, s->hb, hidden, xq, n_tok, tid, nth);

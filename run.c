@@ -1248,7 +1248,6 @@ static void embed(const Weights *w, float *x, int token) {
     for (int i = 0; i < dim; i++) x[i] = q[i] * sc[i / gs];
 }
 
-/* Tokens at positions pos..pos+n_tok-1 (n_tok <= MAX_BATCH) through the model; logits of the last one. */
 /* x[t] += m @ in[t] for the n_tok tokens, on this thread's rows of the residual stream (in: [n_tok, cols]). */
 static void add_projection(Engine *e, const Matrix *m, const float *in, int cols, QuantizedRows *xq, int n_tok,
                            int tid, int nth) {
@@ -1262,7 +1261,10 @@ static void add_projection(Engine *e, const Matrix *m, const float *in, int cols
         for (int r = r0; r < r1; r++) s->x[(size_t)t * dim + r] += s->xb2[(size_t)t * dim + r];
 }
 
-static void forward_batch(Engine *e, const int *tokens, int n_tok, int pos) {
+/* Tokens at positions pos..pos+n_tok-1 (n_tok <= MAX_BATCH) through the model into the KV cache. With
+   kv_only_at_end, the last layer stops once their keys and values are in the cache: the rest of it only
+   feeds the classifier, and nobody reads these tokens' logits. Otherwise the logits of the last token. */
+static void forward_batch(Engine *e, const int *tokens, int n_tok, int pos, int kv_only_at_end) {
     const Config *c = &e->w.cfg;
     RunState *s = &e->s;
     const int dim = c->dim, hidden = c->hidden_dim, head = dim / c->n_heads, kv_dim = head * c->n_kv_heads;
@@ -1279,6 +1281,7 @@ static void forward_batch(Engine *e, const int *tokens, int n_tok, int pos) {
         int r0, r1;
         for (int l = 0; l < c->n_layers; l++) {
             const Layer *L = &e->w.layers[l];
+            const int kv_only = kv_only_at_end && l == c->n_layers - 1;
             float *k = s->key_cache + ((size_t)l * c->seq_len + pos) * kv_dim;
             float *v = s->value_cache + ((size_t)l * c->seq_len + pos) * kv_dim;
             /* q, k, v: rows of the three matrices as one range, RoPE on this thread's rows. */
@@ -1289,25 +1292,30 @@ static void forward_batch(Engine *e, const int *tokens, int n_tok, int pos) {
                    then their attention, with no barrier in between. */
                 const int group = c->n_heads / c->n_kv_heads;
                 const int kv0 = c->n_kv_heads / nth * tid, kv1 = kv0 + c->n_kv_heads / nth;
-                matmul_range(e, s->q, &L->wq, xb, xq, n_tok, kv0 * group * head, kv1 * group * head);
-                rope_range(s, s->q, n_tok, dim, head, pos, kv0 * group * head, kv1 * group * head);
+                if (!kv_only) {
+                    matmul_range(e, s->q, &L->wq, xb, xq, n_tok, kv0 * group * head, kv1 * group * head);
+                    rope_range(s, s->q, n_tok, dim, head, pos, kv0 * group * head, kv1 * group * head);
+                }
                 matmul_range(e, k, &L->wk, xb, xq, n_tok, kv0 * head, kv1 * head);
                 rope_range(s, k, n_tok, kv_dim, head, pos, kv0 * head, kv1 * head);
                 matmul_range(e, v, &L->wv, xb, xq, n_tok, kv0 * head, kv1 * head);
+                if (kv_only) break;
                 for (int t = 0; t < n_tok; t++)
                     for (int h = kv0 * group; h < kv1 * group; h++) attention_head(e, l, t, h, pos, att);
             } else {
-                thread_rows(dim + 2 * kv_dim, tid, nth, &r0, &r1);
-                const int a0 = r0 < dim ? r0 : dim, a1 = r1 < dim ? r1 : dim;
+                const int q_rows = kv_only ? 0 : dim;
+                thread_rows(q_rows + 2 * kv_dim, tid, nth, &r0, &r1);
+                const int a0 = r0 < q_rows ? r0 : q_rows, a1 = r1 < q_rows ? r1 : q_rows;
                 matmul_range(e, s->q, &L->wq, xb, xq, n_tok, a0, a1);
                 rope_range(s, s->q, n_tok, dim, head, pos, a0, a1);
-                int b0 = r0 - dim, b1 = r1 - dim;
+                int b0 = r0 - q_rows, b1 = r1 - q_rows;
                 b0 = b0 < 0 ? 0 : b0 > kv_dim ? kv_dim : b0, b1 = b1 < 0 ? 0 : b1 > kv_dim ? kv_dim : b1;
                 matmul_range(e, k, &L->wk, xb, xq, n_tok, b0, b1);
                 rope_range(s, k, n_tok, kv_dim, head, pos, b0, b1);
-                b0 = r0 - dim - kv_dim, b1 = r1 - dim - kv_dim;
+                b0 = r0 - q_rows - kv_dim, b1 = r1 - q_rows - kv_dim;
                 b0 = b0 < 0 ? 0 : b0 > kv_dim ? kv_dim : b0, b1 = b1 < 0 ? 0 : b1 > kv_dim ? kv_dim : b1;
                 matmul_range(e, v, &L->wv, xb, xq, n_tok, b0, b1);
+                if (kv_only) break;
 #pragma omp barrier
                 for (int th = tid; th < n_tok * c->n_heads; th += nth) /* round robin: the causal triangle evens out */
                     attention_head(e, l, th / c->n_heads, th % c->n_heads, pos, att);
@@ -1328,11 +1336,12 @@ static void forward_batch(Engine *e, const int *tokens, int n_tok, int pos) {
             add_projection(e, &L->w2, s->hb, hidden, xq, n_tok, tid, nth);
 #pragma omp barrier
         }
-        /* The classifier (the largest matrix of small models), split like the others. */
-        rmsnorm(xb, s->x + (size_t)(n_tok - 1) * dim, e->w.rms_final, dim, 1e-5f);
-        prepare_input(e, xq, xb, 1, dim);
-        thread_rows(c->vocab_size, tid, nth, &r0, &r1);
-        matmul_range(e, s->logits, &e->w.classifier, xb, xq, 1, r0, r1);
+        if (!kv_only_at_end) { /* the classifier (the largest matrix of small models), split like the others */
+            rmsnorm(xb, s->x + (size_t)(n_tok - 1) * dim, e->w.rms_final, dim, 1e-5f);
+            prepare_input(e, xq, xb, 1, dim);
+            thread_rows(c->vocab_size, tid, nth, &r0, &r1);
+            matmul_range(e, s->logits, &e->w.classifier, xb, xq, 1, r0, r1);
+        }
     }
 }
 
@@ -1340,8 +1349,10 @@ int arianna_feed(Engine *e, const int *tokens, int n, int pos) {
     if (n <= 0 || pos < 0 || pos > e->w.cfg.seq_len - n) return -1;
     for (int i = 0; i < n; i++)
         if (tokens[i] < 0 || tokens[i] >= e->w.cfg.vocab_size) return -1;
-    for (int done = 0; done < n; done += MAX_BATCH)
-        forward_batch(e, tokens + done, n - done < MAX_BATCH ? n - done : MAX_BATCH, pos + done);
+    /* Every token but the last only has to reach the KV cache: in batches, then the last on its own. */
+    for (int done = 0; done < n - 1; done += MAX_BATCH)
+        forward_batch(e, tokens + done, n - 1 - done < MAX_BATCH ? n - 1 - done : MAX_BATCH, pos + done, 1);
+    forward_batch(e, tokens + n - 1, 1, pos + n - 1, 0);
     return 0;
 }
 

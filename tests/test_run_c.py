@@ -12,6 +12,7 @@ import random
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -397,6 +398,29 @@ def test_sampling_is_reproducible_with_a_seed(built, model_files, tokenizer_file
                           "-n", "60").stdout for s, p in [("7", "0.9"), ("7", "0.9"), ("8", "0.9"), ("7", "1")]]
     assert outputs[0] == outputs[1]
     assert outputs[0] != outputs[2] or outputs[0] != outputs[3]
+
+
+def thread_count(built: Path, model: Path, tokenizer: Path, env: dict, *flags: str) -> int:
+    """The thread count ./run reports on its statistics line."""
+    result = subprocess.run([str(built / "run"), str(model), "-z", str(tokenizer), "-n", "4", *flags],
+                            capture_output=True, timeout=60, env=env)
+    assert result.returncode == 0, result.stderr.decode()
+    return int(result.stderr.decode().rsplit("; ", 1)[1].split()[0])
+
+
+def test_default_thread_count_leaves_busy_cpus_alone(built, model_files, tokenizer_files):
+    env = {k: v for k, v in ENV.items() if k != "OMP_NUM_THREADS"}
+    args = (built, model_files[1], tokenizer_files[1])
+    assert thread_count(*args, {**env, "OMP_NUM_THREADS": "3"}) == 3
+    assert thread_count(*args, env, "-T", "2") == 2
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        time.sleep(0.5)  # until both are running
+        assert thread_count(*args, env) <= max(1, len(os.sched_getaffinity(0)) - 2)
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+            spinner.wait()
 
 
 def corrupt_cases(model: Path, tokenizer: Path, tmp: Path) -> list[tuple[str, list, str]]:

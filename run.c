@@ -779,9 +779,9 @@ static void quantize_row(int8_t *q, float *s, int32_t *start, const float *x, in
             const __m512 vinv = _mm512_set1_ps(inv);
             __m512i sum = _mm512_setzero_si512();
             for (int j = 0; j < gs; j += 16) {
-                const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xg + j), vinv));
-                _mm_storeu_si128((__m128i *)(q + (size_t)g * gs + j), _mm512_cvtepi32_epi8(v));
-                sum = _mm512_add_epi32(sum, v);
+                const __m128i q16 = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xg + j), vinv)));
+                _mm_storeu_si128((__m128i *)(q + (size_t)g * gs + j), q16);
+                sum = _mm512_add_epi32(sum, _mm512_cvtepi8_epi32(q16)); /* the stored bytes (NaN makes 0, not INT_MIN) */
             }
             start[g] = -128 * _mm512_reduce_add_epi32(sum);
         }

@@ -66,11 +66,16 @@ def rope_tables(head_dim: int, max_seq_len: int, theta: float = 10000.0) -> tupl
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate each adjacent pair (x[2i], x[2i+1]) of x [B, T, H, D] by the position's angle, as llama2.c does.
 
-    As one complex multiplication per pair: a third of the time of the same rotation in real arithmetic.
+    Eager: one complex multiplication per pair, a third of the time of the same rotation in real arithmetic.
+    Under torch.compile, real arithmetic, which inductor fuses into one kernel (it cannot generate complex code).
     """
-    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
-    rotation = torch.complex(cos, sin)[None, :, None, :]
-    return torch.view_as_real(pairs * rotation).flatten(-2).type_as(x)
+    pairs = x.float().unflatten(-1, (-1, 2))
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    if torch.compiler.is_compiling():
+        real, imag = pairs.unbind(-1)
+        return torch.stack((real * cos - imag * sin, real * sin + imag * cos), -1).flatten(-2).type_as(x)
+    rotated = torch.view_as_complex(pairs) * torch.complex(cos, sin)
+    return torch.view_as_real(rotated).flatten(-2).type_as(x)
 
 
 class Attention(nn.Module):

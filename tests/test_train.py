@@ -18,7 +18,7 @@ from sentencepiece import SentencePieceProcessor
 
 from conftest import REPO, TINY_MODEL_FLAGS, TINY_VOCAB, run_script
 from export import MAGIC, dequantize_q80, export_model, quantize_q80, read_model_bin
-from model import ModelArgs, Transformer
+from model import ModelArgs, Transformer, apply_rope, rope_tables
 from training import load_checkpoint, model_from_checkpoint, oom_guard, setup_runtime
 
 
@@ -103,6 +103,20 @@ def test_torchrun_two_processes_train_and_save(tiny_workspace: Path) -> None:
     assert load_checkpoint(out / "ckpt.pt")["iter_num"] == 6
     assert [entry["iter"] for entry in read_log(out)] == [3, 6]  # only rank 0 writes the log
     assert (out / "model.bin").is_file()
+
+
+def test_rope_rotates_pairs_as_llama2c_eager_and_compiled() -> None:
+    """Both forms of apply_rope (complex eager, real under torch.compile) against the rotation written out."""
+    x = torch.randn(2, 5, 3, 8)
+    cos, sin = rope_tables(8, 5)
+    want = torch.empty_like(x)
+    for pos in range(5):
+        for i in range(4):
+            a, b = x[:, pos, :, 2 * i], x[:, pos, :, 2 * i + 1]
+            want[:, pos, :, 2 * i] = a * cos[pos, i] - b * sin[pos, i]
+            want[:, pos, :, 2 * i + 1] = a * sin[pos, i] + b * cos[pos, i]
+    torch.testing.assert_close(apply_rope(x, cos, sin), want)
+    torch.testing.assert_close(torch.compile(apply_rope)(x, cos, sin), want)
 
 
 @pytest.mark.parametrize("tied", [True, False])

@@ -52,8 +52,10 @@ librun.so: run.c
 	$(CC) $(CFLAGS_BASE) $(NATIVE) $(OPENMP) -shared -fPIC -DARIANNA_LIBRARY -o librun.so run.c $(LDLIBS)
 
 # Generation and prompt tokens/s for shapes B, A, C with random weights, fp32 and int8, 1 and 2 threads.
-bench: bench_run.c run.c
+bench_run: bench_run.c run.c
 	$(CC) $(CFLAGS_BASE) $(NATIVE) $(OPENMP) -o bench_run bench_run.c $(LDLIBS)
+
+bench: bench_run
 	./bench_run
 
 # libFuzzer on the model and tokenizer loaders (needs clang: apt-get install clang). Not part of `make test`.

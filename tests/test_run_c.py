@@ -474,3 +474,13 @@ def test_bad_input_fails_cleanly_under_sanitizers(version, built, model_files, t
         assert "Sanitizer" not in stderr and "runtime error" not in stderr, (name, stderr)
         lines = stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], (name, stderr)
+
+
+def test_bench_prints_a_row_per_setting(built):
+    """`make bench`'s program, on the smallest shape with few tokens: one table row per weights x threads."""
+    subprocess.run(["make", "-s", "bench_run"], cwd=REPO, check=True, capture_output=True)
+    result = run_binary(REPO / "bench_run", "4", "4", "B", "12", "12")
+    assert result.returncode == 0, result.stderr.decode()
+    rows = [line.split("|")[1:-1] for line in result.stdout.decode().splitlines()[2:]]
+    assert [(row[1].strip(), row[2].strip()) for row in rows] == [("fp32", "1"), ("fp32", "2"), ("int8", "1"), ("int8", "2")]
+    assert all(float(value) > 0 for row in rows for value in row[3:5])

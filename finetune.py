@@ -2,6 +2,7 @@
 --method=dpo|reward|ppo hands over to preference.py with the same flags and machinery.
 
     python finetune.py --init_from=out/ckpt.pt --data=train.jsonl --method=sft --lora_r=8 --epochs=3 --out_dir=out/sft
+    torchrun --standalone --nproc_per_node=2 finetune.py ...      # sft, dpo and reward with DistributedDataParallel
 
 Data (JSON lines; the format is detected on each line):
     {"instruction": ..., "input": ... (optional), "output": ...}   user = instruction [+ "\\n\\n" + input]
@@ -15,7 +16,7 @@ Outputs in --out_dir: ckpt.pt (resumable; the full model for a full fine-tune, o
 checkpoint's path and sha256 with LoRA), phoenix_{step}.pt every --checkpoint_every steps (the last --keep_last
 kept), log.jsonl, model.bin (adapters merged, via export.py), merged.pt with --merge (a plain full checkpoint).
 
-Reusable pieces (preference.py builds on them; see also /work/notes/FINETUNE_API.md):
+Reusable pieces (preference.py builds on them):
     FinetuneConfig, parse_finetune_config(argv)       every flag of every method
     read_jsonl(path) -> [(line_number, dict)]          line-numbered warnings, error when nothing is usable
     warn_line(path, line_number, reason)               the same warning format for your own checks
@@ -39,9 +40,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, NoReturn, Optional, Sequence
 
+import contextlib
+
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 import lora
 from config import parse_config
@@ -475,13 +479,15 @@ def load_tokenizer(cfg: FinetuneConfig, base: BaseCheckpoint) -> Tokenizer:
 
 # ----------------------------------------------------------------------------- the training loop
 
-def planned_steps(cfg: FinetuneConfig, rows_per_micro: Callable[[int], int], n_examples: int) -> int:
-    """--max_iters, else the optimizer steps needed to show every example --epochs times (batch schedule included)."""
+def planned_steps(cfg: FinetuneConfig, rows_per_micro: Callable[[int], int], n_examples: int, world_size: int = 1) -> int:
+    """--max_iters, else the optimizer steps needed to show every example --epochs times (batch schedule included;
+    under torchrun every process takes its own micro-batches)."""
     if cfg.max_iters > 0:
         return cfg.max_iters
     needed, seen, micro, step = math.ceil(cfg.epochs * n_examples), 0, 0, 0
     while seen < needed:
-        for _ in range(accumulation_steps(step, cfg.gradient_accumulation_steps, cfg.batch_schedule, cfg.boundaries)):
+        for _ in range(world_size * accumulation_steps(step, cfg.gradient_accumulation_steps, cfg.batch_schedule,
+                                                       cfg.boundaries)):
             seen += rows_per_micro(micro)
             micro += 1
         step += 1
@@ -490,7 +496,22 @@ def planned_steps(cfg: FinetuneConfig, rows_per_micro: Callable[[int], int], n_e
 
 MicroStep = Callable[[int, int], tuple[torch.Tensor, int, dict]]
 """micro_step(step, micro_index) -> (loss to backpropagate, tokens processed, metrics to log); micro_index counts
-micro-batches from the start of training, so data order can be a pure function of it (exact resume)."""
+micro-batches from the start of training over all processes (process r of W takes micro-batches r, r + W, ...),
+so data order is a pure function of it: resume is exact, and W processes with accumulation A train on the very
+micro-batches one process with accumulation W*A does."""
+
+
+class MicroStepModule(nn.Module):
+    """The modules being trained, with a micro-step as forward: DistributedDataParallel syncs the gradients of
+    what runs inside its forward, and each method's micro-step calls the models its own way."""
+
+    def __init__(self, trainable: nn.Module):
+        super().__init__()
+        self.trainable = trainable
+        self.micro_step: Optional[MicroStep] = None
+
+    def forward(self, step: int, micro: int) -> tuple[torch.Tensor, int, dict]:
+        return self.micro_step(step, micro)
 
 
 class Trainer:
@@ -504,12 +525,17 @@ class Trainer:
 
     def __init__(self, cfg: FinetuneConfig, runtime: Runtime, model: Transformer, base: BaseCheckpoint,
                  total_steps: int, extra_modules: Optional[dict[str, nn.Module]] = None):
-        if runtime.ddp:
-            fail("finetune.py trains on one device; run it with python, not torchrun")
+        if runtime.ddp and cfg.method == "ppo":
+            fail("--method=ppo runs on one process (its rollouts are not split); run it with python, not torchrun")
         self.cfg, self.runtime, self.model, self.base = cfg, runtime, model, base
         self.total_steps = total_steps
         self.extra_modules = extra_modules or {}
         trainable = nn.ModuleDict({"model": model, **self.extra_modules})
+        self.micro_module = MicroStepModule(trainable)
+        # Under torchrun: rank 0's weights to every process now, averaged gradients after every optimizer step.
+        self.forward = self.micro_module if not runtime.ddp else DistributedDataParallel(
+            self.micro_module, device_ids=[runtime.local_rank] if runtime.device_type == "cuda" else None,
+            broadcast_buffers=False)  # the buffers (RoPE tables, NF4 base weights) never change
         self.optimizer = make_optimizer(trainable, cfg.learning_rate, cfg.weight_decay, (cfg.beta1, cfg.beta2), runtime)
         self.params = [p for p in trainable.parameters() if p.requires_grad]
         self.step = 0
@@ -590,6 +616,7 @@ class Trainer:
         progress = ProgressLog(self.out_dir, self.total_steps, self.step, runtime.is_master)
         stop = StopFlag()
         micro = self.micro_index(self.step)
+        self.micro_module.micro_step = micro_step
         finished = True
         try:
             while self.step < self.total_steps:
@@ -599,10 +626,13 @@ class Trainer:
                 accumulation = self.accumulation(self.step)
                 self.model.train()
                 total_loss, tokens, metrics = 0.0, 0, {}
-                for _ in range(accumulation):
-                    with runtime.autocast():
-                        loss, n_tokens, micro_metrics = micro_step(self.step, micro)
-                    runtime.scaler.scale(loss / accumulation).backward()
+                for index in range(accumulation):
+                    # DDP averages the gradients once, in the backward of the last micro-batch.
+                    last = index == accumulation - 1
+                    with contextlib.nullcontext() if last or not runtime.ddp else self.forward.no_sync():
+                        with runtime.autocast():
+                            loss, n_tokens, micro_metrics = self.forward(self.step, micro * runtime.world_size + runtime.rank)
+                        runtime.scaler.scale(loss / accumulation).backward()
                     total_loss += loss.item() / accumulation
                     tokens += n_tokens
                     for key, value in micro_metrics.items():
@@ -615,6 +645,10 @@ class Trainer:
                 runtime.scaler.update()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
+                if runtime.ddp:
+                    total_loss, tokens, metrics, stop_now = self._all_processes(total_loss, tokens, metrics, stop.requested)
+                else:
+                    stop_now = stop.requested
                 effective_batch = cfg.batch_size * accumulation * runtime.world_size
                 progress.update(self.step, total_loss, tokens, step_lr, batch=effective_batch, **metrics)
                 at_end = self.step == self.total_steps
@@ -629,7 +663,7 @@ class Trainer:
                     self.save(self.out_dir / "ckpt.pt")
                 if cfg.checkpoint_every > 0 and self.step % cfg.checkpoint_every == 0:
                     self.save_phoenix()
-                if stop.requested and not at_end:
+                if stop_now and not at_end:
                     self.save(self.out_dir / "ckpt.pt")
                     progress.write(f"stopped at step {self.step}; {self.out_dir / 'ckpt.pt'} saved, continue with --init=resume")
                     finished = False
@@ -638,6 +672,18 @@ class Trainer:
             stop.restore()
             progress.close()
         return finished
+
+    def _all_processes(self, loss: float, tokens: int, metrics: dict, stop: bool) -> tuple[float, int, dict, bool]:
+        """The step's mean loss and metrics and total tokens over all processes, and whether any was asked to stop
+        (all must stop at the same step, or the others would wait for it forever)."""
+        names = sorted(metrics)
+        values = torch.tensor([loss, tokens, *(metrics[name] for name in names)], dtype=torch.float64)
+        torch.distributed.all_reduce(values)  # gloo has no mean: sum, then divide
+        stop_flag = torch.tensor([int(stop)])
+        torch.distributed.all_reduce(stop_flag, op=torch.distributed.ReduceOp.MAX)
+        world = self.runtime.world_size
+        return (values[0].item() / world, int(values[1].item()),
+                {name: values[2 + i].item() / world for i, name in enumerate(names)}, bool(stop_flag.item()))
 
 
 def export_finetuned(cfg: FinetuneConfig, model: Transformer, base: BaseCheckpoint) -> Path:
@@ -694,7 +740,8 @@ def run_sft(cfg: FinetuneConfig) -> None:
         train_examples, val_examples = split_validation(examples, cfg.val_fraction, cfg.seed)
     pretrain = PretrainWindows(cfg.pretrain_data, model.args.vocab_size) if cfg.pretrain_mix > 0 else None
     stream = SFTStream(train_examples, cfg.batch_size, cfg.seed, pretrain, cfg.pretrain_mix, context)
-    total_steps = planned_steps(cfg, lambda micro: cfg.batch_size - stream.pretrain_rows(micro), len(train_examples))
+    total_steps = planned_steps(cfg, lambda micro: cfg.batch_size - stream.pretrain_rows(micro), len(train_examples),
+                                runtime.world_size)
     print(f"training on {len(train_examples)} examples, validating on {len(val_examples)}; {total_steps} steps")
     trainer = Trainer(cfg, runtime, model, base, total_steps)
 
@@ -704,7 +751,7 @@ def run_sft(cfg: FinetuneConfig) -> None:
         return loss, inputs.numel(), {}
 
     evaluate = (lambda: {"val_loss": evaluate_sft(model, val_examples, cfg.batch_size, runtime)}) if val_examples else None
-    if trainer.run(micro_step, evaluate):
+    if trainer.run(micro_step, evaluate) and runtime.is_master:
         export_finetuned(cfg, model, base)
     runtime.shutdown()
 

@@ -697,7 +697,7 @@ def run_dpo(cfg: FinetuneConfig) -> None:
     runtime, policy, base, tokenizer = start_method(cfg)
     longest = context_length(cfg, policy) + 1  # the last token is scored, never fed
     train_pairs, val_pairs = split_pairs(load_pairs(cfg.data, tokenizer, longest), cfg, tokenizer, longest)
-    total_steps = planned_steps(cfg, lambda micro: cfg.batch_size, len(train_pairs))
+    total_steps = planned_steps(cfg, lambda micro: cfg.batch_size, len(train_pairs), runtime.world_size)
     print(f"DPO on {len(train_pairs)} pairs, evaluating on {len(val_pairs) or 'the training'} pairs; {total_steps} steps")
     reference = Reference(policy)  # before the trainer resumes: the reference is the starting model
     trainer = Trainer(cfg, runtime, policy, base, total_steps)
@@ -706,7 +706,7 @@ def run_dpo(cfg: FinetuneConfig) -> None:
     def batch_loss(tokens: torch.Tensor, answer_mask: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, dict]:
         return dpo_batch_loss(policy, reference, tokens, answer_mask, cfg.beta)
 
-    if train_on_pairs(trainer, batch_loss, train_pairs, val_pairs, pad_id, eval_prefix=""):
+    if train_on_pairs(trainer, batch_loss, train_pairs, val_pairs, pad_id, eval_prefix="") and runtime.is_master:
         export_finetuned(cfg, policy, base)
     runtime.shutdown()
 
@@ -718,7 +718,7 @@ def run_reward(cfg: FinetuneConfig) -> None:
     runtime, backbone, base, tokenizer = start_method(cfg)
     longest = context_length(cfg, backbone)
     train_pairs, val_pairs = split_pairs(load_pairs(cfg.data, tokenizer, longest), cfg, tokenizer, longest)
-    total_steps = planned_steps(cfg, lambda micro: cfg.batch_size, len(train_pairs))
+    total_steps = planned_steps(cfg, lambda micro: cfg.batch_size, len(train_pairs), runtime.world_size)
     print(f"reward model on {len(train_pairs)} pairs, held out {len(val_pairs)}; {total_steps} steps")
     reward_model = RewardModel(backbone).to(runtime.device)
     trainer = Trainer(cfg, runtime, backbone, base, total_steps, extra_modules={REWARD_HEAD: reward_model.head})
@@ -727,7 +727,7 @@ def run_reward(cfg: FinetuneConfig) -> None:
     def batch_loss(tokens: torch.Tensor, answer_mask: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, dict]:
         return reward_batch_loss(reward_model, tokens, lengths)
 
-    if train_on_pairs(trainer, batch_loss, train_pairs, val_pairs, pad_id, eval_prefix="eval/"):
+    if train_on_pairs(trainer, batch_loss, train_pairs, val_pairs, pad_id, eval_prefix="eval/") and runtime.is_master:
         path = Path(cfg.out_dir) / "reward_model.pt"
         save_reward_model(path, reward_model, str(tokenizer_path(cfg, base)), asdict(cfg))
         print(f"wrote {path} (use it with --method=ppo --reward_model={path})")

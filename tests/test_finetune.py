@@ -5,13 +5,15 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 import finetune
-from conftest import TINY_VOCAB
+from conftest import REPO, TINY_VOCAB
 from finetune import FinetuneConfig, SFTStream, collate, load_base_model, load_sft_examples, read_jsonl
 from model import ModelArgs, Transformer
 from tokenizer import Tokenizer, encode_dialog
@@ -221,6 +223,35 @@ def test_phoenix_checkpoints_are_pruned_and_resume_continues_exactly(tmp_path: P
     assert [entry["loss"] for entry in resumed_log] == pytest.approx([entry["loss"] for entry in log[4:]], rel=1e-5)
     for key, tensor in end_straight["lora"].items():
         torch.testing.assert_close(end_resumed["lora"][key], tensor)
+
+
+@pytest.mark.parametrize("lora_r", [0, 4])
+def test_torchrun_two_processes_train_as_one_with_twice_the_accumulation(tmp_path: Path, base: Path, lora_r: int) -> None:
+    """DistributedDataParallel: 2 processes x accumulation 1 see the micro-batches 1 process x accumulation 2 sees,
+    and average the same gradients, so weights and logged losses agree (to float rounding)."""
+    data = write_jsonl(tmp_path / "varied.jsonl", [
+        {"messages": [{"role": "user", "content": f"Вопрос номер {i}: что такое {word}?"},
+                      {"role": "assistant", "content": f"{word.capitalize()} — это ответ {i}."}]}
+        for i, word in enumerate(["резонанс", "частота", "модель", "текст", "голос", "токен", "слово", "шаг"])])
+    flags = [f"--init_from={base}", f"--data={data}", f"--lora_r={lora_r}", "--lora_dropout=0", "--batch_size=2",
+             "--max_iters=4", "--learning_rate=1e-2", "--log_interval=1", "--device=cpu", "--dtype=float32",
+             "--val_fraction=0", "--warmup_iters=0"]
+    run(*flags, "--gradient_accumulation_steps=2", f"--out_dir={tmp_path / 'one'}")
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(REPO / "finetune.py"),
+         *flags, "--gradient_accumulation_steps=1", f"--out_dir={tmp_path / 'two'}"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    logs = [[json.loads(line) for line in (tmp_path / out / "log.jsonl").read_text().splitlines() if '"loss"' in line]
+            for out in ("one", "two")]
+    assert [entry["batch"] for entry in logs[1]] == [entry["batch"] for entry in logs[0]] == [4] * 4
+    assert [entry["loss"] for entry in logs[1]] == pytest.approx([entry["loss"] for entry in logs[0]], rel=1e-4)
+    one, two = (torch.load(tmp_path / out / "ckpt.pt", weights_only=True) for out in ("one", "two"))
+    key = "lora" if lora_r else "model"
+    assert one[key].keys() == two[key].keys()
+    for name, tensor in one[key].items():
+        torch.testing.assert_close(two[key][name], tensor, rtol=1e-4, atol=1e-5)
+    assert (tmp_path / "two" / "model.bin").is_file()
 
 
 def test_ctrl_c_saves_and_stops_then_resume_finishes(tmp_path: Path, base: Path, tokenizer_path: Path) -> None:

@@ -360,6 +360,45 @@ def test_reward_model_separates_held_out_pairs(reward_run, tokenizer):
     assert (chosen > rejected).float().mean().item() >= 0.85
 
 
+def torchrun(*flags: str, processes: int = 2) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+                           "finetune.py", *flags], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.mark.parametrize("method, lora_r", [("dpo", 4), ("reward", 0)])
+def test_torchrun_two_processes_train_as_one_with_twice_the_accumulation(dpo_setup, tmp_path, method, lora_r):
+    """DPO with LoRA (the reference is the adapters-off base) and the reward model (plus its head) under
+    DistributedDataParallel: the same weights and logs as one process taking both micro-batches."""
+    base, _ = dpo_setup
+    data = write_jsonl(tmp_path / "pairs.jsonl", reward_pairs(2, 16))
+    common = dict(method=method, init_from=base, data=data, lora_r=lora_r, lora_dropout=0, max_iters=3, batch_size=4,
+                  learning_rate=1e-3, eval_interval=3)
+    one = subprocess.run([sys.executable, "finetune.py", *run_flags(**common, gradient_accumulation_steps=2,
+                                                                      out_dir=tmp_path / "one")],
+                         cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = torchrun(*run_flags(**common, gradient_accumulation_steps=1, out_dir=tmp_path / "two"))
+    assert two.returncode == 0, two.stderr[-3000:]
+    logs = [log_records(tmp_path / out) for out in ("one", "two")]
+    assert [r.get("batch") for r in logs[1]] == [r.get("batch") for r in logs[0]]
+    for record_one, record_two in zip(*logs):
+        assert record_two.keys() == record_one.keys()
+        for key, value in record_one.items():
+            assert record_two[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+    ckpt_one, ckpt_two = (torch.load(tmp_path / out / "ckpt.pt", weights_only=True) for out in ("one", "two"))
+    weights = (lambda c: c["lora"]) if lora_r else (lambda c: {**c["model"], **c["extra"][preference.REWARD_HEAD]})
+    for name, tensor in weights(ckpt_one).items():
+        torch.testing.assert_close(weights(ckpt_two)[name], tensor, rtol=1e-4, atol=1e-5)
+
+
+def test_ppo_under_torchrun_says_to_use_one_process(ppo_setup, tmp_path):
+    base, prompts, reward_fn = ppo_setup
+    result = torchrun(*run_flags(method="ppo", init_from=base, prompts=prompts, reward_fn=reward_fn, out_dir=tmp_path,
+                                 max_iters=1, batch_size=2, max_new_tokens=2))
+    assert result.returncode != 0 and "--method=ppo runs on one process" in result.stderr
+
+
 @pytest.fixture(scope="module")
 def ppo_setup(tokenizer, tmp_path_factory):
     """A model answering "say a word about the X" with yes, no, maybe or later alike, and a reward for "yes"."""

@@ -2,7 +2,7 @@
 --method=dpo|reward|ppo hands over to preference.py with the same flags and machinery.
 
     python finetune.py --init_from=out/ckpt.pt --data=train.jsonl --method=sft --lora_r=8 --epochs=3 --out_dir=out/sft
-    torchrun --standalone --nproc_per_node=2 finetune.py ...      # sft, dpo and reward with DistributedDataParallel
+    torchrun --standalone --nproc_per_node=2 finetune.py ...      # any method, with DistributedDataParallel
 
 Data (JSON lines; the format is detected on each line):
     {"instruction": ..., "input": ... (optional), "output": ...}   user = instruction [+ "\\n\\n" + input]
@@ -27,6 +27,8 @@ Reusable pieces (preference.py builds on them):
         .run(micro_step, evaluate=None)                the optimizer loop: schedules, accumulation, clipping, AMP,
                                                        progress, eval, ckpt.pt / phoenix checkpoints, Ctrl-C, resume
         .save(path)                                    resumable checkpoint of the current state
+        .forward(function, *args)                      a loss computed through DistributedDataParallel under torchrun
+        .agree(metrics, stop)                          metrics averaged over the processes, and a common stop
     export_finetuned(cfg, model, base) -> Path         merges a copy, writes out_dir/model.bin (+ merged.pt with --merge)
 """
 from __future__ import annotations
@@ -501,17 +503,17 @@ so data order is a pure function of it: resume is exact, and W processes with ac
 micro-batches one process with accumulation W*A does."""
 
 
-class MicroStepModule(nn.Module):
-    """The modules being trained, with a micro-step as forward: DistributedDataParallel syncs the gradients of
-    what runs inside its forward, and each method's micro-step calls the models its own way."""
+class TrainedModules(nn.Module):
+    """The modules being trained, with any function of them as forward: DistributedDataParallel averages the
+    gradients of what runs inside its forward, and each method calls its models its own way."""
 
     def __init__(self, trainable: nn.Module):
         super().__init__()
         self.trainable = trainable
-        self.micro_step: Optional[MicroStep] = None
+        self.function: Optional[Callable] = None
 
-    def forward(self, step: int, micro: int) -> tuple[torch.Tensor, int, dict]:
-        return self.micro_step(step, micro)
+    def forward(self, *args):
+        return self.function(*args)
 
 
 class Trainer:
@@ -521,20 +523,20 @@ class Trainer:
     AdamW at the scheduled lr, logs lr and the effective batch, evaluates and saves out_dir/ckpt.pt every
     --eval_interval steps and at the end, writes phoenix checkpoints, and on Ctrl-C saves and stops.
     extra_modules (e.g. a value or reward head) are trained in full and saved under "extra" in the checkpoint.
+    Under torchrun the model and extra modules are wrapped in DistributedDataParallel, the logged numbers are
+    means over the processes, and only rank 0 writes files.
     """
 
     def __init__(self, cfg: FinetuneConfig, runtime: Runtime, model: Transformer, base: BaseCheckpoint,
                  total_steps: int, extra_modules: Optional[dict[str, nn.Module]] = None):
-        if runtime.ddp and cfg.method == "ppo":
-            fail("--method=ppo runs on one process (its rollouts are not split); run it with python, not torchrun")
         self.cfg, self.runtime, self.model, self.base = cfg, runtime, model, base
         self.total_steps = total_steps
         self.extra_modules = extra_modules or {}
         trainable = nn.ModuleDict({"model": model, **self.extra_modules})
-        self.micro_module = MicroStepModule(trainable)
-        # Under torchrun: rank 0's weights to every process now, averaged gradients after every optimizer step.
-        self.forward = self.micro_module if not runtime.ddp else DistributedDataParallel(
-            self.micro_module, device_ids=[runtime.local_rank] if runtime.device_type == "cuda" else None,
+        self.trained = TrainedModules(trainable)
+        # Under torchrun: rank 0's weights to every process now, averaged gradients in every backward.
+        self.wrapped = self.trained if not runtime.ddp else DistributedDataParallel(
+            self.trained, device_ids=[runtime.local_rank] if runtime.device_type == "cuda" else None,
             broadcast_buffers=False)  # the buffers (RoPE tables, NF4 base weights) never change
         self.optimizer = make_optimizer(trainable, cfg.learning_rate, cfg.weight_decay, (cfg.beta1, cfg.beta2), runtime)
         self.params = [p for p in trainable.parameters() if p.requires_grad]
@@ -543,6 +545,24 @@ class Trainer:
         self.out_dir = Path(cfg.out_dir)
         if cfg.init == "resume":
             self._resume()
+
+    def forward(self, function: Callable, *args):
+        """function(*args), computing a loss from the trained modules: under torchrun through
+        DistributedDataParallel, so the backward of that loss averages the gradients over the processes."""
+        self.trained.function = function
+        return self.wrapped(*args)
+
+    def agree(self, metrics: dict[str, float], stop: bool) -> tuple[dict[str, float], bool]:
+        """The metrics averaged over the processes, and whether any of them was asked to stop (all must stop at
+        the same step, or the others would wait for it forever). On one process, as given."""
+        if not self.runtime.ddp:
+            return metrics, stop
+        names = sorted(metrics)
+        values = torch.tensor([metrics[name] for name in names] + [float(stop)], dtype=torch.float64,
+                              device=self.runtime.device)  # where the backend wants it: NCCL reduces on the GPU
+        torch.distributed.all_reduce(values)  # gloo has no mean: sum, then divide
+        world = self.runtime.world_size
+        return {name: values[i].item() / world for i, name in enumerate(names)}, values[-1].item() > 0
 
     def micro_index(self, step: int) -> int:
         """Micro-batches run before optimizer step `step` under the batch schedule."""
@@ -616,7 +636,6 @@ class Trainer:
         progress = ProgressLog(self.out_dir, self.total_steps, self.step, runtime.is_master)
         stop = StopFlag()
         micro = self.micro_index(self.step)
-        self.micro_module.micro_step = micro_step
         finished = True
         try:
             while self.step < self.total_steps:
@@ -629,9 +648,10 @@ class Trainer:
                 for index in range(accumulation):
                     # DDP averages the gradients once, in the backward of the last micro-batch.
                     last = index == accumulation - 1
-                    with contextlib.nullcontext() if last or not runtime.ddp else self.forward.no_sync():
+                    with contextlib.nullcontext() if last or not runtime.ddp else self.wrapped.no_sync():
                         with runtime.autocast():
-                            loss, n_tokens, micro_metrics = self.forward(self.step, micro * runtime.world_size + runtime.rank)
+                            loss, n_tokens, micro_metrics = self.forward(micro_step, self.step,
+                                                                         micro * runtime.world_size + runtime.rank)
                         runtime.scaler.scale(loss / accumulation).backward()
                     total_loss += loss.item() / accumulation
                     tokens += n_tokens
@@ -645,10 +665,8 @@ class Trainer:
                 runtime.scaler.update()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
-                if runtime.ddp:
-                    total_loss, tokens, metrics, stop_now = self._all_processes(total_loss, tokens, metrics, stop.requested)
-                else:
-                    stop_now = stop.requested
+                metrics, stop_now = self.agree({**metrics, "loss": total_loss, "tokens": tokens}, stop.requested)
+                total_loss, tokens = metrics.pop("loss"), round(metrics.pop("tokens") * runtime.world_size)
                 effective_batch = cfg.batch_size * accumulation * runtime.world_size
                 progress.update(self.step, total_loss, tokens, step_lr, batch=effective_batch, **metrics)
                 at_end = self.step == self.total_steps
@@ -672,18 +690,6 @@ class Trainer:
             stop.restore()
             progress.close()
         return finished
-
-    def _all_processes(self, loss: float, tokens: int, metrics: dict, stop: bool) -> tuple[float, int, dict, bool]:
-        """The step's mean loss and metrics and total tokens over all processes, and whether any was asked to stop
-        (all must stop at the same step, or the others would wait for it forever)."""
-        names = sorted(metrics)
-        values = torch.tensor([loss, tokens, *(metrics[name] for name in names)], dtype=torch.float64)
-        torch.distributed.all_reduce(values)  # gloo has no mean: sum, then divide
-        stop_flag = torch.tensor([int(stop)])
-        torch.distributed.all_reduce(stop_flag, op=torch.distributed.ReduceOp.MAX)
-        world = self.runtime.world_size
-        return (values[0].item() / world, int(values[1].item()),
-                {name: values[2 + i].item() / world for i, name in enumerate(names)}, bool(stop_flag.item()))
 
 
 def export_finetuned(cfg: FinetuneConfig, model: Transformer, base: BaseCheckpoint) -> Path:

@@ -432,25 +432,32 @@ def make_rollout(policy: Transformer, value_head: ScalarHead, reference: Referen
                    masked_whiten(advantages, mask) * mask, returns)
 
 
-def ppo_update(policy: Transformer, value_head: ScalarHead, optimizer: torch.optim.Optimizer, rollout: Rollout,
-               ppo_epochs: int, minibatch_size: int, cliprange: float, vf_coef: float, temperature: float,
-               grad_clip: float, runtime: Runtime, generator: Optional[torch.Generator] = None) -> dict[str, float]:
-    """ppo_epochs passes over the rollout in shuffled minibatches; the means of the losses and clip fraction."""
+def ppo_update(trainer: Trainer, value_head: ScalarHead, rollout: Rollout, ppo_epochs: int, minibatch_size: int,
+               cliprange: float, vf_coef: float, temperature: float, grad_clip: float,
+               generator: Optional[torch.Generator] = None) -> dict[str, float]:
+    """ppo_epochs passes over the rollout in shuffled minibatches, an optimizer update each (through
+    trainer.forward, so under torchrun the processes average their gradients); the means of the losses and
+    clip fraction."""
+    policy, optimizer, runtime = trainer.model, trainer.optimizer, trainer.runtime
     policy.train()
     batch, width = rollout.mask.shape
     totals = {"loss/policy": 0.0, "loss/value": 0.0, "policy/clipfrac": 0.0, "policy/approxkl": 0.0}
     updates = 0
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
+
+    def minibatch_losses(rows: torch.Tensor) -> PPOLosses:
+        logps, values = answer_outputs(policy, rollout.tokens[rows], rollout.prompt_lengths[rows], width,
+                                       temperature, value_head)
+        # TRL clips the value with cliprange_value, whose default equals cliprange's 0.2.
+        return ppo_losses(logps, rollout.logps[rows], values, rollout.values[rows], rollout.advantages[rows],
+                          rollout.returns[rows], rollout.mask[rows], cliprange, cliprange, vf_coef)
+
     for _ in range(ppo_epochs):
         order = torch.randperm(batch, generator=generator).tolist()
         for start in range(0, batch, minibatch_size):
             rows = torch.tensor(order[start:start + minibatch_size], device=rollout.tokens.device)
             with runtime.autocast():
-                logps, values = answer_outputs(policy, rollout.tokens[rows], rollout.prompt_lengths[rows], width,
-                                               temperature, value_head)
-            # TRL clips the value with cliprange_value, whose default equals cliprange's 0.2.
-            losses = ppo_losses(logps, rollout.logps[rows], values, rollout.values[rows], rollout.advantages[rows],
-                                rollout.returns[rows], rollout.mask[rows], cliprange, cliprange, vf_coef)
+                losses = trainer.forward(minibatch_losses, rows)
             runtime.scaler.scale(losses.loss).backward()
             if grad_clip > 0:
                 runtime.scaler.unscale_(optimizer)
@@ -764,7 +771,7 @@ def run_ppo(cfg: FinetuneConfig) -> None:
     reference = Reference(policy)  # before the trainer resumes: the reference is the starting model
     trainer = Trainer(cfg, runtime, policy, base, total_steps, extra_modules={VALUE_HEAD: value_head})
     finished = ppo_loop(cfg, runtime, trainer, value_head, reference, prompts, score_answers, tokenizer.eos_id)
-    if finished:
+    if finished and runtime.is_master:
         export_finetuned(cfg, policy, base)
     runtime.shutdown()
 
@@ -785,19 +792,23 @@ def ppo_loop(cfg: FinetuneConfig, runtime: Runtime, trainer: Trainer, value_head
             step_lr = trainer.lr(step)
             for group in trainer.optimizer.param_groups:
                 group["lr"] = step_lr
-            # Seeded by step: a resumed run samples and shuffles exactly as the uninterrupted one would.
-            generator = torch.Generator(device=runtime.device).manual_seed(cfg.seed * 1_000_003 + step)
+            # Seeded by step: a resumed run samples and shuffles exactly as the uninterrupted one would. Under
+            # torchrun, process r of W answers batch step * W + r of the prompts, with its own sampling seed.
+            index = step * runtime.world_size + runtime.rank
+            generator = torch.Generator(device=runtime.device).manual_seed(cfg.seed * 1_000_003 + index)
             shuffle = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-            batch = shuffled_batch(prompts, step, cfg.batch_size, cfg.seed)
+            batch = shuffled_batch(prompts, index, cfg.batch_size, cfg.seed)
             with runtime.autocast():
                 rollout = make_rollout(policy, value_head, reference, batch, score_answers, cfg.max_new_tokens,
                                        cfg.temperature, eos_id, cfg.kl_coef, cfg.gamma, cfg.lam, generator)
-            stats = ppo_update(policy, value_head, trainer.optimizer, rollout, cfg.ppo_epochs, minibatch, cfg.cliprange,
-                               cfg.vf_coef, cfg.temperature, cfg.grad_clip, runtime, shuffle)
+            stats = ppo_update(trainer, value_head, rollout, cfg.ppo_epochs, minibatch, cfg.cliprange, cfg.vf_coef,
+                               cfg.temperature, cfg.grad_clip, shuffle)
             trainer.step += 1
-            metrics = {**rollout_metrics(rollout), **stats}
-            progress.update(trainer.step, stats["loss/policy"] + cfg.vf_coef * stats["loss/value"],
-                            int(rollout.mask.sum()), step_lr, reward=metrics["env/reward_mean"], kl=metrics["objective/kl"])
+            metrics, stop_now = trainer.agree({**rollout_metrics(rollout), **stats, "tokens": float(rollout.mask.sum())},
+                                              stop.requested)
+            tokens = round(metrics.pop("tokens") * runtime.world_size)
+            progress.update(trainer.step, metrics["loss/policy"] + cfg.vf_coef * metrics["loss/value"],
+                            tokens, step_lr, reward=metrics["env/reward_mean"], kl=metrics["objective/kl"])
             at_end = trainer.step == trainer.total_steps
             if at_end or (cfg.log_interval > 0 and trainer.step % cfg.log_interval == 0):
                 progress.record({"step": trainer.step, "lr": step_lr, **metrics})
@@ -805,7 +816,7 @@ def ppo_loop(cfg: FinetuneConfig, runtime: Runtime, trainer: Trainer, value_head
                 trainer.save(out_dir / "ckpt.pt")
             if cfg.checkpoint_every > 0 and trainer.step % cfg.checkpoint_every == 0:
                 trainer.save_phoenix()
-            if stop.requested and not at_end:
+            if stop_now and not at_end:
                 trainer.save(out_dir / "ckpt.pt")
                 progress.write(f"stopped at step {trainer.step}; {out_dir / 'ckpt.pt'} saved, continue with --init=resume")
                 return False

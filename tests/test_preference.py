@@ -392,11 +392,16 @@ def test_torchrun_two_processes_train_as_one_with_twice_the_accumulation(dpo_set
         torch.testing.assert_close(weights(ckpt_two)[name], tensor, rtol=1e-4, atol=1e-5)
 
 
-def test_ppo_under_torchrun_says_to_use_one_process(ppo_setup, tmp_path):
+def test_ppo_under_torchrun_answers_different_prompts_and_logs_their_mean(ppo_setup, tmp_path):
     base, prompts, reward_fn = ppo_setup
     result = torchrun(*run_flags(method="ppo", init_from=base, prompts=prompts, reward_fn=reward_fn, out_dir=tmp_path,
-                                 max_iters=1, batch_size=2, max_new_tokens=2))
-    assert result.returncode != 0 and "--method=ppo runs on one process" in result.stderr
+                                 lora_r=4, max_iters=3, batch_size=4, max_new_tokens=3, learning_rate=1e-3))
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = log_records(tmp_path)
+    assert [r["step"] for r in records] == [1, 2, 3]
+    # 2 processes x 4 answers, each a 0 or 1 reward: the mean over both is a multiple of 1/8.
+    assert all(math.isfinite(r["objective/kl"]) and (8 * r["env/reward_mean"]) % 1 == pytest.approx(0) for r in records)
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["iter_num"] == 3 and (tmp_path / "model.bin").exists()
 
 
 @pytest.fixture(scope="module")

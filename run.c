@@ -1300,7 +1300,7 @@ static void forward_batch(Engine *e, const int *tokens, int n_tok, int pos, int 
             const int kv_only = kv_only_at_end && l == c->n_layers - 1;
             float *k = s->key_cache + ((size_t)l * c->seq_len + pos) * kv_dim;
             float *v = s->value_cache + ((size_t)l * c->seq_len + pos) * kv_dim;
-            /* q, k, v: rows of the three matrices as one range, RoPE on this thread's rows. */
+            /* Attention: q, k, v (only k and v where kv_only) with RoPE, then attention over the cache. */
             for (int t = 0; t < n_tok; t++) rmsnorm(xb + (size_t)t * dim, s->x + (size_t)t * dim, L->rms_att, dim, 1e-5f);
             prepare_input(e, xq, xb, n_tok, dim);
             if (c->n_kv_heads % nth == 0) {
@@ -1318,7 +1318,7 @@ static void forward_batch(Engine *e, const int *tokens, int n_tok, int pos, int 
                 if (kv_only) break;
                 for (int t = 0; t < n_tok; t++)
                     for (int h = kv0 * group; h < kv1 * group; h++) attention_head(e, l, t, h, pos, att);
-            } else {
+            } else { /* the q, k, v rows as one range split over the threads, RoPE on each thread's rows */
                 const int q_rows = kv_only ? 0 : dim;
                 thread_rows(q_rows + 2 * kv_dim, tid, nth, &r0, &r1);
                 const int a0 = r0 < q_rows ? r0 : q_rows, a1 = r1 < q_rows ? r1 : q_rows;

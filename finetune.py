@@ -599,7 +599,9 @@ class Trainer:
             save_checkpoint(path, self.payload())
 
     def save_phoenix(self) -> None:
-        """out_dir/phoenix_{step}.pt, then delete all but the newest --keep_last of them."""
+        """out_dir/phoenix_{step}.pt, then delete all but the newest --keep_last of them (rank 0 only)."""
+        if not self.runtime.is_master:
+            return
         self.save(self.out_dir / f"phoenix_{self.step}.pt")
         if self.cfg.keep_last > 0:
             phoenixes = sorted(self.out_dir.glob("phoenix_*.pt"), key=lambda p: int(p.stem.split("_")[1]))

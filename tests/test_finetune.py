@@ -235,7 +235,7 @@ def test_torchrun_two_processes_train_as_one_with_twice_the_accumulation(tmp_pat
         for i, word in enumerate(["резонанс", "частота", "модель", "текст", "голос", "токен", "слово", "шаг"])])
     flags = [f"--init_from={base}", f"--data={data}", f"--lora_r={lora_r}", "--lora_dropout=0", "--batch_size=2",
              "--max_iters=4", "--learning_rate=1e-2", "--log_interval=1", "--device=cpu", "--dtype=float32",
-             "--val_fraction=0", "--warmup_iters=0"]
+             "--val_fraction=0", "--warmup_iters=0", "--checkpoint_every=2", "--keep_last=1"]
     run(*flags, "--gradient_accumulation_steps=2", f"--out_dir={tmp_path / 'one'}")
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(REPO / "finetune.py"),
@@ -252,6 +252,7 @@ def test_torchrun_two_processes_train_as_one_with_twice_the_accumulation(tmp_pat
     for name, tensor in one[key].items():
         torch.testing.assert_close(two[key][name], tensor, rtol=1e-4, atol=1e-5)
     assert (tmp_path / "two" / "model.bin").is_file()
+    assert [path.name for path in (tmp_path / "two").glob("phoenix_*.pt")] == ["phoenix_4.pt"]  # rank 0 prunes
 
 
 def test_ctrl_c_saves_and_stops_then_resume_finishes(tmp_path: Path, base: Path, tokenizer_path: Path) -> None:

@@ -33,16 +33,16 @@ Reusable pieces (preference.py builds on them):
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
 import math
+import os
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, NoReturn, Optional, Sequence
-
-import contextlib
 
 import numpy as np
 import torch
@@ -727,6 +727,8 @@ def evaluate_sft(model: Transformer, examples: list[SFTExample], batch_size: int
 def start_method(cfg: FinetuneConfig) -> tuple[Runtime, Transformer, BaseCheckpoint, Tokenizer]:
     """What every method begins with: the runtime, the policy (with LoRA/QLoRA per cfg), its base and tokenizer."""
     runtime = setup_runtime(cfg.device, cfg.dtype, cfg.seed)
+    if not runtime.is_master:  # under torchrun the other processes would print the same report again
+        sys.stdout = open(os.devnull, "w")
     model, base = load_policy(cfg, runtime)
     return runtime, model, base, load_tokenizer(cfg, base)
 

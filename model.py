@@ -78,6 +78,25 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.view_as_real(rotated).flatten(-2).type_as(x)
 
 
+class LayerKV:
+    """One layer's keys and values of the positions fed so far, for generation: [B, n_kv_heads, length, head_dim],
+    allocated at the first write in the dtype the layer computes in (bfloat16 under autocast)."""
+
+    def __init__(self, length: int):
+        self.length = length
+        self.keys: Optional[torch.Tensor] = None
+        self.values: Optional[torch.Tensor] = None
+
+    def update(self, start: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store keys, values [B, H, T, D] at positions start..start+T-1; all of positions 0..start+T-1."""
+        if self.keys is None:
+            shape = (*keys.shape[:2], self.length, keys.shape[3])
+            self.keys, self.values = keys.new_zeros(shape), values.new_zeros(shape)
+        end = start + keys.shape[2]
+        self.keys[:, :, start:end], self.values[:, :, start:end] = keys, values
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -91,15 +110,22 @@ class Attention(nn.Module):
         self.dropout = args.dropout
         self.resid_dropout = nn.Dropout(args.dropout)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: Optional[LayerKV] = None,
+                start: int = 0) -> torch.Tensor:
+        """x [B, T, dim] at positions start..start+T-1; with kv, attends over everything kv holds before them too."""
         batch, seq_len, _ = x.shape
         q = self.wq(x).view(batch, seq_len, self.n_heads, self.head_dim)
         k = self.wk(x).view(batch, seq_len, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(batch, seq_len, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, head_dim]
+        mask = None
+        if kv is not None:
+            k, v = kv.update(start, k, v)
+            if start > 0 and seq_len > 1:  # new queries see all cached positions, and the new ones causally
+                mask = torch.ones(seq_len, start + seq_len, dtype=torch.bool, device=x.device).tril(start)
         out = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True,
+            q, k, v, attn_mask=mask, is_causal=mask is None and seq_len > 1,
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.n_kv_heads != self.n_heads,
         )
@@ -126,8 +152,9 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: Optional[LayerKV] = None,
+                start: int = 0) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, kv, start)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -155,22 +182,24 @@ class Transformer(nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def hidden(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Final-normed hidden states [B, T, dim] of tokens [B, T]."""
-        seq_len = tokens.shape[1]
-        if seq_len > self.args.max_seq_len:
-            raise ValueError(f"sequence of {seq_len} tokens is longer than max_seq_len={self.args.max_seq_len}")
-        cos, sin = self.freqs_cos[:seq_len], self.freqs_sin[:seq_len]
+    def hidden(self, tokens: torch.Tensor, kv: Optional[list[LayerKV]] = None, start: int = 0) -> torch.Tensor:
+        """Final-normed hidden states [B, T, dim] of tokens [B, T] at positions start..start+T-1 (kv: the cache of
+        every layer, holding the positions before start)."""
+        end = start + tokens.shape[1]
+        if end > self.args.max_seq_len:
+            raise ValueError(f"sequence of {end} tokens is longer than max_seq_len={self.args.max_seq_len}")
+        cos, sin = self.freqs_cos[start:end], self.freqs_sin[start:end]
         h = self.dropout(self.tok_embeddings(tokens))
-        for layer in self.layers:
-            h = layer(h, cos, sin)
+        for layer, layer_kv in zip(self.layers, kv or [None] * len(self.layers)):
+            h = layer(h, cos, sin, layer_kv, start)
         return self.norm(h)
 
     def forward(
-        self, tokens: torch.Tensor, targets: Optional[torch.Tensor] = None
+        self, tokens: torch.Tensor, targets: Optional[torch.Tensor] = None, kv: Optional[list[LayerKV]] = None,
+        start: int = 0,
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Logits [B, T, vocab] and, given targets [B, T] (-1 = ignored), the mean cross-entropy."""
-        logits = self.output(self.hidden(tokens))
+        logits = self.output(self.hidden(tokens, kv, start))
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
@@ -186,14 +215,24 @@ class Transformer(nn.Module):
         top_p: Optional[float] = None,
         eos_id: Optional[int] = None,
         generator: Optional[torch.Generator] = None,
+        use_cache: bool = True,
     ) -> torch.Tensor:
         """Extend idx [B, T] by up to max_new_tokens sampled tokens; temperature 0 is greedy.
 
-        Stops early once every row has produced eos_id (rows that finished first are padded with it).
+        Stops early once every row has produced eos_id (rows that finished first are padded with it). With the KV
+        cache each new token costs one position's forward pass; past max_seq_len the window slides and every
+        step recomputes the window (RoPE positions move), as without the cache.
         """
         finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+        length = min(idx.shape[1] + max_new_tokens, self.args.max_seq_len)
+        kv = [LayerKV(length) for _ in self.layers] if use_cache and idx.shape[1] < length else None
+        fed = 0  # positions already in kv
         for _ in range(max_new_tokens):
-            logits, _ = self(idx[:, -self.args.max_seq_len:])
+            if kv is not None and idx.shape[1] <= length:
+                logits, _ = self(idx[:, fed:], kv=kv, start=fed)
+                fed = idx.shape[1]
+            else:
+                logits, _ = self(idx[:, -self.args.max_seq_len:])
             next_token = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
             if eos_id is not None:
                 next_token = torch.where(finished, torch.full_like(next_token, eos_id), next_token)

@@ -18,7 +18,7 @@ from sentencepiece import SentencePieceProcessor
 
 from conftest import REPO, TINY_MODEL_FLAGS, TINY_VOCAB, run_script
 from export import MAGIC, dequantize_q80, export_model, quantize_q80, read_model_bin
-from model import ModelArgs, Transformer, apply_rope, rope_tables
+from model import LayerKV, ModelArgs, Transformer, apply_rope, rope_tables
 from training import load_checkpoint, model_from_checkpoint, oom_guard, setup_runtime
 
 
@@ -103,6 +103,23 @@ def test_torchrun_two_processes_train_and_save(tiny_workspace: Path) -> None:
     assert load_checkpoint(out / "ckpt.pt")["iter_num"] == 6
     assert [entry["iter"] for entry in read_log(out)] == [3, 6]  # only rank 0 writes the log
     assert (out / "model.bin").is_file()
+
+
+@torch.no_grad()
+def test_kv_cache_gives_the_logits_and_tokens_of_the_full_forward() -> None:
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, max_seq_len=40)).eval()
+    tokens = torch.randint(0, 300, (2, 30))
+    kv = [LayerKV(30) for _ in model.layers]
+    pieces = [(0, 10), (10, 15)] + [(i, i + 1) for i in range(15, 30)]  # a prompt, a chunk, then one at a time
+    incremental = torch.cat([model(tokens[:, a:b], kv=kv, start=a)[0] for a, b in pieces], dim=1)
+    torch.testing.assert_close(incremental, model(tokens)[0], rtol=1e-5, atol=1e-5)
+    prompt = tokens[:, :7]
+    for steps in (10, 50):  # 50 runs past max_seq_len: the window slides
+        for temperature in (0.0, 1.0):
+            cached, plain = (model.generate(prompt, steps, temperature, generator=torch.Generator().manual_seed(1),
+                                            use_cache=use_cache) for use_cache in (True, False))
+            assert torch.equal(cached, plain)
 
 
 def test_rope_rotates_pairs_as_llama2c_eager_and_compiled() -> None:

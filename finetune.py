@@ -119,7 +119,11 @@ class FinetuneConfig:
     reward_fn: str = field(default="", metadata={
         "help": "ppo: a Python reward function as module:function, instead of a reward model"})
     prompts: str = field(default="", metadata={"help": "ppo: JSONL of prompts"})
-    kl_coef: float = field(default=0.05, metadata={"help": "ppo: per-token penalty on log pi - log ref"})
+    kl_coef: float = field(default=0.05, metadata={"help": "ppo: per-token penalty on log pi - log ref (the start value "
+                                                           "with --target_kl)"})
+    target_kl: float = field(default=0.0, metadata={
+        "help": "ppo: adapt kl_coef towards this KL per answer (Ziegler et al. 2019, TRL's adap_kl_ctrl); 0: fixed"})
+    kl_horizon: int = field(default=10000, metadata={"help": "ppo: answers over which kl_coef may change by about e^0.2"})
     cliprange: float = field(default=0.2, metadata={"help": "ppo: clip of the policy ratio and of the value change"})
     vf_coef: float = field(default=0.1, metadata={"help": "ppo: weight of the value loss"})
     gamma: float = field(default=1.0, metadata={"help": "ppo: discount of later rewards"})
@@ -147,6 +151,8 @@ class FinetuneConfig:
             sys.exit(f"error: --lora_targets={self.lora_targets}: pick from {','.join(lora.LORA_TARGETS)}")
         if self.qlora and self.lora_r <= 0:
             sys.exit("error: --qlora needs LoRA adapters: set --lora_r > 0")
+        if self.target_kl < 0 or self.kl_horizon < 1:
+            sys.exit(f"error: --target_kl={self.target_kl} must be >= 0 (0: fixed kl_coef) and --kl_horizon={self.kl_horizon} >= 1")
 
     @property
     def targets(self) -> tuple[str, ...]:
@@ -542,6 +548,7 @@ class Trainer:
         self.params = [p for p in trainable.parameters() if p.requires_grad]
         self.step = 0
         self.best_val_loss = float("inf")
+        self.state: dict[str, float] = {}  # numbers a method carries from step to step (PPO's kl_coef), checkpointed
         self.out_dir = Path(cfg.out_dir)
         if cfg.init == "resume":
             self._resume()
@@ -586,6 +593,7 @@ class Trainer:
             "iter_num": self.step, "total_steps": self.total_steps, "best_val_loss": self.best_val_loss,
             "optimizer": self.optimizer.state_dict(), "rng": torch.get_rng_state(),
             "extra": {name: module.state_dict() for name, module in self.extra_modules.items()},
+            "state": dict(self.state),
         }
         if self.cfg.uses_lora:
             payload["lora"] = lora.lora_state_dict(self.model)
@@ -621,6 +629,7 @@ class Trainer:
                 self.model.load_state_dict(saved["model"])
             for name, module in self.extra_modules.items():
                 module.load_state_dict(saved["extra"][name])
+            self.state.update(saved.get("state", {}))
             self.optimizer.load_state_dict(saved["optimizer"])
         except (ValueError, KeyError, RuntimeError) as exc:
             fail(f"cannot resume from {path} with these settings ({str(exc).splitlines()[0][:200]}); "

@@ -289,6 +289,13 @@ class PPOLosses:
     approx_kl: torch.Tensor
 
 
+def adapted_kl_coef(kl_coef: float, kl: float, target: float, answers: int, horizon: int) -> float:
+    """Ziegler et al. (2019)'s proportional controller: kl_coef times 1 + e * answers / horizon, where
+    e = clip(kl / target - 1, -0.2, 0.2): it grows while the policy's KL to the reference is above target."""
+    error = min(max(kl / target - 1.0, -0.2), 0.2)
+    return kl_coef * (1.0 + error * answers / horizon)
+
+
 def ppo_losses(logps: torch.Tensor, old_logps: torch.Tensor, values: torch.Tensor, old_values: torch.Tensor,
                advantages: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
                cliprange: float, cliprange_value: float, vf_coef: float) -> PPOLosses:
@@ -782,6 +789,7 @@ def ppo_loop(cfg: FinetuneConfig, runtime: Runtime, trainer: Trainer, value_head
     optimizer, lr schedule, checkpoints and resume; the loop is PPO's own, since a step holds many optimizer updates.
     Returns False if Ctrl-C stopped it (ckpt.pt saved)."""
     policy, out_dir = trainer.model, Path(cfg.out_dir)
+    trainer.state.setdefault("kl_coef", cfg.kl_coef)  # a resumed run carries on with its adapted value
     out_dir.mkdir(parents=True, exist_ok=True)
     minibatch = max(1, cfg.batch_size // cfg.ppo_minibatches)
     progress = ProgressLog(out_dir, trainer.total_steps, trainer.step, runtime.is_master)
@@ -800,13 +808,17 @@ def ppo_loop(cfg: FinetuneConfig, runtime: Runtime, trainer: Trainer, value_head
             batch = shuffled_batch(prompts, index, cfg.batch_size, cfg.seed)
             with runtime.autocast():
                 rollout = make_rollout(policy, value_head, reference, batch, score_answers, cfg.max_new_tokens,
-                                       cfg.temperature, eos_id, cfg.kl_coef, cfg.gamma, cfg.lam, generator)
+                                       cfg.temperature, eos_id, trainer.state["kl_coef"], cfg.gamma, cfg.lam, generator)
             stats = ppo_update(trainer, value_head, rollout, cfg.ppo_epochs, minibatch, cfg.cliprange, cfg.vf_coef,
                                cfg.temperature, cfg.grad_clip, shuffle)
             trainer.step += 1
             metrics, stop_now = trainer.agree({**rollout_metrics(rollout), **stats, "tokens": float(rollout.mask.sum())},
                                               stop.requested)
             tokens = round(metrics.pop("tokens") * runtime.world_size)
+            metrics["objective/kl_coef"] = trainer.state["kl_coef"]
+            if cfg.target_kl > 0:
+                trainer.state["kl_coef"] = adapted_kl_coef(trainer.state["kl_coef"], metrics["objective/kl"], cfg.target_kl,
+                                                           cfg.batch_size * runtime.world_size, cfg.kl_horizon)
             progress.update(trainer.step, metrics["loss/policy"] + cfg.vf_coef * metrics["loss/value"],
                             tokens, step_lr, reward=metrics["env/reward_mean"], kl=metrics["objective/kl"])
             at_end = trainer.step == trainer.total_steps

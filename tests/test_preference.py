@@ -429,6 +429,23 @@ def test_ppo_with_a_reward_function_raises_the_mean_reward_with_bounded_kl(ppo_s
     assert (tmp_path / "model.bin").exists()
 
 
+def test_adaptive_kl_coefficient_follows_the_proportional_controller(ppo_setup, tmp_path):
+    assert preference.adapted_kl_coef(0.2, 9.0, 6.0, 16, 10000) == pytest.approx(0.2 * (1 + 0.2 * 16 / 10000))  # clipped
+    assert preference.adapted_kl_coef(0.2, 6.6, 6.0, 16, 10000) == pytest.approx(0.2 * (1 + 0.1 * 16 / 10000))
+    assert preference.adapted_kl_coef(0.2, 0.0, 6.0, 16, 10000) == pytest.approx(0.2 * (1 - 0.2 * 16 / 10000))
+    base, prompts, reward_fn = ppo_setup
+    flags = run_flags(method="ppo", init_from=base, prompts=prompts, reward_fn=reward_fn, out_dir=tmp_path, lora_r=0,
+                      max_iters=4, batch_size=8, learning_rate=1e-3, max_new_tokens=4, kl_coef=0.05, target_kl=0.01,
+                      kl_horizon=16)
+    preference.run_ppo(finetune.parse_finetune_config(flags))
+    records = log_records(tmp_path)
+    coefs = [r["objective/kl_coef"] for r in records] + [torch.load(tmp_path / "ckpt.pt", weights_only=True)["state"]["kl_coef"]]
+    assert coefs[0] == 0.05
+    for record, coef, following in zip(records, coefs, coefs[1:]):
+        assert following == pytest.approx(preference.adapted_kl_coef(coef, record["objective/kl"], 0.01, 8, 16))
+    assert len(set(coefs)) > 1
+
+
 def test_ppo_with_lora_and_a_reward_model(ppo_setup, reward_run, tmp_path):
     base, prompts, _ = ppo_setup
     flags = run_flags(method="ppo", init_from=base, prompts=prompts, reward_model=reward_run / "out" / "reward_model.pt",

@@ -30,11 +30,16 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
+/* The int8 kernels on repacked weights (pack_q8): AVX-512 VNNI, else AVX2; without either, a plain loop. */
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define HAVE_AVX512_VNNI 1
+#define PACKED_Q8_BIAS 128 /* vpdpbusd's first operand is unsigned */
+#elif defined(__AVX2__)
+#define HAVE_AVX2_INT8 1
+#define PACKED_Q8_BIAS 0
 #endif
 
 #define MODEL_MAGIC 0x616b3432u /* "ak42" */
@@ -63,8 +68,8 @@ typedef struct {
 } Config;
 
 /* One weight matrix [rows, cols]: fp32 (f) or Q8_0 (q with scales s, one per group_size values). With AVX-512
-   VNNI, Q8_0 matrices the kernels read are also repacked at load (see pack_q8): packed [rows/16][cols/4][16][4]
-   bytes, packed_scales [rows/16][cols/group_size][16]. */
+   VNNI or AVX2, Q8_0 matrices the kernels read are also repacked at load (see pack_q8): packed
+   [rows/16][cols/4][16][4] bytes, packed_scales [rows/16][cols/group_size][16]. */
 typedef struct {
     const float *f;
     const int8_t *q;
@@ -125,11 +130,12 @@ static const float *aligned_floats(Weights *w, const void *p, size_t count) {
     return copy;
 }
 
-#ifdef HAVE_AVX512_VNNI
-/* vpdpbusd multiplies unsigned by signed bytes and adds each 4 products into an int32 lane. So rows go in
-   blocks of 16, a row per lane: for every 4 columns, 64 bytes hold the block's 16 rows' 4 weights plus 128
-   (unsigned), and the kernel multiplies them by 4 broadcast input bytes. The +128 comes back out by starting
-   each group's sum at -128 times the sum of the group's input bytes. Rows past the end are zero weights. */
+#ifdef PACKED_Q8_BIAS
+/* The int8 kernels multiply 4 weights of a row by 4 input bytes and add the products into one int32 lane. So
+   rows go in blocks of 16, a row per 32-bit lane: for every 4 columns, 64 bytes hold the block's 16 rows' 4
+   weights, which the kernel multiplies by the same 4 input bytes, broadcast. For vpdpbusd (AVX-512 VNNI) the
+   weights are stored plus 128, as its first operand is unsigned; the +128 comes back out by starting each
+   group's sum at -128 times the sum of the group's input bytes. Rows past the end are zero weights. */
 static int pack_q8(Weights *w, Matrix *m, int gs) {
     const size_t rows = (size_t)m->rows, cols = (size_t)m->cols, blocks = (rows + 15) / 16, groups = cols / (size_t)gs;
     uint8_t *packed = owned_alloc(w, blocks * 16 * cols);
@@ -140,7 +146,8 @@ static int pack_q8(Weights *w, Matrix *m, int gs) {
         for (size_t lane = 0; lane < 16; lane++) {
             const size_t r = 16 * b + lane;
             for (size_t k = 0; k < cols; k++)
-                packed[(b * (cols / 4) + k / 4) * 64 + lane * 4 + k % 4] = (uint8_t)(r < rows ? m->q[r * cols + k] + 128 : 128);
+                packed[(b * (cols / 4) + k / 4) * 64 + lane * 4 + k % 4] =
+                    (uint8_t)((r < rows ? m->q[r * cols + k] : 0) + PACKED_Q8_BIAS);
             for (size_t g = 0; g < groups; g++) scales[(b * groups + g) * 16 + lane] = r < rows ? m->s[r * groups + g] : 0.0f;
         }
     m->packed = packed, m->packed_scales = scales;
@@ -271,7 +278,7 @@ static int weights_parse(Weights *w, const unsigned char *data, size_t size, con
             m->q = take(&cur, n);
             m->s = aligned_floats(w, take(&cur, n / gs * 4), n / gs);
             if (!m->s) return weights_free(w), fail(err, err_size, "%s: out of memory", path);
-#ifdef HAVE_AVX512_VNNI
+#ifdef PACKED_Q8_BIAS
             const int multiplied = i > 0 || c->shared_classifier; /* unshared embeddings are only looked up */
             if (gs % 4 == 0 && multiplied && pack_q8(w, m, (int)gs))
                 return weights_free(w), fail(err, err_size, "%s: out of memory", path);
@@ -799,12 +806,21 @@ static void quantize_row(int8_t *q, float *s, int32_t *start, const float *x, in
     }
 }
 
-#ifdef HAVE_AVX512_VNNI
+#ifdef PACKED_Q8_BIAS
 static inline int32_t load_i32(const int8_t *p) {
     int32_t v;
     memcpy(&v, p, 4);
     return v;
 }
+
+/* Bit i set for the lanes (rows 16 b + i) of block b that fall in [r0, r1). */
+static inline unsigned lanes_in_range(int b, int r0, int r1) {
+    const int lo = r0 - 16 * b, hi = r1 - 16 * b;
+    return (hi >= 16 ? 0xFFFFu : (1u << (hi > 0 ? hi : 0)) - 1) & (lo <= 0 ? 0xFFFFu : ~((1u << lo) - 1));
+}
+#endif
+
+#ifdef HAVE_AVX512_VNNI
 
 /* NB blocks of 16 rows (one row per lane) from block b0, times T tokens from t0, on packed weights (see
    pack_q8). Per group: gs/4 vpdpbusd of 4 weight columns by 4 broadcast input bytes, exact in int32 from the
@@ -875,10 +891,7 @@ static void matmul_packed_q8(float *out, const Matrix *m, const QuantizedRows *x
     for (int b = r0 / 16; b < b_end; b += NB) {
         const int nb = b_end - b < NB ? b_end - b : NB;
         __mmask16 keep[4];
-        for (int i = 0; i < nb; i++) {
-            const int lo = r0 - 16 * (b + i), hi = r1 - 16 * (b + i); /* lanes [lo, hi) are in range */
-            keep[i] = (__mmask16)((hi >= 16 ? 0xFFFFu : (1u << (hi > 0 ? hi : 0)) - 1) & (lo <= 0 ? 0xFFFFu : ~((1u << lo) - 1)));
-        }
+        for (int i = 0; i < nb; i++) keep[i] = (__mmask16)lanes_in_range(b + i, r0, r1);
         int t = 0;
         if (n_tok == 1)
             for (int i = 0; i < nb; i++) block_q8_token(out, m, b + i, keep[i], x, gs);
@@ -890,6 +903,57 @@ static void matmul_packed_q8(float *out, const Matrix *m, const QuantizedRows *x
                 for (t = 0; t + 4 <= n_tok; t += 4) blocks_q8(out, m->rows, m, b + i, keep + i, x, t, gs, 1, 4);
                 for (; t < n_tok; t++) blocks_q8(out, m->rows, m, b + i, keep + i, x, t, gs, 1, 1);
             }
+    }
+}
+#elif defined(HAVE_AVX2_INT8)
+/* Block b's 16 rows (two halves of 8 lanes) times T tokens from t0, for CPUs with AVX2 but not VNNI. vpmaddubsw
+   multiplies unsigned by signed bytes into 16-bit sums of pairs: |x| times the weights given x's sign keeps
+   those within 2 * 127 * 128, so they cannot saturate, and vpmaddwd by ones adds the pairs into the 4-product
+   int32 lanes that vpdpbusd makes. Then per group, as blocks_q8 does: exact integer sums, one multiply-add. */
+static inline __attribute__((always_inline)) void block_q8_avx2(float *out, int ostride, const Matrix *m, int b,
+                                                               unsigned keep, const QuantizedRows *x, int t0, int gs,
+                                                               int T) {
+    const int cols = m->cols, groups = cols / gs, quads = gs / 4;
+    const uint8_t *w = m->packed + (size_t)b * (cols / 4) * 64;
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc[2][2];
+    for (int t = 0; t < T; t++) acc[0][t] = acc[1][t] = _mm256_setzero_ps();
+    for (int g = 0; g < groups; g++) {
+        __m256i dot[2][2];
+        for (int t = 0; t < T; t++) dot[0][t] = dot[1][t] = _mm256_setzero_si256();
+        for (int k = g * quads; k < (g + 1) * quads; k++) {
+            const __m256i w0 = _mm256_load_si256((const __m256i *)(w + (size_t)k * 64));
+            const __m256i w1 = _mm256_load_si256((const __m256i *)(w + (size_t)k * 64 + 32));
+            for (int t = 0; t < T; t++) {
+                const __m256i xv = _mm256_set1_epi32(load_i32(x->q + (size_t)(t0 + t) * cols + 4 * k));
+                const __m256i xabs = _mm256_abs_epi8(xv);
+                dot[0][t] = _mm256_add_epi32(dot[0][t], _mm256_madd_epi16(_mm256_maddubs_epi16(xabs, _mm256_sign_epi8(w0, xv)), ones));
+                dot[1][t] = _mm256_add_epi32(dot[1][t], _mm256_madd_epi16(_mm256_maddubs_epi16(xabs, _mm256_sign_epi8(w1, xv)), ones));
+            }
+        }
+        for (int half = 0; half < 2; half++) {
+            const __m256 ws = _mm256_load_ps(m->packed_scales + ((size_t)b * groups + g) * 16 + 8 * half);
+            for (int t = 0; t < T; t++) {
+                const __m256 scale = _mm256_mul_ps(ws, _mm256_set1_ps(x->s[(size_t)(t0 + t) * groups + g]));
+                acc[half][t] = _mm256_add_ps(acc[half][t], _mm256_mul_ps(_mm256_cvtepi32_ps(dot[half][t]), scale));
+            }
+        }
+    }
+    for (int t = 0; t < T; t++) {
+        float rows[16];
+        _mm256_storeu_ps(rows, acc[0][t]), _mm256_storeu_ps(rows + 8, acc[1][t]);
+        for (int lane = 0; lane < 16; lane++)
+            if (keep >> lane & 1) out[(size_t)(t0 + t) * ostride + (size_t)b * 16 + lane] = rows[lane];
+    }
+}
+
+/* Rows [r0, r1) on packed weights: the blocks that overlap the range, storing only the range's rows. */
+static void matmul_packed_q8(float *out, const Matrix *m, const QuantizedRows *x, int n_tok, int gs, int r0, int r1) {
+    for (int b = r0 / 16; b < (r1 + 15) / 16; b++) {
+        const unsigned keep = lanes_in_range(b, r0, r1);
+        int t = 0;
+        for (; t + 2 <= n_tok; t += 2) block_q8_avx2(out, m->rows, m, b, keep, x, t, gs, 2);
+        for (; t < n_tok; t++) block_q8_avx2(out, m->rows, m, b, keep, x, t, gs, 1);
     }
 }
 #endif
@@ -905,7 +969,7 @@ static float dot_q8(const int8_t *wq, const float *ws, const int8_t *xq, const f
 }
 
 static void matmul_rows_q8(float *out, const Matrix *m, const QuantizedRows *x, int n_tok, int gs, int r0, int r1) {
-#ifdef HAVE_AVX512_VNNI
+#ifdef PACKED_Q8_BIAS
     if (m->packed) {
         matmul_packed_q8(out, m, x, n_tok, gs, r0, r1);
         return;

@@ -159,9 +159,9 @@ class Engine:
         return out
 
 
-@pytest.fixture(scope="session")
-def lib(built) -> ctypes.CDLL:
-    library = ctypes.CDLL(str(built / "librun.so"))
+def load_library(path: Path) -> ctypes.CDLL:
+    """librun.so with the signatures of the functions the tests call."""
+    library = ctypes.CDLL(str(path))
     library.arianna_open.restype = ctypes.c_void_p
     library.arianna_open.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
     library.arianna_close.argtypes = [ctypes.c_void_p]
@@ -179,6 +179,34 @@ def lib(built) -> ctypes.CDLL:
     library.arianna_decode.restype = ctypes.c_char_p
     library.arianna_decode.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
     return library
+
+
+@pytest.fixture(scope="session")
+def lib(built) -> ctypes.CDLL:
+    return load_library(built / "librun.so")
+
+
+def cpu_flags() -> set[str]:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+@pytest.fixture(scope="session")
+def kernel_builds(built, workdir) -> dict[str, ctypes.CDLL]:
+    """librun.so as `make` builds it for this CPU, and with the int8 kernels it would pick on an AVX2 CPU without
+    AVX-512 and on any other (the plain loop), so each kernel is checked wherever the tests run."""
+    builds = {"native": load_library(built / "librun.so")}
+    variants = {"portable": []}
+    if "avx2" in cpu_flags():
+        variants["avx2"] = ["-mavx2", "-mfma"]
+    for name, flags in variants.items():
+        path = workdir / f"librun_{name}.so"
+        subprocess.run(["cc", "-O3", "-std=gnu11", *flags, "-fopenmp", "-shared", "-fPIC", "-DARIANNA_LIBRARY", "-o",
+                        str(path), str(REPO / "run.c"), "-lm"], check=True, capture_output=True)
+        builds[name] = load_library(path)
+    return builds
 
 
 def torch_greedy(model: Transformer, prompt: list[int], steps: int, eos_id: int) -> list[int]:
@@ -278,17 +306,21 @@ def expected_text(tokenizer_bin: Path, tokens: list[int]) -> bytes:
     return out
 
 
+@pytest.mark.parametrize("kernels", ["native", "avx2", "portable"])
 @pytest.mark.parametrize("shape", [
     # head 24 (not a SIMD width), Q8_0 groups of 8, 72 rows (a partial block of 16), 3 kv heads that 2 threads
     # cannot split evenly, so each thread's rows of k and v start mid-block.
     dict(dim=72, n_heads=3, n_kv_heads=3),
     dict(dim=96, n_heads=6, n_kv_heads=2),  # grouped-query attention, Q8_0 groups of 32 as in shape B
 ])
-def test_logits_match_pytorch_for_batches_and_threads(shape, built, lib, workdir, tokenizer_files):
+def test_logits_match_pytorch_for_batches_and_threads(shape, kernels, kernel_builds, workdir, tokenizer_files):
     """Logits after an 80-token prompt (two batches of at most 64) against PyTorch, fed as a batch and token by
     token, on 1 and 2 threads. Version 2 is compared with its dequantized weights applied to inputs rounded to Q8_0
     as the engine rounds them. Threads split rows, which changes no sum, and the int8 kernels do the same arithmetic
     per row and token in both feeding modes: those must agree bit for bit."""
+    if kernels not in kernel_builds:
+        pytest.skip(f"this CPU cannot run the {kernels} build")
+    lib = kernel_builds[kernels]
     torch.manual_seed(1)
     vocab = Tokenizer(tokenizer_files[0]).n_words
     # One layer: through a second one, a Q8_0 rounding tie that float noise breaks the other way would show.

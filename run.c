@@ -1028,21 +1028,24 @@ typedef struct Engine {
    right now. On a shared machine a thread that waits for a CPU stalls the others at every barrier: two
    threads on two cores busy with other work measured ~10 tokens/s where one thread kept ~350. Runnable
    tasks come from /proc/loadavg (an instant count, unlike the load averages, which remember a training run
-   that just ended); the least of a few looks, so one short-lived process does not count. */
+   that just ended), the least of a few looks so one short-lived process does not count. The count is the
+   whole machine's, so a process allowed fewer CPUs than the machine has (a container) counts its share. */
 static int default_thread_count(void) {
 #ifdef _OPENMP
     if (getenv("OMP_NUM_THREADS")) return omp_get_max_threads();
     const int procs = omp_get_num_procs();
-    int busy = procs;
-    for (int look = 0; look < 5 && busy > 0; look++) {
+    const long online = sysconf(_SC_NPROCESSORS_ONLN);
+    int others = INT32_MAX;
+    for (int look = 0; look < 5 && others > 0; look++) {
         FILE *f = fopen("/proc/loadavg", "r");
         int runnable = 0;
         const int ok = f && fscanf(f, "%*f %*f %*f %d/", &runnable) == 1;
         if (f) fclose(f);
         if (!ok) return procs;
-        busy = runnable - 1 < busy ? runnable - 1 : busy; /* less this process */
+        others = runnable - 1 < others ? runnable - 1 : others; /* less this process */
         if (look < 4) nanosleep(&(struct timespec){0, 2000000}, NULL);
     }
+    const int busy = online > procs ? (int)((long long)others * procs / online) : others;
     return procs - busy > 0 ? procs - busy : 1;
 #else
     return 1;

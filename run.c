@@ -632,6 +632,9 @@ static inline float hsum(vfloat v) {
 }
 
 #if defined(__AVX512F__)
+/* The first min(count, 16) lanes: the whole vector, or the tail of a loop over 16 at a time. */
+static inline __mmask16 first_lanes(int count) { return count >= 16 ? 0xFFFF : (__mmask16)((1u << count) - 1); }
+
 /* Lane j of the result is the sum of the lanes of v[j]: 16 horizontal sums in 45 shuffles and adds. */
 static inline __m512 hsum16(const __m512 v[16]) {
     __m512 a[8], b[4];
@@ -673,7 +676,7 @@ static inline __attribute__((always_inline)) void tile_f32(float *out, int ostri
     for (int r = 0; r < R; r++)
         for (int c = 0; c < C; c++) acc[r][c] = _mm512_setzero_ps();
     for (int k = 0; k < n; k += 16) {
-        const __mmask16 mask = n - k >= 16 ? 0xFFFF : (__mmask16)((1u << (n - k)) - 1);
+        const __mmask16 mask = first_lanes(n - k);
         __m512 xv[4];
         for (int c = 0; c < C; c++) xv[c] = _mm512_maskz_loadu_ps(mask, x + (size_t)c * xstride + k);
         for (int r = 0; r < R; r++) {
@@ -732,7 +735,7 @@ static inline float dot_f32(const float *w, const float *x, int n) {
         a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k + 16), _mm512_loadu_ps(x + k + 16), a1);
     }
     for (; k < n; k += 16) {
-        const __mmask16 mask = n - k >= 16 ? 0xFFFF : (__mmask16)((1u << (n - k)) - 1);
+        const __mmask16 mask = first_lanes(n - k);
         a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, w + k), _mm512_maskz_loadu_ps(mask, x + k), a0);
     }
     return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
@@ -989,7 +992,7 @@ static void rmsnorm(float *out, const float *x, const float *weight, int n, floa
 #if defined(__AVX512F__)
     __m512 squares = _mm512_setzero_ps();
     for (int i = 0; i < n; i += 16) {
-        const __m512 v = _mm512_maskz_loadu_ps(n - i >= 16 ? 0xFFFF : (__mmask16)((1u << (n - i)) - 1), x + i);
+        const __m512 v = _mm512_maskz_loadu_ps(first_lanes(n - i), x + i);
         squares = _mm512_fmadd_ps(v, v, squares);
     }
     ss = _mm512_reduce_add_ps(squares);
@@ -1111,8 +1114,8 @@ static int runstate_alloc(Engine *e) {
         for (int i = 0; i < e->n_threads; i++) {
             QuantizedRows *xq = &s->xq[i];
             xq->q = zalloc(MAX_BATCH * width, 1, &failed);
-            xq->s = zalloc(MAX_BATCH * width, 4, &failed);
-            xq->start = zalloc(MAX_BATCH * width, 4, &failed);
+            xq->s = zalloc(MAX_BATCH * (width / (size_t)c->group_size), 4, &failed);
+            xq->start = zalloc(MAX_BATCH * (width / (size_t)c->group_size), 4, &failed);
         }
     if (failed) return -1;
     /* Same angles as model.py: float32 frequency times float32 position. */
@@ -1179,12 +1182,14 @@ int arianna_eos(const Engine *e) { return e->tok.eos; }
    thread behind a barrier. That leaves four barriers per layer (five when the threads cannot split the kv
    heads evenly) instead of five fork/joins. */
 
+static inline int clamp(int v, int lo, int hi) { return v < lo ? lo : v > hi ? hi : v; }
+
 /* The part of [0, rows) that thread tid of nth owns: blocks of 16 rows (even, so RoPE pairs stay together). */
 static void thread_rows(int rows, int tid, int nth, int *r0, int *r1) {
     const int blocks = (rows + 15) / 16;
     const int b0 = (int)((long long)blocks * tid / nth), b1 = (int)((long long)blocks * (tid + 1) / nth);
-    *r0 = b0 * 16 < rows ? b0 * 16 : rows;
-    *r1 = b1 * 16 < rows ? b1 * 16 : rows;
+    *r0 = clamp(b0 * 16, 0, rows);
+    *r1 = clamp(b1 * 16, 0, rows);
 }
 
 /* The input of a product, n_tok rows of cols: fp32 as given, or quantized into this thread's buffers. */
@@ -1252,7 +1257,7 @@ static void attention_head_avx512(float *out, const float *q, const float *kc, c
     const __m512 vm = _mm512_set1_ps(maxv);
     __m512 vsum = _mm512_setzero_ps();
     for (p = 0; p < end; p += 16) {
-        const __mmask16 mask = end - p >= 16 ? 0xFFFF : (__mmask16)((1u << (end - p)) - 1);
+        const __mmask16 mask = first_lanes(end - p);
         const __m512 ex = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, att + p), vm));
         _mm512_mask_storeu_ps(att + p, mask, ex);
         vsum = _mm512_add_ps(vsum, _mm512_maskz_mov_ps(mask, ex));
@@ -1306,7 +1311,7 @@ static void swiglu(float *h, const float *gate, int n) {
     /* silu(a) = a / (1 + exp(-a)) = a e / (1 + e) with e = exp(a): take e = exp(-|a|) <= 1, which cannot
        overflow, and use the form that fits the sign. */
     for (int i = 0; i < n; i += 16) {
-        const __mmask16 mask = n - i >= 16 ? 0xFFFF : (__mmask16)((1u << (n - i)) - 1);
+        const __mmask16 mask = first_lanes(n - i);
         const __m512 a = _mm512_maskz_loadu_ps(mask, h + i), one = _mm512_set1_ps(1.0f);
         const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(a)));
         const __m512 numerator = _mm512_mask_mul_ps(a, _mm512_cmp_ps_mask(a, _mm512_setzero_ps(), _CMP_LT_OQ), a, e);
@@ -1388,16 +1393,14 @@ static void forward_batch(Engine *e, const int *tokens, int n_tok, int pos, int 
             } else { /* the q, k, v rows as one range split over the threads, RoPE on each thread's rows */
                 const int q_rows = kv_only ? 0 : dim;
                 thread_rows(q_rows + 2 * kv_dim, tid, nth, &r0, &r1);
-                const int a0 = r0 < q_rows ? r0 : q_rows, a1 = r1 < q_rows ? r1 : q_rows;
+                const int a0 = clamp(r0, 0, q_rows), a1 = clamp(r1, 0, q_rows);
                 matmul_range(e, s->q, &L->wq, xb, xq, n_tok, a0, a1);
                 rope_range(s, s->q, n_tok, dim, head, pos, a0, a1);
-                int b0 = r0 - q_rows, b1 = r1 - q_rows;
-                b0 = b0 < 0 ? 0 : b0 > kv_dim ? kv_dim : b0, b1 = b1 < 0 ? 0 : b1 > kv_dim ? kv_dim : b1;
-                matmul_range(e, k, &L->wk, xb, xq, n_tok, b0, b1);
-                rope_range(s, k, n_tok, kv_dim, head, pos, b0, b1);
-                b0 = r0 - q_rows - kv_dim, b1 = r1 - q_rows - kv_dim;
-                b0 = b0 < 0 ? 0 : b0 > kv_dim ? kv_dim : b0, b1 = b1 < 0 ? 0 : b1 > kv_dim ? kv_dim : b1;
-                matmul_range(e, v, &L->wv, xb, xq, n_tok, b0, b1);
+                const int k0 = clamp(r0 - q_rows, 0, kv_dim), k1 = clamp(r1 - q_rows, 0, kv_dim);
+                matmul_range(e, k, &L->wk, xb, xq, n_tok, k0, k1);
+                rope_range(s, k, n_tok, kv_dim, head, pos, k0, k1);
+                matmul_range(e, v, &L->wv, xb, xq, n_tok, clamp(r0 - q_rows - kv_dim, 0, kv_dim),
+                             clamp(r1 - q_rows - kv_dim, 0, kv_dim));
                 if (kv_only) break;
 #pragma omp barrier
                 for (int th = tid; th < n_tok * c->n_heads; th += nth) /* round robin: the causal triangle evens out */

@@ -650,9 +650,7 @@ class Trainer:
         finished = True
         try:
             while self.step < self.total_steps:
-                step_lr = self.lr(self.step)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = step_lr
+                step_lr = self.start_step()
                 accumulation = self.accumulation(self.step)
                 self.model.train()
                 total_loss, tokens, metrics = 0.0, 0, {}
@@ -680,27 +678,45 @@ class Trainer:
                 total_loss, tokens = metrics.pop("loss"), round(metrics.pop("tokens") * runtime.world_size)
                 effective_batch = cfg.batch_size * accumulation * runtime.world_size
                 progress.update(self.step, total_loss, tokens, step_lr, batch=effective_batch, **metrics)
-                at_end = self.step == self.total_steps
-                if at_end or (cfg.log_interval > 0 and self.step % cfg.log_interval == 0):
-                    progress.record({"step": self.step, "loss": total_loss, "lr": step_lr, "batch": effective_batch, **metrics})
-                if evaluate and (at_end or (cfg.eval_interval > 0 and self.step % cfg.eval_interval == 0)):
-                    self.model.eval()
-                    results = evaluate()
-                    self.best_val_loss = min(self.best_val_loss, results.get("val_loss", self.best_val_loss))
-                    progress.record({"step": self.step, **results})
-                if at_end or (cfg.eval_interval > 0 and self.step % cfg.eval_interval == 0):
-                    self.save(self.out_dir / "ckpt.pt")
-                if cfg.checkpoint_every > 0 and self.step % cfg.checkpoint_every == 0:
-                    self.save_phoenix()
-                if stop_now and not at_end:
-                    self.save(self.out_dir / "ckpt.pt")
-                    progress.write(f"stopped at step {self.step}; {self.out_dir / 'ckpt.pt'} saved, continue with --init=resume")
+                record = {"step": self.step, "loss": total_loss, "lr": step_lr, "batch": effective_batch, **metrics}
+                if not self.finish_step(progress, record, stop_now, evaluate):
                     finished = False
                     break
         finally:
             stop.restore()
             progress.close()
         return finished
+
+    def start_step(self) -> float:
+        """The scheduled lr of the coming optimizer step, set on the optimizer."""
+        step_lr = self.lr(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = step_lr
+        return step_lr
+
+    def finish_step(self, progress: ProgressLog, record: dict, stop_now: bool,
+                    evaluate: Optional[Callable[[], dict]] = None) -> bool:
+        """After an optimizer step: log record every --log_interval steps, evaluate and save ckpt.pt every
+        --eval_interval, phoenix checkpoints, and on a Ctrl-C save and say so. False when training must stop."""
+        cfg = self.cfg
+        at_end = self.step == self.total_steps
+        at_eval = at_end or (cfg.eval_interval > 0 and self.step % cfg.eval_interval == 0)
+        if at_end or (cfg.log_interval > 0 and self.step % cfg.log_interval == 0):
+            progress.record(record)
+        if evaluate and at_eval:
+            self.model.eval()
+            results = evaluate()
+            self.best_val_loss = min(self.best_val_loss, results.get("val_loss", self.best_val_loss))
+            progress.record({"step": self.step, **results})
+        if at_eval:
+            self.save(self.out_dir / "ckpt.pt")
+        if cfg.checkpoint_every > 0 and self.step % cfg.checkpoint_every == 0:
+            self.save_phoenix()
+        if stop_now and not at_end:
+            self.save(self.out_dir / "ckpt.pt")
+            progress.write(f"stopped at step {self.step}; {self.out_dir / 'ckpt.pt'} saved, continue with --init=resume")
+            return False
+        return True
 
 
 def export_finetuned(cfg: FinetuneConfig, model: Transformer, base: BaseCheckpoint) -> Path:

@@ -797,9 +797,7 @@ def ppo_loop(cfg: FinetuneConfig, runtime: Runtime, trainer: Trainer, value_head
     try:
         while trainer.step < trainer.total_steps:
             step = trainer.step
-            step_lr = trainer.lr(step)
-            for group in trainer.optimizer.param_groups:
-                group["lr"] = step_lr
+            step_lr = trainer.start_step()
             # Seeded by step: a resumed run samples and shuffles exactly as the uninterrupted one would. Under
             # torchrun, process r of W answers batch step * W + r of the prompts, with its own sampling seed.
             index = step * runtime.world_size + runtime.rank
@@ -821,16 +819,7 @@ def ppo_loop(cfg: FinetuneConfig, runtime: Runtime, trainer: Trainer, value_head
                                                            cfg.batch_size * runtime.world_size, cfg.kl_horizon)
             progress.update(trainer.step, metrics["loss/policy"] + cfg.vf_coef * metrics["loss/value"],
                             tokens, step_lr, reward=metrics["env/reward_mean"], kl=metrics["objective/kl"])
-            at_end = trainer.step == trainer.total_steps
-            if at_end or (cfg.log_interval > 0 and trainer.step % cfg.log_interval == 0):
-                progress.record({"step": trainer.step, "lr": step_lr, **metrics})
-            if at_end or (cfg.eval_interval > 0 and trainer.step % cfg.eval_interval == 0):
-                trainer.save(out_dir / "ckpt.pt")
-            if cfg.checkpoint_every > 0 and trainer.step % cfg.checkpoint_every == 0:
-                trainer.save_phoenix()
-            if stop_now and not at_end:
-                trainer.save(out_dir / "ckpt.pt")
-                progress.write(f"stopped at step {trainer.step}; {out_dir / 'ckpt.pt'} saved, continue with --init=resume")
+            if not trainer.finish_step(progress, {"step": trainer.step, "lr": step_lr, **metrics}, stop_now):
                 return False
     finally:
         stop.restore()

@@ -7,6 +7,7 @@ versions and drives the binary and the library.
 from __future__ import annotations
 
 import ctypes
+import itertools
 import os
 import random
 import struct
@@ -312,41 +313,46 @@ def expected_text(tokenizer_bin: Path, tokens: list[int]) -> bytes:
     # cannot split evenly, so each thread's rows of k and v start mid-block.
     dict(dim=72, n_heads=3, n_kv_heads=3),
     dict(dim=96, n_heads=6, n_kv_heads=2),  # grouped-query attention, Q8_0 groups of 32 as in shape B
+    dict(dim=144, n_heads=3, n_kv_heads=3),  # head 48 as in shapes A and B: the values' last vector masked
+    dict(dim=160, n_heads=2, n_kv_heads=1),  # head 80: two passes over the values' channels, 64 then 16
 ])
 def test_logits_match_pytorch_for_batches_and_threads(shape, kernels, kernel_builds, workdir, tokenizer_files):
-    """Logits after an 80-token prompt (two batches of at most 64) against PyTorch, fed as a batch and token by
-    token, on 1 and 2 threads. Version 2 is compared with its dequantized weights applied to inputs rounded to Q8_0
-    as the engine rounds them. Threads split rows, which changes no sum, and the int8 kernels do the same arithmetic
-    per row and token in both feeding modes: those must agree bit for bit."""
+    """Logits after an 80- and a 71-token prompt (two batches of at most 64, whose first layer's attention takes the
+    tokens 4, 3 and 1, or 4, 2 and 1 at a time) against PyTorch, fed as a batch and token by token, on 1 and 2
+    threads. Version 2 is compared with its dequantized weights applied to inputs rounded to Q8_0 as the engine
+    rounds them. Threads split rows and heads, which changes no sum; the int8 kernels, and attention, do the same
+    arithmetic per row and token in both feeding modes: those must agree bit for bit."""
     if kernels not in kernel_builds:
         pytest.skip(f"this CPU cannot run the {kernels} build")
     lib = kernel_builds[kernels]
     torch.manual_seed(1)
     vocab = Tokenizer(tokenizer_files[0]).n_words
-    # One layer: through a second one, a Q8_0 rounding tie that float noise breaks the other way would show.
-    model = Transformer(ModelArgs(**shape, n_layers=1, vocab_size=vocab, max_seq_len=96)).eval()
-    tokens = torch.randint(3, vocab, (80,)).tolist()
-    for version in (1, 2):
-        path = export_model(model, workdir / f"shape{shape['dim']}_v{version}.bin", version=version)
-        group_size = q80_group_size(model.args, 64)  # what export_model chose
-        reference = model if version == 1 else with_int8_activations(dequantized_model(path), group_size)
-        with torch.no_grad():
-            want = reference(torch.tensor([tokens]))[0][0, -1]
-        got = {}
-        for threads in (1, 2):
-            for batch in (True, False):
+    prompts = [torch.randint(3, vocab, (length,)).tolist() for length in (80, 71)]
+    for n_layers in (1, 2):
+        model = Transformer(ModelArgs(**shape, n_layers=n_layers, vocab_size=vocab, max_seq_len=96)).eval()
+        for version, tokens in itertools.product((1, 2), prompts):
+            path = export_model(model, workdir / f"shape{shape['dim']}_{n_layers}_v{version}.bin", version=version)
+            group_size = q80_group_size(model.args, 64)  # what export_model chose
+            reference = model if version == 1 else with_int8_activations(dequantized_model(path), group_size)
+            with torch.no_grad():
+                want = reference(torch.tensor([tokens]))[0][0, -1]
+            got = {}
+            for threads, batch in itertools.product((1, 2), (True, False)):
                 engine = Engine(lib, path, tokenizer_files[1], threads=threads)
                 try:
                     got[threads, batch] = engine.logits(tokens, batch)
                 finally:
                     engine.close()
-        scale = want.abs().max().item()
-        for (threads, batch), logits in got.items():
-            error = (logits - want).abs().max().item() / scale
-            assert error < (1e-5 if version == 1 else 1e-4), (version, threads, batch, error)
-        assert torch.equal(got[1, True], got[2, True]) and torch.equal(got[1, False], got[2, False]), version
-        if version == 2:
-            assert torch.equal(got[1, True], got[1, False])
+            # int8 through a second layer: a Q8_0 rounding tie in its input, which float noise breaks either way,
+            # moves the logits by ~2e-3 (measured), so there it is held to the bitwise checks below.
+            tolerance = 1e-5 if version == 1 else 1e-4 if n_layers == 1 else 1e-2
+            scale = want.abs().max().item()
+            for (threads, batch), logits in got.items():
+                error = (logits - want).abs().max().item() / scale
+                assert error < tolerance, (n_layers, version, threads, batch, error)
+            assert torch.equal(got[1, True], got[2, True]) and torch.equal(got[1, False], got[2, False]), version
+            if version == 2:
+                assert torch.equal(got[1, True], got[1, False])
 
 
 @pytest.mark.parametrize("version", [0, 1, 2])

@@ -1035,7 +1035,8 @@ typedef struct {
     float *logits;                      /* [vocab] of the last token fed */
     float *rope_cos, *rope_sin;         /* [seq_len][head_dim / 2] */
     float *xbt;                         /* [n_threads][MAX_BATCH][dim]: each thread's normed input */
-    QuantizedRows *xq;                  /* [n_threads], each [MAX_BATCH][hidden_dim]: quantized inputs (version 2) */
+    QuantizedRows *xq;                  /* [n_threads + 1], each [MAX_BATCH][hidden_dim]: quantized inputs (version
+                                           2), each thread's own for one token, the last shared by a batch's */
     int *prob_index;
     float *probs;
 } RunState;
@@ -1132,9 +1133,9 @@ static int runstate_alloc(Engine *e) {
     s->rope_cos = zalloc((size_t)c->seq_len * head / 2, 4, &failed);
     s->rope_sin = zalloc((size_t)c->seq_len * head / 2, 4, &failed);
     s->xbt = zalloc((size_t)e->n_threads * MAX_BATCH * (size_t)c->dim, 4, &failed);
-    s->xq = zalloc((size_t)e->n_threads, sizeof(QuantizedRows), &failed);
+    s->xq = zalloc((size_t)e->n_threads + 1, sizeof(QuantizedRows), &failed);
     if (c->version == 2 && s->xq)
-        for (int i = 0; i < e->n_threads; i++) {
+        for (int i = 0; i <= e->n_threads; i++) {
             QuantizedRows *xq = &s->xq[i];
             xq->q = zalloc(MAX_BATCH * width, 1, &failed);
             xq->s = zalloc(MAX_BATCH * (width / (size_t)c->group_size), 4, &failed);
@@ -1153,7 +1154,7 @@ static int runstate_alloc(Engine *e) {
 }
 
 static void runstate_free(RunState *s, int n_threads) {
-    for (int i = 0; s->xq && i < n_threads; i++) {
+    for (int i = 0; s->xq && i <= n_threads; i++) {
         QuantizedRows *xq = &s->xq[i];
         free(xq->q), free(xq->s), free(xq->start);
     }
@@ -1201,9 +1202,10 @@ int arianna_eos(const Engine *e) { return e->tok.eos; }
 /* The forward pass runs as one OpenMP parallel region per batch of tokens. Each thread owns a static,
    contiguous range of rows of every matrix (a single stream through the weights per core) and does the
    element-wise work of those rows itself (RoPE, residual add, SwiGLU); the small per-token work that every
-   row needs (RMSNorm, quantizing the input) is done by every thread into its own buffers rather than by one
-   thread behind a barrier. That leaves four barriers per layer (five when the threads cannot split the kv
-   heads evenly) instead of five fork/joins. */
+   row needs (RMSNorm, quantizing a single token's input) is done by every thread into its own buffers rather
+   than by one thread behind a barrier. That leaves four barriers per layer (five when the threads cannot
+   split the kv heads evenly) instead of five fork/joins. A batch's inputs are worth splitting: each thread
+   quantizes its share of the tokens, then a barrier (four more per layer; 2-thread int8 prompt 3.5% faster). */
 
 static inline int clamp(int v, int lo, int hi) { return v < lo ? lo : v > hi ? hi : v; }
 static inline int min_int(int a, int b) { return a < b ? a : b; }
@@ -1216,14 +1218,19 @@ static void thread_rows(int rows, int tid, int nth, int *r0, int *r1) {
     *r1 = clamp(b1 * 16, 0, rows);
 }
 
-/* The input of a product, n_tok rows of cols: fp32 as given, or quantized into this thread's buffers. */
-static void prepare_input(const Engine *e, QuantizedRows *xq, const float *x, int n_tok, int cols) {
-    if (e->w.cfg.version != 2) return;
-    const int gs = e->w.cfg.group_size;
-    for (int t = 0; t < n_tok; t++) {
+/* The input of a product, n_tok rows of cols, for thread tid of nth: fp32 as given (NULL), or quantized: one
+   token into this thread's buffers, a batch into the shared ones, each thread its share of the tokens. */
+static const QuantizedRows *prepare_input(const Engine *e, const float *x, int n_tok, int cols, int tid, int nth) {
+    if (e->w.cfg.version != 2) return NULL;
+    const int gs = e->w.cfg.group_size, batch = n_tok > 1;
+    QuantizedRows *xq = &e->s.xq[batch ? e->n_threads : tid];
+    for (int t = batch ? n_tok * tid / nth : 0; t < (batch ? n_tok * (tid + 1) / nth : n_tok); t++)
         quantize_row(xq->q + (size_t)t * cols, xq->s + (size_t)t * (cols / gs), xq->start + (size_t)t * (cols / gs),
                      x + (size_t)t * cols, cols, gs);
+    if (batch && nth > 1) {
+#pragma omp barrier
     }
+    return xq;
 }
 
 /* Rows [r0, r1) of out[t][r] = W[r] . x[t]; x is the fp32 input or, for Q8_0 weights, xq. */
@@ -1422,12 +1429,11 @@ static void cache_keys(Engine *e, int l, int n_tok, int pos, int c0, int c1) {
 }
 
 /* x[t] += m @ in[t] for the n_tok tokens, on this thread's rows of the residual stream (in: [n_tok, cols]). */
-static void add_projection(Engine *e, const Matrix *m, const float *in, int cols, QuantizedRows *xq, int n_tok,
-                           int tid, int nth) {
+static void add_projection(Engine *e, const Matrix *m, const float *in, int cols, int n_tok, int tid, int nth) {
     RunState *s = &e->s;
     const int dim = e->w.cfg.dim;
     int r0, r1;
-    prepare_input(e, xq, in, n_tok, cols);
+    const QuantizedRows *xq = prepare_input(e, in, n_tok, cols, tid, nth);
     thread_rows(dim, tid, nth, &r0, &r1);
     matmul_range(e, s->xb2, m, in, xq, n_tok, r0, r1);
     for (int t = 0; t < n_tok; t++)
@@ -1449,7 +1455,7 @@ static void forward_batch(Engine *e, const int *tokens, int n_tok, int pos, int 
         tid = omp_get_thread_num(), nth = omp_get_num_threads();
 #endif
         float *xb = s->xbt + (size_t)tid * MAX_BATCH * dim; /* this thread's copy of the normed input */
-        QuantizedRows *xq = &s->xq[tid];
+        const QuantizedRows *xq;
         float *att = s->att + (size_t)tid * ATT_TILE * c->seq_len;
         int r0, r1;
         for (int l = 0; l < c->n_layers; l++) {
@@ -1458,7 +1464,7 @@ static void forward_batch(Engine *e, const int *tokens, int n_tok, int pos, int 
             float *v = s->value_cache + ((size_t)l * c->seq_len + pos) * kv_dim;
             /* Attention: q, k, v (only k and v where kv_only) with RoPE, then attention over the cache. */
             for (int t = 0; t < n_tok; t++) rmsnorm(xb + (size_t)t * dim, s->x + (size_t)t * dim, L->rms_att, dim, 1e-5f);
-            prepare_input(e, xq, xb, n_tok, dim);
+            xq = prepare_input(e, xb, n_tok, dim, tid, nth);
             if (c->n_kv_heads % nth == 0) {
                 /* Each thread owns whole kv heads with their query heads: it computes their q, k, v rows and
                    then their attention, with no barrier in between. */
@@ -1497,23 +1503,23 @@ static void forward_batch(Engine *e, const int *tokens, int n_tok, int pos, int 
             }
 #pragma omp barrier
             /* wo, then the residual on this thread's rows. */
-            add_projection(e, &L->wo, s->xb, dim, xq, n_tok, tid, nth);
+            add_projection(e, &L->wo, s->xb, dim, n_tok, tid, nth);
 #pragma omp barrier
             /* w1 and w3 on the same rows, SwiGLU on them. */
             for (int t = 0; t < n_tok; t++) rmsnorm(xb + (size_t)t * dim, s->x + (size_t)t * dim, L->rms_ffn, dim, 1e-5f);
-            prepare_input(e, xq, xb, n_tok, dim);
+            xq = prepare_input(e, xb, n_tok, dim, tid, nth);
             thread_rows(hidden, tid, nth, &r0, &r1);
             matmul_range(e, s->hb, &L->w1, xb, xq, n_tok, r0, r1);
             matmul_range(e, s->hb2, &L->w3, xb, xq, n_tok, r0, r1);
             for (int t = 0; t < n_tok; t++) swiglu(s->hb + (size_t)t * hidden + r0, s->hb2 + (size_t)t * hidden + r0, r1 - r0);
 #pragma omp barrier
             /* w2, then the residual. */
-            add_projection(e, &L->w2, s->hb, hidden, xq, n_tok, tid, nth);
+            add_projection(e, &L->w2, s->hb, hidden, n_tok, tid, nth);
 #pragma omp barrier
         }
         if (!kv_only_at_end) { /* the classifier (the largest matrix of small models), split like the others */
             rmsnorm(xb, s->x + (size_t)(n_tok - 1) * dim, e->w.rms_final, dim, 1e-5f);
-            prepare_input(e, xq, xb, 1, dim);
+            xq = prepare_input(e, xb, 1, dim, tid, nth);
             thread_rows(c->vocab_size, tid, nth, &r0, &r1);
             matmul_range(e, s->logits, &e->w.classifier, xb, xq, 1, r0, r1);
         }

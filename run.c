@@ -1030,7 +1030,7 @@ typedef struct {
     float *x, *xb, *xb2, *hb, *hb2, *q; /* [MAX_BATCH][dim or hidden_dim] */
     float *k;                           /* [MAX_BATCH][kv_dim]: new keys, before they go into the cache */
     float *att;                         /* [n_threads][ATT_TILE][seq_len]: scores, then softmax numerators */
-    float *key_cache;                   /* [n_layers][kv_dim][seq_len]: transposed, see attention_tile */
+    float *key_cache;                   /* [n_layers][seq_len / 16 rounded up][kv_dim][16]: see key_at */
     float *value_cache;                 /* [n_layers][seq_len][kv_dim] */
     float *logits;                      /* [vocab] of the last token fed */
     float *rope_cos, *rope_sin;         /* [seq_len][head_dim / 2] */
@@ -1111,6 +1111,11 @@ static void *zalloc(size_t count, size_t size, int *failed) {
     return p;
 }
 
+/* Floats per layer of the key cache: blocks of 16 positions, each kv_dim rows of 16 (see key_at). */
+static size_t key_cache_layer(const Config *c) {
+    return (size_t)((c->seq_len + 15) / 16) * (size_t)(c->dim / c->n_heads * c->n_kv_heads) * 16;
+}
+
 static int runstate_alloc(Engine *e) {
     const Config *c = &e->w.cfg;
     RunState *s = &e->s;
@@ -1125,7 +1130,7 @@ static int runstate_alloc(Engine *e) {
     s->hb = zalloc(MAX_BATCH * (size_t)c->hidden_dim, 4, &failed);
     s->hb2 = zalloc(MAX_BATCH * (size_t)c->hidden_dim, 4, &failed);
     s->att = zalloc((size_t)e->n_threads * ATT_TILE * (size_t)c->seq_len, 4, &failed);
-    s->key_cache = zalloc((size_t)c->n_layers * kv_dim * (size_t)c->seq_len, 4, &failed);
+    s->key_cache = zalloc((size_t)c->n_layers * key_cache_layer(c), 4, &failed);
     s->value_cache = zalloc((size_t)c->n_layers * (size_t)c->seq_len * kv_dim, 4, &failed);
     s->logits = zalloc((size_t)c->vocab_size, 4, &failed);
     s->probs = zalloc((size_t)c->vocab_size, 4, &failed);
@@ -1257,28 +1262,61 @@ static void rope_range(const RunState *s, float *v, int n_tok, int width, int he
     }
 }
 
-/* Attention. Keys are cached transposed, key_cache[layer][channel][position], so a token's scores for 16
-   positions are the 16 lanes of one multiply-add chain over the head's channels (no horizontal sums), and a
-   prompt's tokens, ATT_TILE at a time, share every key and value they load. Each token's sums run in the same
-   order whatever tile it is in, so a prompt fed in one call gives bit for bit the logits of feeding it token by
-   token. */
+/* Attention. Keys are cached transposed in blocks of 16 positions, so a token's scores for 16 positions are the
+   16 lanes of one multiply-add chain over the head's channels (no horizontal sums), and a prompt's tokens,
+   ATT_TILE at a time, share every key and value they load. Each token's sums run in the same order whatever
+   tile it is in, so a prompt fed in one call gives bit for bit the logits of feeding it token by token. */
 
-/* One token over positions [0, end), any head size: the same arithmetic as the tiles, one lane at a time. */
-static void attention_token(float *out, const float *q, const float *kt, int seq_len, const float *vc, int kv_dim,
-                            int head, int end, float *att) {
+/* Key channel c at position p, from kt (a layer's cache, or a head's first channel in it): the block of 16
+   positions holds kv_dim rows of 16, so a head's keys for 16 positions are one contiguous run of memory (rows
+   seq_len apart, one row per channel, made generation 7% slower: each step's reads and writes were a cache
+   miss per channel). */
+static inline const float *key_at(const float *kt, int kv_dim, int c, int p) {
+    return kt + ((size_t)(p / 16) * kv_dim + c) * 16 + p % 16;
+}
+
+/* The scores of V vectors of positions from p, kept in registers over the channels (V chains hide the latency). */
+static inline __attribute__((always_inline)) void scores_vectors(float *att, const float *q, const float *kt,
+                                                                 int kv_dim, int head, int p, int V) {
+    vfloat acc[4] = {{0}};
+    for (int i = 0; i < head; i++)
+        for (int v = 0; v < V; v++) acc[v] += q[i] * LOADV(key_at(kt, kv_dim, i, p + v * VLEN));
+    for (int v = 0; v < V; v++) memcpy(att + p + v * VLEN, &acc[v], sizeof(vfloat));
+}
+
+/* out[c...] = the sum over positions p < end of att[p] v_p for V vectors of channels, kept in registers. */
+static inline __attribute__((always_inline)) void values_vectors(float *out, const float *att, const float *vc,
+                                                                 int kv_dim, int end, int c, int V) {
+    vfloat acc[4] = {{0}};
+    for (int p = 0; p < end; p++)
+        for (int v = 0; v < V; v++) acc[v] += att[p] * LOADV(vc + (size_t)p * kv_dim + c + v * VLEN);
+    for (int v = 0; v < V; v++) memcpy(out + c + v * VLEN, &acc[v], sizeof(vfloat));
+}
+
+/* One token over positions [0, end), any head size, for builds without AVX-512 and heads it does not fit:
+   scores 4 vectors of positions at a time, then one, then one position at a time; values likewise by
+   channels. */
+static void attention_token(float *out, const float *q, const float *kt, const float *vc, int kv_dim, int head,
+                            int end, float *att) {
     const float inv_sqrt = 1.0f / sqrtf((float)head);
-    for (int p = 0; p < end; p++) att[p] = 0.0f;
-    for (int i = 0; i < head; i++) {
-        const float qi = q[i], *k = kt + (size_t)i * seq_len;
-        for (int p = 0; p < end; p++) att[p] += qi * k[p];
+    int p = 0;
+    for (; p + 4 * VLEN <= end; p += 4 * VLEN) scores_vectors(att, q, kt, kv_dim, head, p, 4);
+    for (; p + VLEN <= end; p += VLEN) scores_vectors(att, q, kt, kv_dim, head, p, 1);
+    for (; p < end; p++) {
+        float a = 0.0f;
+        for (int i = 0; i < head; i++) a += q[i] * *key_at(kt, kv_dim, i, p);
+        att[p] = a;
     }
     float maxv = -INFINITY, sum = 0.0f;
-    for (int p = 0; p < end; p++) maxv = fmaxf(maxv, att[p] *= inv_sqrt);
-    for (int p = 0; p < end; p++) sum += (att[p] = expf(att[p] - maxv));
-    for (int i = 0; i < head; i++) out[i] = 0.0f;
-    for (int p = 0; p < end; p++) {
-        const float a = att[p], *v = vc + (size_t)p * kv_dim;
-        for (int i = 0; i < head; i++) out[i] += a * v[i];
+    for (p = 0; p < end; p++) maxv = fmaxf(maxv, att[p] *= inv_sqrt);
+    for (p = 0; p < end; p++) sum += (att[p] = expf(att[p] - maxv));
+    int c = 0;
+    for (; c + 4 * VLEN <= head; c += 4 * VLEN) values_vectors(out, att, vc, kv_dim, end, c, 4);
+    for (; c + VLEN <= head; c += VLEN) values_vectors(out, att, vc, kv_dim, end, c, 1);
+    for (; c < head; c++) {
+        float a = 0.0f;
+        for (p = 0; p < end; p++) a += att[p] * vc[(size_t)p * kv_dim + c];
+        out[c] = a;
     }
     for (int i = 0; i < head; i++) out[i] *= 1.0f / sum;
 }
@@ -1291,8 +1329,8 @@ static inline __mmask16 lanes_below(int count) { return count <= 0 ? 0 : first_l
    and stores past the last position are masked); values take CV vectors of 16 channels per pass (lanes past the
    head masked). N, PB and CV are constants once inlined. */
 static inline __attribute__((always_inline)) void attention_tile_avx512(float *out, const float *q, int qstride,
-                                                                       const float *kt, int seq_len, const float *vc,
-                                                                       int kv_dim, int head, int end0, float *att,
+                                                                       const float *kt, const float *vc, int kv_dim,
+                                                                       int head, int end0, float *att, int seq_len,
                                                                        int N, int PB, int CV) {
     const int end = end0 + N - 1;
     const __m512 inv_sqrt = _mm512_set1_ps(1.0f / sqrtf((float)head));
@@ -1303,9 +1341,8 @@ static inline __attribute__((always_inline)) void attention_tile_avx512(float *o
         for (int j = 0; j < N; j++)
             for (int b = 0; b < PB; b++) acc[j][b] = _mm512_setzero_ps();
         for (int i = 0; i < head; i++) {
-            const float *k = kt + (size_t)i * seq_len + p;
             for (int b = 0; b < PB; b++) {
-                const __m512 kv = _mm512_maskz_loadu_ps(mask[b], k + 16 * b);
+                const __m512 kv = _mm512_maskz_loadu_ps(mask[b], key_at(kt, kv_dim, i, p + 16 * b));
                 for (int j = 0; j < N; j++) acc[j][b] = _mm512_fmadd_ps(_mm512_set1_ps(q[(size_t)j * qstride + i]), kv, acc[j][b]);
             }
         }
@@ -1356,7 +1393,7 @@ static void attention_tile(Engine *e, int l, int t0, int n, int h, int pos, floa
     const Config *c = &e->w.cfg;
     RunState *s = &e->s;
     const int head = c->dim / c->n_heads, kv_dim = head * c->n_kv_heads, kvh = h / (c->n_heads / c->n_kv_heads);
-    const float *kt = s->key_cache + ((size_t)l * kv_dim + (size_t)kvh * head) * c->seq_len;
+    const float *kt = s->key_cache + (size_t)l * key_cache_layer(c) + (size_t)kvh * head * 16;
     const float *vc = s->value_cache + (size_t)l * c->seq_len * kv_dim + kvh * head;
     const float *q = s->q + (size_t)t0 * c->dim + h * head;
     float *out = s->xb + (size_t)t0 * c->dim + h * head;
@@ -1365,20 +1402,20 @@ static void attention_tile(Engine *e, int l, int t0, int n, int h, int pos, floa
     if (head % 16 == 0) { /* 64 channels per pass over the values, or 48 for heads like 48 and 96 */
         const int len = c->seq_len, wide = head % 64 == 0;
         switch (n) {
-        case 1: wide ? attention_tile_avx512(out, q, c->dim, kt, len, vc, kv_dim, head, end0, att, 1, 4, 4)
-                     : attention_tile_avx512(out, q, c->dim, kt, len, vc, kv_dim, head, end0, att, 1, 4, 3); break;
-        case 2: wide ? attention_tile_avx512(out, q, c->dim, kt, len, vc, kv_dim, head, end0, att, 2, 2, 4)
-                     : attention_tile_avx512(out, q, c->dim, kt, len, vc, kv_dim, head, end0, att, 2, 2, 3); break;
-        case 3: wide ? attention_tile_avx512(out, q, c->dim, kt, len, vc, kv_dim, head, end0, att, 3, 2, 4)
-                     : attention_tile_avx512(out, q, c->dim, kt, len, vc, kv_dim, head, end0, att, 3, 2, 3); break;
-        default: wide ? attention_tile_avx512(out, q, c->dim, kt, len, vc, kv_dim, head, end0, att, 4, 2, 4)
-                      : attention_tile_avx512(out, q, c->dim, kt, len, vc, kv_dim, head, end0, att, 4, 2, 3);
+        case 1: wide ? attention_tile_avx512(out, q, c->dim, kt, vc, kv_dim, head, end0, att, len, 1, 4, 4)
+                     : attention_tile_avx512(out, q, c->dim, kt, vc, kv_dim, head, end0, att, len, 1, 4, 3); break;
+        case 2: wide ? attention_tile_avx512(out, q, c->dim, kt, vc, kv_dim, head, end0, att, len, 2, 2, 4)
+                     : attention_tile_avx512(out, q, c->dim, kt, vc, kv_dim, head, end0, att, len, 2, 2, 3); break;
+        case 3: wide ? attention_tile_avx512(out, q, c->dim, kt, vc, kv_dim, head, end0, att, len, 3, 2, 4)
+                     : attention_tile_avx512(out, q, c->dim, kt, vc, kv_dim, head, end0, att, len, 3, 2, 3); break;
+        default: wide ? attention_tile_avx512(out, q, c->dim, kt, vc, kv_dim, head, end0, att, len, 4, 2, 4)
+                      : attention_tile_avx512(out, q, c->dim, kt, vc, kv_dim, head, end0, att, len, 4, 2, 3);
         }
         return;
     }
 #endif
     for (int j = 0; j < n; j++)
-        attention_token(out + (size_t)j * c->dim, q + (size_t)j * c->dim, kt, c->seq_len, vc, kv_dim, head, end0 + j, att);
+        attention_token(out + (size_t)j * c->dim, q + (size_t)j * c->dim, kt, vc, kv_dim, head, end0 + j, att);
 }
 
 /* h = silu(h) * gate over n values (SwiGLU). Every value takes the same path whatever its index, so how the
@@ -1413,19 +1450,13 @@ static void embed(const Weights *w, float *x, int token) {
     for (int i = 0; i < dim; i++) x[i] = q[i] * sc[i / gs];
 }
 
-/* Channels [c0, c1) of the new keys s->k [n_tok][kv_dim] into layer l's transposed cache at positions pos...
-   Each channel's row is written a few at a time into lines no cache holds yet: prefetching them for writing 8
-   channels ahead took a batch's key caching from ~4% of the prompt's time to ~3%. */
+/* Channels [c0, c1) of the new keys s->k [n_tok][kv_dim] into layer l's cache at positions pos... (see key_at). */
 static void cache_keys(Engine *e, int l, int n_tok, int pos, int c0, int c1) {
     const Config *c = &e->w.cfg;
     const int kv_dim = c->dim / c->n_heads * c->n_kv_heads;
-    const size_t stride = (size_t)c->seq_len;
-    float *cache = e->s.key_cache + (size_t)l * kv_dim * stride + pos;
-    for (int ch = c0; ch < c1; ch++) {
-        if (ch + 8 < c1)
-            for (int t = 0; t < n_tok; t += 16) __builtin_prefetch(cache + (ch + 8) * stride + t, 1);
-        for (int t = 0; t < n_tok; t++) cache[ch * stride + t] = e->s.k[(size_t)t * kv_dim + ch];
-    }
+    float *cache = e->s.key_cache + (size_t)l * key_cache_layer(c);
+    for (int t = 0; t < n_tok; t++)
+        for (int ch = c0; ch < c1; ch++) *(float *)key_at(cache, kv_dim, ch, pos + t) = e->s.k[(size_t)t * kv_dim + ch];
 }
 
 /* x[t] += m @ in[t] for the n_tok tokens, on this thread's rows of the residual stream (in: [n_tok, cols]). */

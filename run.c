@@ -1275,7 +1275,8 @@ static inline const float *key_at(const float *kt, int kv_dim, int c, int p) {
     return kt + ((size_t)(p / 16) * kv_dim + c) * 16 + p % 16;
 }
 
-/* The scores of V vectors of positions from p, kept in registers over the channels (V chains hide the latency). */
+/* The scores of V vectors of positions from p (a multiple of VLEN, which divides 16, so no vector straddles two
+   blocks), kept in registers over the channels: V chains hide the latency. */
 static inline __attribute__((always_inline)) void scores_vectors(float *att, const float *q, const float *kt,
                                                                  int kv_dim, int head, int p, int V) {
     vfloat acc[4] = {{0}};

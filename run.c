@@ -1327,12 +1327,12 @@ static inline __mmask16 lanes_below(int count) { return count <= 0 ? 0 : first_l
 
 /* N tokens (rows qstride apart) whose positions end at end0, end0 + 1, ...; head a multiple of 16; att rows of
    seq_len. Scores take PB blocks of 16 positions per pass, so N * PB chains hide the multiply-add latency (loads
-   and stores past the last position are masked); values take CV vectors of 16 channels per pass (lanes past the
-   head masked). N, PB and CV are constants once inlined. */
+   and stores past the last position are masked); values take 64 channels per pass (lanes past the head masked;
+   passes of 48 for heads like 48 measured no faster). N and PB are constants once inlined. */
 static inline __attribute__((always_inline)) void attention_tile_avx512(float *out, const float *q, int qstride,
                                                                        const float *kt, const float *vc, int kv_dim,
                                                                        int head, int end0, float *att, int seq_len,
-                                                                       int N, int PB, int CV) {
+                                                                       int N, int PB) {
     const int end = end0 + N - 1;
     const __m512 inv_sqrt = _mm512_set1_ps(1.0f / sqrtf((float)head));
     for (int p = 0; p < end; p += 16 * PB) { /* att[j][p] = q_j . k_p / sqrt(head) */
@@ -1366,24 +1366,24 @@ static inline __attribute__((always_inline)) void attention_tile_avx512(float *o
         }
         inv_sum[j] = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(vsum));
     }
-    for (int c = 0; c < head; c += 16 * CV) { /* out_j = sum over p < end0 + j of att[j][p] v_p / sum_j */
+    for (int c = 0; c < head; c += 64) { /* out_j = sum over p < end0 + j of att[j][p] v_p / sum_j */
         __mmask16 mask[4];
         __m512 acc[4][4];
-        for (int v = 0; v < CV; v++) mask[v] = lanes_below(head - c - 16 * v);
+        for (int v = 0; v < 4; v++) mask[v] = lanes_below(head - c - 16 * v);
         for (int j = 0; j < N; j++)
-            for (int v = 0; v < CV; v++) acc[j][v] = _mm512_setzero_ps();
+            for (int v = 0; v < 4; v++) acc[j][v] = _mm512_setzero_ps();
         for (int p = 0; p < end; p++) {
             const float *row = vc + (size_t)p * kv_dim + c;
             __m512 vv[4];
-            for (int v = 0; v < CV; v++) vv[v] = _mm512_maskz_loadu_ps(mask[v], row + 16 * v);
+            for (int v = 0; v < 4; v++) vv[v] = _mm512_maskz_loadu_ps(mask[v], row + 16 * v);
             for (int j = 0; j < N; j++)
                 if (p < end0 + j) { /* token j sees position p */
                     const __m512 a = _mm512_set1_ps(att[(size_t)j * seq_len + p]);
-                    for (int v = 0; v < CV; v++) acc[j][v] = _mm512_fmadd_ps(a, vv[v], acc[j][v]);
+                    for (int v = 0; v < 4; v++) acc[j][v] = _mm512_fmadd_ps(a, vv[v], acc[j][v]);
                 }
         }
         for (int j = 0; j < N; j++)
-            for (int v = 0; v < CV; v++)
+            for (int v = 0; v < 4; v++)
                 _mm512_mask_storeu_ps(out + (size_t)j * qstride + c + 16 * v, mask[v], _mm512_mul_ps(acc[j][v], inv_sum[j]));
     }
 }
@@ -1400,17 +1400,13 @@ static void attention_tile(Engine *e, int l, int t0, int n, int h, int pos, floa
     float *out = s->xb + (size_t)t0 * c->dim + h * head;
     const int end0 = pos + t0 + 1;
 #if defined(__AVX512F__)
-    if (head % 16 == 0) { /* 64 channels per pass over the values, or 48 for heads like 48 and 96 */
-        const int len = c->seq_len, wide = head % 64 == 0;
+    if (head % 16 == 0) {
+        const int len = c->seq_len;
         switch (n) {
-        case 1: wide ? attention_tile_avx512(out, q, c->dim, kt, vc, kv_dim, head, end0, att, len, 1, 4, 4)
-                     : attention_tile_avx512(out, q, c->dim, kt, vc, kv_dim, head, end0, att, len, 1, 4, 3); break;
-        case 2: wide ? attention_tile_avx512(out, q, c->dim, kt, vc, kv_dim, head, end0, att, len, 2, 2, 4)
-                     : attention_tile_avx512(out, q, c->dim, kt, vc, kv_dim, head, end0, att, len, 2, 2, 3); break;
-        case 3: wide ? attention_tile_avx512(out, q, c->dim, kt, vc, kv_dim, head, end0, att, len, 3, 2, 4)
-                     : attention_tile_avx512(out, q, c->dim, kt, vc, kv_dim, head, end0, att, len, 3, 2, 3); break;
-        default: wide ? attention_tile_avx512(out, q, c->dim, kt, vc, kv_dim, head, end0, att, len, 4, 2, 4)
-                      : attention_tile_avx512(out, q, c->dim, kt, vc, kv_dim, head, end0, att, len, 4, 2, 3);
+        case 1: attention_tile_avx512(out, q, c->dim, kt, vc, kv_dim, head, end0, att, len, 1, 4); break;
+        case 2: attention_tile_avx512(out, q, c->dim, kt, vc, kv_dim, head, end0, att, len, 2, 2); break;
+        case 3: attention_tile_avx512(out, q, c->dim, kt, vc, kv_dim, head, end0, att, len, 3, 2); break;
+        default: attention_tile_avx512(out, q, c->dim, kt, vc, kv_dim, head, end0, att, len, 4, 2);
         }
         return;
     }

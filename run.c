@@ -598,6 +598,9 @@ static const char *tokenizer_decode(Tokenizer *t, int prev_token, int token) {
 /* ------------------------------------------------------------------------------------------------ */
 /* Kernels                                                                                         */
 
+static inline int clamp(int v, int lo, int hi) { return v < lo ? lo : v > hi ? hi : v; }
+static inline int min_int(int a, int b) { return a < b ? a : b; }
+
 /* GCC/Clang vector extensions: the compiler maps these to AVX-512, AVX2 or SSE, whatever -march allows. */
 #if defined(__AVX512F__)
 #define VLEN 16
@@ -633,8 +636,10 @@ static inline float hsum(vfloat v) {
 }
 
 #if defined(__AVX512F__)
-/* The first min(count, 16) lanes: the whole vector, or the tail of a loop over 16 at a time. */
-static inline __mmask16 first_lanes(int count) { return count >= 16 ? 0xFFFF : (__mmask16)((1u << count) - 1); }
+/* The first min(count, 16) lanes (none for count <= 0): the whole vector, or the tail of a loop over 16 at a time. */
+static inline __mmask16 first_lanes(int count) {
+    return count >= 16 ? 0xFFFF : count <= 0 ? 0 : (__mmask16)((1u << count) - 1);
+}
 
 /* Lane j of the result is the sum of the lanes of v[j]: 16 horizontal sums in 45 shuffles and adds. */
 static inline __m512 hsum16(const __m512 v[16]) {
@@ -886,7 +891,7 @@ static inline void block_q8_token(float *out, const Matrix *m, int b, __mmask16 
         for (; k + 4 <= end; k += 4)
             for (int j = 0; j < 4; j++)
                 dot[j] = dpbusd(dot[j], _mm512_load_si512(w + (size_t)(k + j) * 64),
-                                             _mm512_set1_epi32(load_i32(x->q + 4 * (k + j))));
+                                _mm512_set1_epi32(load_i32(x->q + 4 * (k + j))));
         for (; k < end; k++)
             dot[0] = dpbusd(dot[0], _mm512_load_si512(w + (size_t)k * 64), _mm512_set1_epi32(load_i32(x->q + 4 * k)));
         const __m512i sum = _mm512_add_epi32(_mm512_add_epi32(dot[0], dot[1]), _mm512_add_epi32(dot[2], dot[3]));
@@ -906,7 +911,7 @@ static void matmul_packed_q8(float *out, const Matrix *m, const QuantizedRows *x
     const uint8_t *range_end = m->packed + b_end * block_bytes;
     const size_t slice = ((size_t)NB * block_bytes / ((n_tok + 3) / 4) + 63) / 64 * 64; /* next pair's bytes per 4 tokens */
     for (int b = r0 / 16; b < b_end; b += NB) {
-        const int nb = b_end - b < NB ? b_end - b : NB;
+        const int nb = min_int(b_end - b, NB);
         __mmask16 keep[4];
         for (int i = 0; i < nb; i++) keep[i] = (__mmask16)lanes_in_range(b + i, r0, r1);
         int t = 0;
@@ -1212,8 +1217,6 @@ int arianna_eos(const Engine *e) { return e->tok.eos; }
    split the kv heads evenly) instead of five fork/joins. A batch's inputs are worth splitting: each thread
    quantizes its share of the tokens, then a barrier (four more per layer; 2-thread int8 prompt 3.5% faster). */
 
-static inline int clamp(int v, int lo, int hi) { return v < lo ? lo : v > hi ? hi : v; }
-static inline int min_int(int a, int b) { return a < b ? a : b; }
 
 /* The part of [0, rows) that thread tid of nth owns: blocks of 16 rows (even, so RoPE pairs stay together). */
 static void thread_rows(int rows, int tid, int nth, int *r0, int *r1) {
@@ -1252,7 +1255,7 @@ static void rope_range(const RunState *s, float *v, int n_tok, int width, int he
         const float *cs = s->rope_cos + (size_t)(pos + t) * (head / 2), *sn = s->rope_sin + (size_t)(pos + t) * (head / 2);
         for (int h0 = r0 - r0 % head; h0 < r1; h0 += head) {
             float *x = v + (size_t)t * width + h0;
-            const int f1 = (r1 - h0 < head ? r1 - h0 : head) / 2;
+            const int f1 = min_int(r1 - h0, head) / 2;
             for (int f = (r0 > h0 ? r0 - h0 : 0) / 2; f < f1; f++) {
                 const float a = x[2 * f], b = x[2 * f + 1];
                 x[2 * f] = a * cs[f] - b * sn[f];
@@ -1323,7 +1326,6 @@ static void attention_token(float *out, const float *q, const float *kt, const f
 }
 
 #if defined(__AVX512F__)
-static inline __mmask16 lanes_below(int count) { return count <= 0 ? 0 : first_lanes(count); }
 
 /* N tokens (rows qstride apart) whose positions end at end0, end0 + 1, ...; head a multiple of 16; att rows of
    seq_len. Scores take PB blocks of 16 positions per pass, so N * PB chains hide the multiply-add latency (loads
@@ -1338,7 +1340,7 @@ static inline __attribute__((always_inline)) void attention_tile_avx512(float *o
     for (int p = 0; p < end; p += 16 * PB) { /* att[j][p] = q_j . k_p / sqrt(head) */
         __mmask16 mask[4];
         __m512 acc[4][4];
-        for (int b = 0; b < PB; b++) mask[b] = lanes_below(end - p - 16 * b);
+        for (int b = 0; b < PB; b++) mask[b] = first_lanes(end - p - 16 * b);
         for (int j = 0; j < N; j++)
             for (int b = 0; b < PB; b++) acc[j][b] = _mm512_setzero_ps();
         for (int i = 0; i < head; i++) {
@@ -1369,7 +1371,7 @@ static inline __attribute__((always_inline)) void attention_tile_avx512(float *o
     for (int c = 0; c < head; c += 64) { /* out_j = sum over p < end0 + j of att[j][p] v_p / sum_j */
         __mmask16 mask[4];
         __m512 acc[4][4];
-        for (int v = 0; v < 4; v++) mask[v] = lanes_below(head - c - 16 * v);
+        for (int v = 0; v < 4; v++) mask[v] = first_lanes(head - c - 16 * v);
         for (int j = 0; j < N; j++)
             for (int v = 0; v < 4; v++) acc[j][v] = _mm512_setzero_ps();
         for (int p = 0; p < end; p++) {
@@ -1560,7 +1562,7 @@ int arianna_feed(Engine *e, const int *tokens, int n, int pos) {
         if (tokens[i] < 0 || tokens[i] >= e->w.cfg.vocab_size) return -1;
     /* Every token but the last only has to reach the KV cache: in batches, then the last on its own. */
     for (int done = 0; done < n - 1; done += MAX_BATCH)
-        forward_batch(e, tokens + done, n - 1 - done < MAX_BATCH ? n - 1 - done : MAX_BATCH, pos + done, 1);
+        forward_batch(e, tokens + done, min_int(n - 1 - done, MAX_BATCH), pos + done, 1);
     forward_batch(e, tokens + n - 1, 1, pos + n - 1, 0);
     return 0;
 }

@@ -18,6 +18,7 @@
 #include <fcntl.h>
 #include <math.h>
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -903,12 +904,13 @@ static inline void block_q8_token(float *out, const Matrix *m, int b, __mmask16 
 }
 
 /* Rows [r0, r1) on packed weights: the blocks that overlap the range, storing only the range's rows. In a batch
-   each pair of blocks is read from L3 once and then from L1 by every 4 tokens; prefetching the next pair a
-   slice per 4 tokens hides that first read (measured: all of a layer's products 130 -> 150 GMAC/s). */
+   each pair of blocks is read from L3 once and then from L1 by every 4 tokens; prefetching the next pair (past
+   the range too: a batch's next work item) a slice per 4 tokens hides that first read (measured: all of a
+   layer's products 130 -> 150 GMAC/s). */
 static void matmul_packed_q8(float *out, const Matrix *m, const QuantizedRows *x, int n_tok, int gs, int r0, int r1) {
     const int NB = 2, b_end = (r1 + 15) / 16;
     const size_t block_bytes = (size_t)(m->cols / 4) * 64;
-    const uint8_t *range_end = m->packed + b_end * block_bytes;
+    const uint8_t *matrix_end = m->packed + (size_t)((m->rows + 15) / 16) * block_bytes;
     const size_t slice = ((size_t)NB * block_bytes / ((n_tok + 3) / 4) + 63) / 64 * 64; /* next pair's bytes per 4 tokens */
     for (int b = r0 / 16; b < b_end; b += NB) {
         const int nb = min_int(b_end - b, NB);
@@ -920,7 +922,7 @@ static void matmul_packed_q8(float *out, const Matrix *m, const QuantizedRows *x
         else if (nb == NB) {
             const uint8_t *next = m->packed + (b + NB) * block_bytes;
             for (; t + 4 <= n_tok; t += 4) {
-                for (const uint8_t *end = next + slice; next < end && next < range_end; next += 64) __builtin_prefetch(next);
+                for (const uint8_t *end = next + slice; next < end && next < matrix_end; next += 64) __builtin_prefetch(next);
                 blocks_q8(out, m->rows, m, b, keep, x, t, gs, 2, 4);
             }
             if (n_tok - t == 3) blocks_q8(out, m->rows, m, b, keep, x, t, gs, 2, 3);
@@ -1031,6 +1033,12 @@ static void rmsnorm(float *out, const float *x, const float *weight, int n, floa
 /* ------------------------------------------------------------------------------------------------ */
 /* Engine                                                                                          */
 
+/* The phases of a layer whose work a batch shares out, and one thread's share of a phase (see share_take). */
+enum { PHASE_QKV, PHASE_ATTENTION, PHASE_WO, PHASE_W13, PHASE_W2, PHASES };
+typedef struct {
+    _Alignas(64) _Atomic uint64_t span; /* the items not yet taken: front << 32 | back; a cache line per thread */
+} Share;
+
 typedef struct {
     float *x, *xb, *xb2, *hb, *hb2, *q; /* [MAX_BATCH][dim or hidden_dim] */
     float *k;                           /* [MAX_BATCH][kv_dim]: new keys, before they go into the cache */
@@ -1038,10 +1046,12 @@ typedef struct {
     float *key_cache;                   /* [n_layers][seq_len / 16 rounded up][kv_dim][16]: see key_at */
     float *value_cache;                 /* [n_layers][seq_len][kv_dim] */
     float *logits;                      /* [vocab] of the last token fed */
-    float *rope_cos, *rope_sin;         /* [seq_len][head_dim / 2] */
-    float *xbt;                         /* [n_threads][MAX_BATCH][dim]: each thread's normed input */
+    float *rope_cos, *rope_sin;         /* [seq_len][head_dim]: per pair (cos, cos) and (-sin, sin) */
+    float *xn;                          /* [MAX_BATCH + n_threads][dim]: normed inputs, a batch's then each thread's
+                                           own for one token */
     QuantizedRows *xq;                  /* [n_threads + 1], each [MAX_BATCH][hidden_dim]: quantized inputs (version
                                            2), each thread's own for one token, the last shared by a batch's */
+    Share *shares;                      /* [n_layers][PHASES][n_threads]: a batch's work */
     int *prob_index;
     float *probs;
 } RunState;
@@ -1140,10 +1150,12 @@ static int runstate_alloc(Engine *e) {
     s->logits = zalloc((size_t)c->vocab_size, 4, &failed);
     s->probs = zalloc((size_t)c->vocab_size, 4, &failed);
     s->prob_index = zalloc((size_t)c->vocab_size, sizeof(int), &failed);
-    s->rope_cos = zalloc((size_t)c->seq_len * head / 2, 4, &failed);
-    s->rope_sin = zalloc((size_t)c->seq_len * head / 2, 4, &failed);
-    s->xbt = zalloc((size_t)e->n_threads * MAX_BATCH * (size_t)c->dim, 4, &failed);
+    s->rope_cos = zalloc((size_t)c->seq_len * head, 4, &failed);
+    s->rope_sin = zalloc((size_t)c->seq_len * head, 4, &failed);
+    s->xn = zalloc((MAX_BATCH + (size_t)e->n_threads) * (size_t)c->dim, 4, &failed);
     s->xq = zalloc((size_t)e->n_threads + 1, sizeof(QuantizedRows), &failed);
+    s->shares = aligned_alloc(64, (size_t)c->n_layers * PHASES * (size_t)e->n_threads * sizeof(Share));
+    failed |= !s->shares;
     if (c->version == 2 && s->xq)
         for (int i = 0; i <= e->n_threads; i++) {
             QuantizedRows *xq = &s->xq[i];
@@ -1157,8 +1169,9 @@ static int runstate_alloc(Engine *e) {
         for (size_t i = 0; i < head / 2; i++) {
             float freq = (float)(1.0 / pow(10000.0, (double)(2 * i) / (double)head));
             float angle = (float)pos * freq;
-            s->rope_cos[pos * head / 2 + i] = cosf(angle);
-            s->rope_sin[pos * head / 2 + i] = sinf(angle);
+            float *cs = s->rope_cos + pos * head + 2 * i, *sn = s->rope_sin + pos * head + 2 * i;
+            cs[0] = cs[1] = cosf(angle);
+            sn[0] = -sinf(angle), sn[1] = sinf(angle);
         }
     return 0;
 }
@@ -1169,7 +1182,7 @@ static void runstate_free(RunState *s, int n_threads) {
         free(xq->q), free(xq->s), free(xq->start);
     }
     void *all[] = {s->x, s->xb, s->xb2, s->q, s->k, s->hb, s->hb2, s->att, s->key_cache, s->value_cache, s->logits,
-                   s->probs, s->prob_index, s->rope_cos, s->rope_sin, s->xbt, s->xq};
+                   s->probs, s->prob_index, s->rope_cos, s->rope_sin, s->xn, s->xq, s->shares};
     for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++) free(all[i]);
     memset(s, 0, sizeof(*s));
 }
@@ -1209,58 +1222,164 @@ int arianna_vocab_size(const Engine *e) { return e->w.cfg.vocab_size; }
 int arianna_bos(const Engine *e) { return e->tok.bos; }
 int arianna_eos(const Engine *e) { return e->tok.eos; }
 
-/* The forward pass runs as one OpenMP parallel region per batch of tokens. Each thread owns a static,
-   contiguous range of rows of every matrix (a single stream through the weights per core) and does the
-   element-wise work of those rows itself (RoPE, residual add, SwiGLU); the small per-token work that every
-   row needs (RMSNorm, quantizing a single token's input) is done by every thread into its own buffers rather
-   than by one thread behind a barrier. That leaves four barriers per layer (five when the threads cannot
-   split the kv heads evenly) instead of five fork/joins. A batch's inputs are worth splitting: each thread
-   quantizes its share of the tokens, then a barrier (four more per layer; 2-thread int8 prompt 3.5% faster). */
+/* The forward pass runs as one OpenMP parallel region per batch of tokens, with a barrier wherever a step needs
+   what other threads wrote: four per layer (five when the attention cannot follow q, k and v without one).
 
+   One token: each thread owns a fixed, contiguous share of every matrix's rows (a single stream through the
+   weights per core) and does the element-wise work of those rows itself (RoPE, residual add, SwiGLU); the small
+   per-token work every row needs (RMSNorm, quantizing the token) each thread does into its own buffers rather
+   than one thread behind a barrier. Where the threads can split the kv heads evenly, each owns whole heads from
+   q, k and v through attention, with no barrier in between.
 
-/* The part of [0, rows) that thread tid of nth owns: blocks of 16 rows (even, so RoPE pairs stay together). */
-static void thread_rows(int rows, int tid, int nth, int *r0, int *r1) {
-    const int blocks = (rows + 15) / 16;
-    const int b0 = (int)((long long)blocks * tid / nth), b1 = (int)((long long)blocks * (tid + 1) / nth);
-    *r0 = clamp(b0 * 16, 0, rows);
-    *r1 = clamp(b1 * 16, 0, rows);
+   A batch: each thread norms and quantizes its share of the tokens into shared buffers, then a barrier (2-thread
+   int8 prompt 3.5% faster than every thread doing all of them). Its products and attention are split into work
+   items that the threads share out as they go (see share_take). */
+
+#define ITEM_ROWS 32 /* a batch's work item in a product: the pair of 16-row blocks its kernel takes at once */
+
+/* A batch's items [0, count) of one phase start split into equal, contiguous shares, one per thread. Each
+   thread takes its own front to back (a product prefetches its next item's weights), and a thread whose share
+   is done takes the last item of the share with the most left. With fixed shares the faster of two cores here
+   waited 5-19% of a prompt's time at the barriers: on a shared (or hybrid) machine one core is often slower. */
+static void share_split(Share *shares, int count, int nth) {
+    for (int t = 0; t < nth; t++)
+        atomic_init(&shares[t].span, (uint64_t)(count * t / nth) << 32 | (uint64_t)(count * (t + 1) / nth));
 }
 
-/* The input of a product, n_tok rows of cols, for thread tid of nth: fp32 as given (NULL), or quantized: one
-   token into this thread's buffers, a batch into the shared ones, each thread its share of the tokens. */
-static const QuantizedRows *prepare_input(const Engine *e, const float *x, int n_tok, int cols, int tid, int nth) {
-    if (e->w.cfg.version != 2) return NULL;
+/* The next item for thread tid, or -1 once every share is done. Item order within a phase never changes a
+   result: each item writes its own outputs, with the same arithmetic whichever thread runs it. */
+static int share_take(Share *shares, int tid, int nth) {
+    uint64_t span = atomic_load_explicit(&shares[tid].span, memory_order_relaxed);
+    while ((uint32_t)(span >> 32) < (uint32_t)span)
+        if (atomic_compare_exchange_weak_explicit(&shares[tid].span, &span, span + ((uint64_t)1 << 32),
+                                                  memory_order_relaxed, memory_order_relaxed))
+            return (int)(span >> 32);
+    for (;;) {
+        int victim = -1;
+        uint32_t most = 0;
+        for (int t = 0; t < nth; t++) {
+            const uint64_t other = atomic_load_explicit(&shares[t].span, memory_order_relaxed);
+            if ((uint32_t)other - (uint32_t)(other >> 32) > most) /* back - front: front <= back always */
+                most = (uint32_t)other - (uint32_t)(other >> 32), victim = t, span = other;
+        }
+        if (victim < 0) return -1;
+        if (atomic_compare_exchange_weak_explicit(&shares[victim].span, &span, span - 1, memory_order_relaxed,
+                                                  memory_order_relaxed))
+            return (int)(uint32_t)span - 1;
+    }
+}
+
+/* The shares of phase in layer l for a batch; NULL for one token (fixed shares). */
+static Share *phase_shares(const Engine *e, int n_tok, int l, int phase) {
+    return n_tok > 1 ? e->s.shares + ((size_t)l * PHASES + phase) * e->n_threads : NULL;
+}
+
+static int row_items(int rows) { return (rows + ITEM_ROWS - 1) / ITEM_ROWS; }
+
+/* Every phase of a batch of n_tok tokens split afresh, before the threads start taking items. */
+static void split_batch(const Engine *e, int n_tok, int kv_only_at_end) {
+    const Config *c = &e->w.cfg;
+    const int kv_dim = c->dim / c->n_heads * c->n_kv_heads, tiles = (n_tok + ATT_TILE - 1) / ATT_TILE;
+    for (int l = 0; l < c->n_layers; l++) {
+        const int q_rows = kv_only_at_end && l == c->n_layers - 1 ? 0 : c->dim;
+        const int items[PHASES] = {row_items(q_rows + 2 * kv_dim), c->n_heads * tiles, row_items(c->dim),
+                                   row_items(c->hidden_dim), row_items(c->dim)};
+        for (int phase = 0; phase < PHASES; phase++)
+            share_split(phase_shares(e, n_tok, l, phase), items[phase], e->n_threads);
+    }
+}
+
+/* The part of [0, count) that thread tid of nth owns: whole units (blocks of 16 rows keep RoPE pairs together). */
+static void thread_share(int count, int unit, int tid, int nth, int *i0, int *i1) {
+    const int units = (count + unit - 1) / unit;
+    *i0 = clamp((int)((long long)units * tid / nth) * unit, 0, count);
+    *i1 = clamp((int)((long long)units * (tid + 1) / nth) * unit, 0, count);
+}
+
+/* A thread's walk through a phase's rows or items: without shares its fixed share (in units of `unit`) at once,
+   with them one item (`item` of them) at a time. */
+typedef struct {
+    Share *shares;
+    int count, item, unit, tid, nth, started;
+} Work;
+
+static Work rows_work(Share *shares, int rows, int tid, int nth) { return (Work){shares, rows, ITEM_ROWS, 16, tid, nth, 0}; }
+static Work items_work(Share *shares, int count, int tid, int nth) { return (Work){shares, count, 1, 1, tid, nth, 0}; }
+
+/* The next part [*i0, *i1) this thread does; 0 once it has none left. */
+static int work_next(Work *w, int *i0, int *i1) {
+    if (!w->shares) {
+        if (w->started) return 0;
+        w->started = 1;
+        thread_share(w->count, w->unit, w->tid, w->nth, i0, i1);
+        return *i0 < *i1;
+    }
+    const int item = share_take(w->shares, w->tid, w->nth);
+    if (item < 0) return 0;
+    *i0 = item * w->item;
+    *i1 = min_int(*i0 + w->item, w->count);
+    return 1;
+}
+
+/* A product's input, n_tok rows of cols, as the kernels take it: fp32, and quantized for Q8_0 weights. With
+   norm, RMSNorm by it first. One token: every thread into its own buffers; a batch: each thread its share of
+   the tokens into the shared ones, then a barrier. */
+typedef struct {
+    const float *x;
+    const QuantizedRows *q;
+} Input;
+
+static Input prepare_input(const Engine *e, const float *x, const float *norm, int n_tok, int cols, int tid, int nth) {
+    const RunState *s = &e->s;
     const int gs = e->w.cfg.group_size, batch = n_tok > 1;
-    QuantizedRows *xq = &e->s.xq[batch ? e->n_threads : tid];
-    for (int t = batch ? n_tok * tid / nth : 0; t < (batch ? n_tok * (tid + 1) / nth : n_tok); t++)
-        quantize_row(xq->q + (size_t)t * cols, xq->s + (size_t)t * (cols / gs), xq->start + (size_t)t * (cols / gs),
-                     x + (size_t)t * cols, cols, gs);
-    if (batch && nth > 1) {
+    float *normed = s->xn + (size_t)(batch ? 0 : MAX_BATCH + tid) * cols;
+    QuantizedRows *xq = e->w.cfg.version == 2 ? &s->xq[batch ? e->n_threads : tid] : NULL;
+    for (int t = batch ? n_tok * tid / nth : 0; t < (batch ? n_tok * (tid + 1) / nth : n_tok); t++) {
+        const float *row = x + (size_t)t * cols;
+        if (norm) {
+            rmsnorm(normed + (size_t)t * cols, row, norm, cols, 1e-5f);
+            row = normed + (size_t)t * cols;
+        }
+        if (xq)
+            quantize_row(xq->q + (size_t)t * cols, xq->s + (size_t)t * (cols / gs), xq->start + (size_t)t * (cols / gs),
+                         row, cols, gs);
+    }
+    if (batch && nth > 1 && (norm || xq)) {
 #pragma omp barrier
     }
-    return xq;
+    return (Input){norm ? normed : x, xq};
 }
 
-/* Rows [r0, r1) of out[t][r] = W[r] . x[t]; x is the fp32 input or, for Q8_0 weights, xq. */
-static void matmul_range(const Engine *e, float *out, const Matrix *m, const float *x, const QuantizedRows *xq,
-                         int n_tok, int r0, int r1) {
+/* Rows [r0, r1) of out[t][r] = W[r] . x[t]. */
+static void matmul_range(const Engine *e, float *out, const Matrix *m, Input in, int n_tok, int r0, int r1) {
     if (r0 >= r1) return;
-    if (m->q) matmul_rows_q8(out, m, xq, n_tok, e->w.cfg.group_size, r0, r1);
-    else matmul_rows_f32(out, m, x, n_tok, r0, r1);
+    if (m->q) matmul_rows_q8(out, m, in.q, n_tok, e->w.cfg.group_size, r0, r1);
+    else matmul_rows_f32(out, m, in.x, n_tok, r0, r1);
 }
 
-/* RoPE on rows [r0, r1) (r0 even) of v [n_tok][width]: head by head, so the pairs' loop vectorizes. */
+/* RoPE on rows [r0, r1) (r0 even) of v [n_tok][width], head by head: x'[2f] = x[2f] cos - x[2f+1] sin and
+   x'[2f+1] = x[2f+1] cos + x[2f] sin, as x' = x cos' + swap(x) sin' with the tables' signs folded in. */
 static void rope_range(const RunState *s, float *v, int n_tok, int width, int head, int pos, int r0, int r1) {
     for (int t = 0; t < n_tok; t++) {
-        const float *cs = s->rope_cos + (size_t)(pos + t) * (head / 2), *sn = s->rope_sin + (size_t)(pos + t) * (head / 2);
+        const float *cs = s->rope_cos + (size_t)(pos + t) * head, *sn = s->rope_sin + (size_t)(pos + t) * head;
         for (int h0 = r0 - r0 % head; h0 < r1; h0 += head) {
             float *x = v + (size_t)t * width + h0;
-            const int f1 = min_int(r1 - h0, head) / 2;
-            for (int f = (r0 > h0 ? r0 - h0 : 0) / 2; f < f1; f++) {
-                const float a = x[2 * f], b = x[2 * f + 1];
-                x[2 * f] = a * cs[f] - b * sn[f];
-                x[2 * f + 1] = a * sn[f] + b * cs[f];
+            const int j0 = r0 > h0 ? r0 - h0 : 0, j1 = min_int(r1 - h0, head);
+#if defined(__AVX512F__)
+            for (int j = j0; j < j1; j += 16) { /* vpermilps swaps the pairs in place of the strided loads */
+                const __mmask16 mask = first_lanes(j1 - j);
+                const __m512 a = _mm512_maskz_loadu_ps(mask, x + j);
+                const __m512 swapped = _mm512_permute_ps(a, 0xB1);
+                _mm512_mask_storeu_ps(x + j, mask, _mm512_fmadd_ps(a, _mm512_maskz_loadu_ps(mask, cs + j),
+                                                                   _mm512_mul_ps(swapped, _mm512_maskz_loadu_ps(mask, sn + j))));
             }
+#else
+            for (int j = j0; j < j1; j += 2) {
+                const float a = x[j], b = x[j + 1];
+                x[j] = a * cs[j] + b * sn[j];
+                x[j + 1] = b * cs[j + 1] + a * sn[j + 1];
+            }
+#endif
         }
     }
 }
@@ -1458,100 +1577,106 @@ static void cache_keys(Engine *e, int l, int n_tok, int pos, int c0, int c1) {
         for (int ch = c0; ch < c1; ch++) *(float *)key_at(cache, kv_dim, ch, pos + t) = e->s.k[(size_t)t * kv_dim + ch];
 }
 
-/* x[t] += m @ in[t] for the n_tok tokens, on this thread's rows of the residual stream (in: [n_tok, cols]). */
-static void add_projection(Engine *e, const Matrix *m, const float *in, int cols, int n_tok, int tid, int nth) {
+/* x[t] += m @ in[t] for the n_tok tokens (in: [n_tok, cols]), each thread on the rows it takes. */
+static void add_projection(Engine *e, Share *shares, const Matrix *m, const float *x, int cols, int n_tok, int tid,
+                           int nth) {
     RunState *s = &e->s;
     const int dim = e->w.cfg.dim;
+    const Input in = prepare_input(e, x, NULL, n_tok, cols, tid, nth);
+    Work work = rows_work(shares, dim, tid, nth);
     int r0, r1;
-    const QuantizedRows *xq = prepare_input(e, in, n_tok, cols, tid, nth);
-    thread_rows(dim, tid, nth, &r0, &r1);
-    matmul_range(e, s->xb2, m, in, xq, n_tok, r0, r1);
-    for (int t = 0; t < n_tok; t++)
-        for (int r = r0; r < r1; r++) s->x[(size_t)t * dim + r] += s->xb2[(size_t)t * dim + r];
+    while (work_next(&work, &r0, &r1)) {
+        matmul_range(e, s->xb2, m, in, n_tok, r0, r1);
+        for (int t = 0; t < n_tok; t++)
+            for (int r = r0; r < r1; r++) s->x[(size_t)t * dim + r] += s->xb2[(size_t)t * dim + r];
+    }
 }
 
 /* Tokens at positions pos..pos+n_tok-1 (n_tok <= MAX_BATCH) through the model into the KV cache. With
    kv_only_at_end, the last layer stops once their keys and values are in the cache: the rest of it only
-   feeds the classifier, and nobody reads these tokens' logits. Otherwise the logits of the last token. */
-static void forward_batch(Engine *e, const int *tokens, int n_tok, int pos, int kv_only_at_end) {
+   feeds the classifier, and nobody reads these tokens' logits. Otherwise the logits of the last token. From
+   layer from_layer; tokens NULL when s->x already holds the inputs of that layer. */
+static void forward_batch(Engine *e, const int *tokens, int n_tok, int pos, int kv_only_at_end, int from_layer) {
     const Config *c = &e->w.cfg;
     RunState *s = &e->s;
     const int dim = c->dim, hidden = c->hidden_dim, head = dim / c->n_heads, kv_dim = head * c->n_kv_heads;
-    for (int t = 0; t < n_tok; t++) embed(&e->w, s->x + (size_t)t * dim, tokens[t]);
+    const int tiles = (n_tok + ATT_TILE - 1) / ATT_TILE;
+    for (int t = 0; t < n_tok && tokens; t++) embed(&e->w, s->x + (size_t)t * dim, tokens[t]);
+    if (n_tok > 1) split_batch(e, n_tok, kv_only_at_end);
 #pragma omp parallel num_threads(e->n_threads) if (e->n_threads > 1)
     {
         int tid = 0, nth = 1;
 #ifdef _OPENMP
         tid = omp_get_thread_num(), nth = omp_get_num_threads();
 #endif
-        float *xb = s->xbt + (size_t)tid * MAX_BATCH * dim; /* this thread's copy of the normed input */
-        const QuantizedRows *xq;
         float *att = s->att + (size_t)tid * ATT_TILE * c->seq_len;
         int r0, r1;
-        for (int l = 0; l < c->n_layers; l++) {
+        for (int l = from_layer; l < c->n_layers; l++) {
             const Layer *L = &e->w.layers[l];
             const int kv_only = kv_only_at_end && l == c->n_layers - 1;
             float *v = s->value_cache + ((size_t)l * c->seq_len + pos) * kv_dim;
             /* Attention: q, k, v (only k and v where kv_only) with RoPE, then attention over the cache. */
-            for (int t = 0; t < n_tok; t++) rmsnorm(xb + (size_t)t * dim, s->x + (size_t)t * dim, L->rms_att, dim, 1e-5f);
-            xq = prepare_input(e, xb, n_tok, dim, tid, nth);
-            if (c->n_kv_heads % nth == 0) {
+            Input in = prepare_input(e, s->x, L->rms_att, n_tok, dim, tid, nth);
+            if (n_tok == 1 && c->n_kv_heads % nth == 0) {
                 /* Each thread owns whole kv heads with their query heads: it computes their q, k, v rows and
                    then their attention, with no barrier in between. */
                 const int group = c->n_heads / c->n_kv_heads;
                 const int kv0 = c->n_kv_heads / nth * tid, kv1 = kv0 + c->n_kv_heads / nth;
                 if (!kv_only) {
-                    matmul_range(e, s->q, &L->wq, xb, xq, n_tok, kv0 * group * head, kv1 * group * head);
+                    matmul_range(e, s->q, &L->wq, in, n_tok, kv0 * group * head, kv1 * group * head);
                     rope_range(s, s->q, n_tok, dim, head, pos, kv0 * group * head, kv1 * group * head);
                 }
-                matmul_range(e, s->k, &L->wk, xb, xq, n_tok, kv0 * head, kv1 * head);
+                matmul_range(e, s->k, &L->wk, in, n_tok, kv0 * head, kv1 * head);
                 rope_range(s, s->k, n_tok, kv_dim, head, pos, kv0 * head, kv1 * head);
                 cache_keys(e, l, n_tok, pos, kv0 * head, kv1 * head);
-                matmul_range(e, v, &L->wv, xb, xq, n_tok, kv0 * head, kv1 * head);
+                matmul_range(e, v, &L->wv, in, n_tok, kv0 * head, kv1 * head);
                 if (kv_only) break;
-                for (int h = kv0 * group; h < kv1 * group; h++)
-                    for (int t = 0; t < n_tok; t += ATT_TILE) attention_tile(e, l, t, min_int(ATT_TILE, n_tok - t), h, pos, att);
-            } else { /* the q, k, v rows as one range split over the threads, RoPE on each thread's rows */
+                for (int h = kv0 * group; h < kv1 * group; h++) attention_tile(e, l, 0, 1, h, pos, att);
+            } else { /* the q, k, v rows as one range, RoPE and key caching on each part; attention after a barrier */
                 const int q_rows = kv_only ? 0 : dim;
-                thread_rows(q_rows + 2 * kv_dim, tid, nth, &r0, &r1);
-                const int a0 = clamp(r0, 0, q_rows), a1 = clamp(r1, 0, q_rows);
-                matmul_range(e, s->q, &L->wq, xb, xq, n_tok, a0, a1);
-                rope_range(s, s->q, n_tok, dim, head, pos, a0, a1);
-                const int k0 = clamp(r0 - q_rows, 0, kv_dim), k1 = clamp(r1 - q_rows, 0, kv_dim);
-                matmul_range(e, s->k, &L->wk, xb, xq, n_tok, k0, k1);
-                rope_range(s, s->k, n_tok, kv_dim, head, pos, k0, k1);
-                cache_keys(e, l, n_tok, pos, k0, k1);
-                matmul_range(e, v, &L->wv, xb, xq, n_tok, clamp(r0 - q_rows - kv_dim, 0, kv_dim),
-                             clamp(r1 - q_rows - kv_dim, 0, kv_dim));
+                Work work = rows_work(phase_shares(e, n_tok, l, PHASE_QKV), q_rows + 2 * kv_dim, tid, nth);
+                while (work_next(&work, &r0, &r1)) {
+                    const int a0 = clamp(r0, 0, q_rows), a1 = clamp(r1, 0, q_rows);
+                    matmul_range(e, s->q, &L->wq, in, n_tok, a0, a1);
+                    rope_range(s, s->q, n_tok, dim, head, pos, a0, a1);
+                    const int k0 = clamp(r0 - q_rows, 0, kv_dim), k1 = clamp(r1 - q_rows, 0, kv_dim);
+                    matmul_range(e, s->k, &L->wk, in, n_tok, k0, k1);
+                    rope_range(s, s->k, n_tok, kv_dim, head, pos, k0, k1);
+                    cache_keys(e, l, n_tok, pos, k0, k1);
+                    matmul_range(e, v, &L->wv, in, n_tok, clamp(r0 - q_rows - kv_dim, 0, kv_dim),
+                                 clamp(r1 - q_rows - kv_dim, 0, kv_dim));
+                }
                 if (kv_only) break;
 #pragma omp barrier
-                const int tiles = (n_tok + ATT_TILE - 1) / ATT_TILE;
-                for (int item = tid; item < tiles * c->n_heads; item += nth) { /* round robin: the causal triangle evens out */
-                    const int t = item / c->n_heads * ATT_TILE;
-                    attention_tile(e, l, t, min_int(ATT_TILE, n_tok - t), item % c->n_heads, pos, att);
-                }
+                /* Items head by head, each head's tiles in order: a share's last item is its most expensive. */
+                work = items_work(phase_shares(e, n_tok, l, PHASE_ATTENTION), c->n_heads * tiles, tid, nth);
+                while (work_next(&work, &r0, &r1))
+                    for (int item = r0; item < r1; item++) {
+                        const int t = item % tiles * ATT_TILE;
+                        attention_tile(e, l, t, min_int(ATT_TILE, n_tok - t), item / tiles, pos, att);
+                    }
             }
 #pragma omp barrier
-            /* wo, then the residual on this thread's rows. */
-            add_projection(e, &L->wo, s->xb, dim, n_tok, tid, nth);
+            /* wo, then the residual on the same rows. */
+            add_projection(e, phase_shares(e, n_tok, l, PHASE_WO), &L->wo, s->xb, dim, n_tok, tid, nth);
 #pragma omp barrier
             /* w1 and w3 on the same rows, SwiGLU on them. */
-            for (int t = 0; t < n_tok; t++) rmsnorm(xb + (size_t)t * dim, s->x + (size_t)t * dim, L->rms_ffn, dim, 1e-5f);
-            xq = prepare_input(e, xb, n_tok, dim, tid, nth);
-            thread_rows(hidden, tid, nth, &r0, &r1);
-            matmul_range(e, s->hb, &L->w1, xb, xq, n_tok, r0, r1);
-            matmul_range(e, s->hb2, &L->w3, xb, xq, n_tok, r0, r1);
-            for (int t = 0; t < n_tok; t++) swiglu(s->hb + (size_t)t * hidden + r0, s->hb2 + (size_t)t * hidden + r0, r1 - r0);
+            in = prepare_input(e, s->x, L->rms_ffn, n_tok, dim, tid, nth);
+            Work work = rows_work(phase_shares(e, n_tok, l, PHASE_W13), hidden, tid, nth);
+            while (work_next(&work, &r0, &r1)) {
+                matmul_range(e, s->hb, &L->w1, in, n_tok, r0, r1);
+                matmul_range(e, s->hb2, &L->w3, in, n_tok, r0, r1);
+                for (int t = 0; t < n_tok; t++) swiglu(s->hb + (size_t)t * hidden + r0, s->hb2 + (size_t)t * hidden + r0, r1 - r0);
+            }
 #pragma omp barrier
             /* w2, then the residual. */
-            add_projection(e, &L->w2, s->hb, hidden, n_tok, tid, nth);
+            add_projection(e, phase_shares(e, n_tok, l, PHASE_W2), &L->w2, s->hb, hidden, n_tok, tid, nth);
 #pragma omp barrier
         }
         if (!kv_only_at_end) { /* the classifier (the largest matrix of small models), split like the others */
-            rmsnorm(xb, s->x + (size_t)(n_tok - 1) * dim, e->w.rms_final, dim, 1e-5f);
-            xq = prepare_input(e, xb, 1, dim, tid, nth);
-            thread_rows(c->vocab_size, tid, nth, &r0, &r1);
-            matmul_range(e, s->logits, &e->w.classifier, xb, xq, 1, r0, r1);
+            const Input in = prepare_input(e, s->x + (size_t)(n_tok - 1) * dim, e->w.rms_final, 1, dim, tid, nth);
+            thread_share(c->vocab_size, 16, tid, nth, &r0, &r1);
+            matmul_range(e, s->logits, &e->w.classifier, in, 1, r0, r1);
         }
     }
 }
@@ -1560,10 +1685,21 @@ int arianna_feed(Engine *e, const int *tokens, int n, int pos) {
     if (n <= 0 || pos < 0 || pos > e->w.cfg.seq_len - n) return -1;
     for (int i = 0; i < n; i++)
         if (tokens[i] < 0 || tokens[i] >= e->w.cfg.vocab_size) return -1;
-    /* Every token but the last only has to reach the KV cache: in batches, then the last on its own. */
-    for (int done = 0; done < n - 1; done += MAX_BATCH)
-        forward_batch(e, tokens + done, min_int(n - 1 - done, MAX_BATCH), pos + done, 1);
-    forward_batch(e, tokens + n - 1, 1, pos + n - 1, 0);
+    if (n == 1) {
+        forward_batch(e, tokens, 1, pos, 0, 0);
+        return 0;
+    }
+    /* Every token reaches the KV cache in batches of even sizes. Only the last token's logits are wanted: it goes on
+       alone through the last layer (whose keys and values it recomputes), from its input there. */
+    const int batches = (n + MAX_BATCH - 1) / MAX_BATCH, dim = e->w.cfg.dim;
+    int last = 0;
+    for (int i = 0; i < batches; i++) {
+        const int t0 = n * i / batches, t1 = n * (i + 1) / batches;
+        forward_batch(e, tokens + t0, t1 - t0, pos + t0, 1, 0);
+        last = t1 - t0 - 1;
+    }
+    memmove(e->s.x, e->s.x + (size_t)last * dim, (size_t)dim * sizeof(float));
+    forward_batch(e, NULL, 1, pos + n - 1, 0, e->w.cfg.n_layers - 1);
     return 0;
 }
 

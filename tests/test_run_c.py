@@ -354,9 +354,9 @@ def expected_text(tokenizer_bin: Path, tokens: list[int]) -> bytes:
 def test_logits_match_pytorch_for_batches_and_threads(shape, kernels, kernel_builds, workdir, tokenizer_files):
     """Logits after 82-, 80- and 71-token prompts (two batches of at most 64, whose first layer's attention takes the
     tokens 4 and 1, 4 and 3, or 4 and 2 at a time; the first fills the 82-position context, whose last keys sit
-    in a partial block of 16) against PyTorch, fed as a batch and token by token, on 1 and 2 threads, through 1
-    and 2 layers. Version 2 is compared with its dequantized weights applied to inputs rounded to Q8_0 as the
-    engine rounds them (int8_error). Threads split rows and heads, which changes no sum; the int8 kernels, and
+    in a partial block of 16) against PyTorch, fed as a batch and token by token, on 1 and 2 threads (and 3 for a
+    batch), through 1 and 2 layers. Version 2 is compared with its dequantized weights applied to inputs rounded to Q8_0 as the
+    engine rounds them (int8_error). Threads split or share out rows and heads, which changes no sum; the int8 kernels, and
     attention, do the same arithmetic per row and token in both feeding modes: those must agree bit for bit."""
     if kernels not in kernel_builds:
         pytest.skip(f"this CPU cannot run the {kernels} build")
@@ -369,13 +369,15 @@ def test_logits_match_pytorch_for_batches_and_threads(shape, kernels, kernel_bui
         for version, tokens in itertools.product((1, 2), prompts):
             path = export_model(model, workdir / f"shape{shape['dim']}_{n_layers}_v{version}.bin", version=version)
             got = {}
-            for threads, batch in itertools.product((1, 2), (True, False)):
+            # 3 threads on this 2-core machine: uneven shares, and a descheduled thread's items taken by the others
+            for threads, batch in [*itertools.product((1, 2), (True, False)), (3, True)]:
                 engine = Engine(lib, path, tokenizer_files[1], threads=threads)
                 try:
                     got[threads, batch] = engine.logits(tokens, batch)
                 finally:
                     engine.close()
             assert torch.equal(got[1, True], got[2, True]) and torch.equal(got[1, False], got[2, False]), version
+            assert torch.equal(got[1, True], got[3, True]), version
             if version == 2:
                 assert torch.equal(got[1, True], got[1, False])
                 if n_layers == 1:  # through 2, more near-ties than one to flip: the bitwise checks apply there

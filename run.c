@@ -1568,13 +1568,57 @@ static void embed(const Weights *w, float *x, int token) {
     for (int i = 0; i < dim; i++) x[i] = q[i] * sc[i / gs];
 }
 
-/* Channels [c0, c1) of the new keys s->k [n_tok][kv_dim] into layer l's cache at positions pos... (see key_at). */
+#if defined(__AVX512F__)
+/* The 16 x 16 block rows[i][j] transposed in place, to rows[j][i]: 64 shuffles. */
+static inline void transpose16(__m512 rows[16]) {
+    __m512 pairs[16], quads[4][4]; /* quads[g][m] lane L: column 4L + m of rows 4g..4g+3 */
+    for (int i = 0; i < 8; i++) {
+        pairs[2 * i] = _mm512_unpacklo_ps(rows[2 * i], rows[2 * i + 1]);
+        pairs[2 * i + 1] = _mm512_unpackhi_ps(rows[2 * i], rows[2 * i + 1]);
+    }
+    for (int g = 0; g < 4; g++) {
+        quads[g][0] = _mm512_shuffle_ps(pairs[4 * g], pairs[4 * g + 2], 0x44);
+        quads[g][1] = _mm512_shuffle_ps(pairs[4 * g], pairs[4 * g + 2], 0xEE);
+        quads[g][2] = _mm512_shuffle_ps(pairs[4 * g + 1], pairs[4 * g + 3], 0x44);
+        quads[g][3] = _mm512_shuffle_ps(pairs[4 * g + 1], pairs[4 * g + 3], 0xEE);
+    }
+    for (int m = 0; m < 4; m++) {
+        const __m512 lanes01 = _mm512_shuffle_f32x4(quads[0][m], quads[1][m], 0x44);
+        const __m512 lanes23 = _mm512_shuffle_f32x4(quads[0][m], quads[1][m], 0xEE);
+        const __m512 lanes01_high = _mm512_shuffle_f32x4(quads[2][m], quads[3][m], 0x44);
+        const __m512 lanes23_high = _mm512_shuffle_f32x4(quads[2][m], quads[3][m], 0xEE);
+        rows[m] = _mm512_shuffle_f32x4(lanes01, lanes01_high, 0x88);
+        rows[4 + m] = _mm512_shuffle_f32x4(lanes01, lanes01_high, 0xDD);
+        rows[8 + m] = _mm512_shuffle_f32x4(lanes23, lanes23_high, 0x88);
+        rows[12 + m] = _mm512_shuffle_f32x4(lanes23, lanes23_high, 0xDD);
+    }
+}
+#endif
+
+/* Channels [c0, c1) of the new keys s->k [n_tok][kv_dim] into layer l's cache at positions pos... (see key_at).
+   Whole blocks of 16 positions go 16 channels at a time, transposed in registers (one key at a time was 3% of
+   a prompt: a store per key, each to another cache line). */
 static void cache_keys(Engine *e, int l, int n_tok, int pos, int c0, int c1) {
     const Config *c = &e->w.cfg;
     const int kv_dim = c->dim / c->n_heads * c->n_kv_heads;
     float *cache = e->s.key_cache + (size_t)l * key_cache_layer(c);
-    for (int t = 0; t < n_tok; t++)
-        for (int ch = c0; ch < c1; ch++) *(float *)key_at(cache, kv_dim, ch, pos + t) = e->s.k[(size_t)t * kv_dim + ch];
+    const float *k = e->s.k;
+    for (int t = 0; t < n_tok;) {
+#if defined(__AVX512F__)
+        if ((pos + t) % 16 == 0 && t + 16 <= n_tok) {
+            for (int ch = c0; ch < c1; ch += 16) {
+                __m512 rows[16];
+                for (int i = 0; i < 16; i++) rows[i] = _mm512_maskz_loadu_ps(first_lanes(c1 - ch), k + (size_t)(t + i) * kv_dim + ch);
+                transpose16(rows);
+                for (int i = 0; i < min_int(16, c1 - ch); i++) _mm512_storeu_ps((float *)key_at(cache, kv_dim, ch + i, pos + t), rows[i]);
+            }
+            t += 16;
+            continue;
+        }
+#endif
+        for (int ch = c0; ch < c1; ch++) *(float *)key_at(cache, kv_dim, ch, pos + t) = k[(size_t)t * kv_dim + ch];
+        t++;
+    }
 }
 
 /* x[t] += m @ in[t] for the n_tok tokens (in: [n_tok, cols]), each thread on the rows it takes. */

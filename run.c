@@ -45,7 +45,7 @@
 
 #define MODEL_MAGIC 0x616b3432u /* "ak42" */
 #define V1_HEADER_BYTES 256
-#define MAX_BATCH 64 /* prompt tokens processed per matrix-matrix pass: bounds the activation buffers */
+#define MAX_BATCH 128 /* prompt tokens per matrix-matrix pass (each a pass over the weights); bounds the buffers */
 #define ATT_TILE 4   /* prompt tokens that share each pass over a head's keys and values */
 
 /* ------------------------------------------------------------------------------------------------ */

@@ -68,17 +68,24 @@ static unsigned char *random_image(const Shape *s, int version, size_t *size) {
     return img;
 }
 
-static void bench(const Shape *s, int version, int threads, int gen_tokens, int prompt_tokens) {
+/* An engine on a random image of shape s (freed with arianna_close, then free(*img)). */
+static Engine *random_engine(const Shape *s, int version, int threads, unsigned char **img) {
     size_t size;
-    unsigned char *img = random_image(s, version, &size);
+    *img = random_image(s, version, &size);
     Engine *e = calloc(1, sizeof(Engine));
     char err[512];
-    if (!img || !e || weights_parse(&e->w, img, size, s->name, err, sizeof(err))) {
-        fprintf(stderr, "%s: %s\n", s->name, img && e ? err : "out of memory");
+    if (!*img || !e || weights_parse(&e->w, *img, size, s->name, err, sizeof(err))) {
+        fprintf(stderr, "%s: %s\n", s->name, *img && e ? err : "out of memory");
         exit(1);
     }
     e->n_threads = threads;
     if (runstate_alloc(e)) exit(1);
+    return e;
+}
+
+static void bench(const Shape *s, int version, int threads, int gen_tokens, int prompt_tokens) {
+    unsigned char *img;
+    Engine *e = random_engine(s, version, threads, &img);
     if (gen_tokens > s->seq_len) gen_tokens = s->seq_len;
     if (prompt_tokens > s->seq_len) prompt_tokens = s->seq_len;
     int *prompt = malloc((size_t)prompt_tokens * sizeof(int));
@@ -112,12 +119,46 @@ static void bench(const Shape *s, int version, int threads, int gen_tokens, int 
     free(img);
 }
 
+/* The int8 product alone, on one thread with everything in cache (shape s's w1 times MAX_BATCH tokens): a bound
+   on int8 prompt speed, which the table's other steps (attention, norms, quantizing) can only add to. */
+static void int8_product_speed(const Shape *s) {
+    unsigned char *img;
+    Engine *e = random_engine(s, 2, 1, &img);
+    const Matrix *m = &e->w.layers[0].w1;
+    const int gs = e->w.cfg.group_size;
+    QuantizedRows *x = &e->s.xq[1];
+    float *in = malloc((size_t)m->cols * sizeof(float));
+    for (int t = 0; t < MAX_BATCH; t++) {
+        for (int i = 0; i < m->cols; i++) in[i] = rng_f32(&bench_rng) - 0.5f;
+        quantize_row(x->q + (size_t)t * m->cols, x->s + (size_t)t * (m->cols / gs), x->start + (size_t)t * (m->cols / gs),
+                     in, m->cols, gs);
+    }
+    double best = INFINITY;
+    for (int repeat = 0; repeat < 200; repeat++) {
+        const double t0 = now_seconds();
+        matmul_rows_q8(e->s.hb, m, x, MAX_BATCH, gs, 0, m->rows);
+        best = fmin(best, now_seconds() - t0);
+    }
+    const Config *c = &e->w.cfg;
+    const int kv_dim = c->dim / c->n_heads * c->n_kv_heads;
+    /* A prompt token but the last: every layer's products, but only k and v in the last layer. */
+    const double macs = (double)(c->n_layers - 1) * (2.0 * c->dim * c->dim + 2.0 * c->dim * kv_dim + 3.0 * c->dim * c->hidden_dim) +
+                        2.0 * c->dim * kv_dim;
+    const double gmacs = (double)m->rows * m->cols * MAX_BATCH / best * 1e-9;
+    printf("int8 products alone, 1 thread, in cache: %.0f GMAC/s; a %s prompt token's %.2f M multiply-adds take %.1f us "
+           "at that speed (%.0f tok/s)\n\n", gmacs, s->name, macs * 1e-6, macs / gmacs * 1e-3, gmacs * 1e9 / macs);
+    free(in);
+    arianna_close(e);
+    free(img);
+}
+
 int main(int argc, char **argv) {
     const int gen_tokens = argc > 1 ? atoi(argv[1]) : 128, prompt_tokens = argc > 2 ? atoi(argv[2]) : 128;
     const char *which = argc > 3 ? argv[3] : "BAC", *thread_counts = argc > 4 ? argv[4] : "12";
     const char *versions = argc > 5 ? argv[5] : "12";
     const Shape shapes[] = {{"B", 288, 768, 6, 6, 4096, 256}, {"A", 288, 768, 6, 6, 32000, 256},
                             {"C", 768, 2048, 12, 12, 32000, 1024}};
+    if (strchr(which, 'B') && strchr(versions, '2')) int8_product_speed(&shapes[0]);
     printf("| shape | weights | threads | gen tok/s | prompt tok/s | prompt/gen | gen tok/s x threads per CPU s | "
            "prompt, same |\n|---|---|---|---|---|---|---|---|\n");
     for (const char *w = which; *w; w++)

@@ -10,6 +10,7 @@ import ctypes
 import itertools
 import os
 import random
+import re
 import struct
 import subprocess
 import sys
@@ -552,10 +553,15 @@ def test_bad_input_fails_cleanly_under_sanitizers(version, built, model_files, t
 
 
 def test_bench_prints_a_row_per_setting(built):
-    """`make bench`'s program, on the smallest shape with few tokens: one table row per weights x threads."""
+    """`make bench`'s program, on the smallest shape with few tokens: the int8 product's speed, then one table row
+    per weights x threads."""
     subprocess.run(["make", "-s", "bench_run"], cwd=REPO, check=True, capture_output=True)
     result = run_binary(REPO / "bench_run", "4", "4", "B", "12", "12")
     assert result.returncode == 0, result.stderr.decode()
-    rows = [line.split("|")[1:-1] for line in result.stdout.decode().splitlines()[2:]]
+    lines = result.stdout.decode().splitlines()
+    speed = re.fullmatch(r"int8 products alone, 1 thread, in cache: (\d+) GMAC/s; a B prompt token's 5\.14 M "
+                         r"multiply-adds take ([\d.]+) us at that speed \((\d+) tok/s\)", lines[0])
+    assert speed and float(speed[1]) > 0 and float(speed[2]) > 0, lines[0]
+    rows = [line.split("|")[1:-1] for line in lines if line.startswith("| B ")]
     assert [(row[1].strip(), row[2].strip()) for row in rows] == [("fp32", "1"), ("fp32", "2"), ("int8", "1"), ("int8", "2")]
     assert all(float(value) > 0 for row in rows for value in row[3:5])

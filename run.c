@@ -1223,17 +1223,19 @@ int arianna_bos(const Engine *e) { return e->tok.bos; }
 int arianna_eos(const Engine *e) { return e->tok.eos; }
 
 /* The forward pass runs as one OpenMP parallel region per batch of tokens, with a barrier wherever a step needs
-   what other threads wrote: four per layer (five when the attention cannot follow q, k and v without one).
+   what other threads wrote.
 
-   One token: each thread owns a fixed, contiguous share of every matrix's rows (a single stream through the
-   weights per core) and does the element-wise work of those rows itself (RoPE, residual add, SwiGLU); the small
-   per-token work every row needs (RMSNorm, quantizing the token) each thread does into its own buffers rather
-   than one thread behind a barrier. Where the threads can split the kv heads evenly, each owns whole heads from
-   q, k and v through attention, with no barrier in between.
+   One token (four barriers per layer, five when the attention cannot follow q, k and v without one): each
+   thread owns a fixed, contiguous share of every matrix's rows (a single stream through the weights per core)
+   and does the element-wise work of those rows itself (RoPE, residual add, SwiGLU); the small per-token work
+   every row needs (RMSNorm, quantizing the token) each thread does into its own buffers rather than one thread
+   behind a barrier. Where the threads can split the kv heads evenly, each owns whole heads from q, k and v
+   through attention, with no barrier in between.
 
-   A batch: each thread norms and quantizes its share of the tokens into shared buffers, then a barrier (2-thread
-   int8 prompt 3.5% faster than every thread doing all of them). Its products and attention are split into work
-   items that the threads share out as they go (see share_take). */
+   A batch (nine barriers per layer): each thread norms or quantizes its share of the tokens into shared buffers,
+   then a barrier (2-thread int8 prompt 3.5% faster than every thread doing all of them), before each of the four
+   products; its products and attention are split into work items that the threads share out as they go (see
+   share_take). */
 
 #define ITEM_ROWS 32 /* a batch's work item in a product: the pair of 16-row blocks its kernel takes at once */
 

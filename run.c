@@ -1248,9 +1248,11 @@ static void share_split(Share *shares, int count, int nth) {
         atomic_init(&shares[t].span, (uint64_t)(count * t / nth) << 32 | (uint64_t)(count * (t + 1) / nth));
 }
 
-/* The next item for thread tid, or -1 once every share is done. Item order within a phase never changes a
-   result: each item writes its own outputs, with the same arithmetic whichever thread runs it. */
-static int share_take(Share *shares, int tid, int nth) {
+/* The next item for thread tid, or -1 once every share is done. There is a share per thread asked for (slots);
+   OpenMP may have started fewer, and the shares of those it did not start are taken like any others. Item order
+   within a phase never changes a result: each item writes its own outputs, with the same arithmetic whichever
+   thread runs it. */
+static int share_take(Share *shares, int tid, int slots) {
     uint64_t span = atomic_load_explicit(&shares[tid].span, memory_order_relaxed);
     while ((uint32_t)(span >> 32) < (uint32_t)span)
         if (atomic_compare_exchange_weak_explicit(&shares[tid].span, &span, span + ((uint64_t)1 << 32),
@@ -1259,7 +1261,7 @@ static int share_take(Share *shares, int tid, int nth) {
     for (;;) {
         int victim = -1;
         uint32_t most = 0;
-        for (int t = 0; t < nth; t++) {
+        for (int t = 0; t < slots; t++) {
             const uint64_t other = atomic_load_explicit(&shares[t].span, memory_order_relaxed);
             if ((uint32_t)other - (uint32_t)(other >> 32) > most) /* back - front: front <= back always */
                 most = (uint32_t)other - (uint32_t)(other >> 32), victim = t, span = other;
@@ -1302,11 +1304,15 @@ static void thread_share(int count, int unit, int tid, int nth, int *i0, int *i1
    with them one item (`item` of them) at a time. */
 typedef struct {
     Share *shares;
-    int count, item, unit, tid, nth, started;
+    int slots, count, item, unit, tid, nth, started;
 } Work;
 
-static Work rows_work(Share *shares, int rows, int tid, int nth) { return (Work){shares, rows, ITEM_ROWS, 16, tid, nth, 0}; }
-static Work items_work(Share *shares, int count, int tid, int nth) { return (Work){shares, count, 1, 1, tid, nth, 0}; }
+static Work rows_work(const Engine *e, Share *shares, int rows, int tid, int nth) {
+    return (Work){shares, e->n_threads, rows, ITEM_ROWS, 16, tid, nth, 0};
+}
+static Work items_work(const Engine *e, Share *shares, int count, int tid, int nth) {
+    return (Work){shares, e->n_threads, count, 1, 1, tid, nth, 0};
+}
 
 /* The next part [*i0, *i1) this thread does; 0 once it has none left. */
 static int work_next(Work *w, int *i0, int *i1) {
@@ -1316,7 +1322,7 @@ static int work_next(Work *w, int *i0, int *i1) {
         thread_share(w->count, w->unit, w->tid, w->nth, i0, i1);
         return *i0 < *i1;
     }
-    const int item = share_take(w->shares, w->tid, w->nth);
+    const int item = share_take(w->shares, w->tid, w->slots);
     if (item < 0) return 0;
     *i0 = item * w->item;
     *i1 = min_int(*i0 + w->item, w->count);
@@ -1642,7 +1648,7 @@ static void add_projection(Engine *e, Share *shares, const Matrix *m, const floa
     RunState *s = &e->s;
     const int dim = e->w.cfg.dim;
     const Input in = prepare_input(e, x, NULL, n_tok, cols, tid, nth);
-    Work work = rows_work(shares, dim, tid, nth);
+    Work work = rows_work(e, shares, dim, tid, nth);
     int r0, r1;
     while (work_next(&work, &r0, &r1)) {
         matmul_range(e, s->xb2, m, in, n_tok, r0, r1);
@@ -1693,7 +1699,7 @@ static void forward_batch(Engine *e, const int *tokens, int n_tok, int pos, int 
                 for (int h = kv0 * group; h < kv1 * group; h++) attention_tile(e, l, 0, 1, h, pos, att);
             } else { /* the q, k, v rows as one range, RoPE and key caching on each part; attention after a barrier */
                 const int q_rows = kv_only ? 0 : dim;
-                Work work = rows_work(phase_shares(e, n_tok, l, PHASE_QKV), q_rows + 2 * kv_dim, tid, nth);
+                Work work = rows_work(e, phase_shares(e, n_tok, l, PHASE_QKV), q_rows + 2 * kv_dim, tid, nth);
                 while (work_next(&work, &r0, &r1)) {
                     const int a0 = clamp(r0, 0, q_rows), a1 = clamp(r1, 0, q_rows);
                     matmul_range(e, s->q, &L->wq, in, n_tok, a0, a1);
@@ -1708,7 +1714,7 @@ static void forward_batch(Engine *e, const int *tokens, int n_tok, int pos, int 
                 if (kv_only) break;
 #pragma omp barrier
                 /* Items head by head, each head's tiles in order: a share's last item is its most expensive. */
-                work = items_work(phase_shares(e, n_tok, l, PHASE_ATTENTION), c->n_heads * tiles, tid, nth);
+                work = items_work(e, phase_shares(e, n_tok, l, PHASE_ATTENTION), c->n_heads * tiles, tid, nth);
                 while (work_next(&work, &r0, &r1))
                     for (int item = r0; item < r1; item++) {
                         const int t = item % tiles * ATT_TILE;
@@ -1721,7 +1727,7 @@ static void forward_batch(Engine *e, const int *tokens, int n_tok, int pos, int 
 #pragma omp barrier
             /* w1 and w3 on the same rows, SwiGLU on them. */
             in = prepare_input(e, s->x, L->rms_ffn, n_tok, dim, tid, nth);
-            Work work = rows_work(phase_shares(e, n_tok, l, PHASE_W13), hidden, tid, nth);
+            Work work = rows_work(e, phase_shares(e, n_tok, l, PHASE_W13), hidden, tid, nth);
             while (work_next(&work, &r0, &r1)) {
                 matmul_range(e, s->hb, &L->w1, in, n_tok, r0, r1);
                 matmul_range(e, s->hb2, &L->w3, in, n_tok, r0, r1);

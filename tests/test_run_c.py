@@ -414,6 +414,21 @@ def test_greedy_matches_pytorch(version, built, lib, tiny_model, model_files, to
         assert result.stdout == expected_text(tokenizer_files[1], prompt + generated) + b"\n"
 
 
+def test_fewer_threads_than_asked_for_change_nothing(built, model_files, tokenizer_files):
+    """OpenMP may start fewer threads than -T asks for (here OMP_THREAD_LIMIT): a batch's work items of the missing
+    threads are then taken by the others, and greedy output equals one thread's."""
+    text = "<|user|>\nWho are you? Кто ты?\n<|assistant|>\n"
+    for version in (1, 2):
+        outputs = []
+        for threads, limit in (("1", "1"), ("4", "2"), ("3", "1")):
+            result = subprocess.run([str(built / "run"), str(model_files[version]), "-z", str(tokenizer_files[1]),
+                                     "-t", "0", "-n", "48", "-i", text, "-T", threads], capture_output=True,
+                                    timeout=60, env={**ENV, "OMP_THREAD_LIMIT": limit})
+            assert result.returncode == 0, result.stderr.decode()
+            outputs.append(result.stdout)
+        assert outputs[1] == outputs[0] and outputs[2] == outputs[0], (version, outputs)
+
+
 def test_chat_template_matches_encode_dialog(lib, tokenizer_files, model_files):
     tokenizer = Tokenizer(tokenizer_files[0])
     engine = Engine(lib, model_files[0], tokenizer_files[1])

@@ -125,18 +125,14 @@ static void int8_product_speed(const Shape *s) {
     unsigned char *img;
     Engine *e = random_engine(s, 2, 1, &img);
     const Matrix *m = &e->w.layers[0].w1;
-    const int gs = e->w.cfg.group_size;
-    QuantizedRows *x = &e->s.xq[1];
-    float *in = malloc((size_t)m->cols * sizeof(float));
-    for (int t = 0; t < MAX_BATCH; t++) {
-        for (int i = 0; i < m->cols; i++) in[i] = rng_f32(&bench_rng) - 0.5f;
-        quantize_row(x->q + (size_t)t * m->cols, x->s + (size_t)t * (m->cols / gs), x->start + (size_t)t * (m->cols / gs),
-                     in, m->cols, gs);
-    }
+    float *in = malloc((size_t)MAX_BATCH * m->cols * sizeof(float));
+    if (!in) exit(1);
+    for (size_t i = 0; i < (size_t)MAX_BATCH * m->cols; i++) in[i] = rng_f32(&bench_rng) - 0.5f;
+    const Input input = prepare_input(e, in, NULL, MAX_BATCH, m->cols, 0, 1);
     double best = INFINITY;
     for (int repeat = 0; repeat < 200; repeat++) {
         const double t0 = now_seconds();
-        matmul_rows_q8(e->s.hb, m, x, MAX_BATCH, gs, 0, m->rows);
+        matmul_range(e, e->s.hb, m, input, MAX_BATCH, 0, m->rows);
         best = fmin(best, now_seconds() - t0);
     }
     const Config *c = &e->w.cfg;

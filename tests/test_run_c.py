@@ -272,9 +272,10 @@ def int8_error(got: torch.Tensor, path: Path, tokens: list[int]) -> float:
     return best
 
 
-def run_binary(binary: Path, *args: str, stdin: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+def run_binary(binary: Path, *args: str, stdin: str | None = None, timeout: float = 60,
+               env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([str(binary), *map(str, args)], input=stdin.encode() if stdin is not None else None,
-                          capture_output=True, timeout=timeout, env=ENV)
+                          capture_output=True, timeout=timeout, env=ENV if env is None else env)
 
 
 def varied_lines() -> list[str | bytes]:
@@ -349,16 +350,17 @@ def expected_text(tokenizer_bin: Path, tokens: list[int]) -> bytes:
     # cannot split evenly, so each thread's rows of k and v start mid-block.
     dict(dim=72, n_heads=3, n_kv_heads=3),
     dict(dim=96, n_heads=6, n_kv_heads=2),  # grouped-query attention, Q8_0 groups of 32 as in shape B
-    dict(dim=144, n_heads=3, n_kv_heads=3),  # head 48 as in shapes A and B: the values' last vector masked
+    dict(dim=144, n_heads=3, n_kv_heads=3),  # head 48 as in shapes A and B: value passes of 3 vectors
     dict(dim=160, n_heads=2, n_kv_heads=1),  # head 80: two passes over the values' channels, 64 then 16
 ])
 def test_logits_match_pytorch_for_batches_and_threads(shape, kernels, kernel_builds, workdir, tokenizer_files):
     """Logits after 150-, 131- and 64-token prompts (batches of 75 and 75, 65 and 66, and one of 64, whose attention
     takes the tokens 4 at a time and then 3, 1, 2 or none; the first fills the 150-position context, whose last keys
-    sit in a partial block of 16) against PyTorch, fed as a batch and token by token, on 1 and 2 threads (and 3 for a
-    batch), through 1 and 2 layers. Version 2 is compared with its dequantized weights applied to inputs rounded to Q8_0 as the
-    engine rounds them (int8_error). Threads split or share out rows and heads, which changes no sum; the int8 kernels, and
-    attention, do the same arithmetic per row and token in both feeding modes: those must agree bit for bit."""
+    sit in a partial block of 16) against PyTorch, fed as a batch and token by token, on 1 and 2 threads (and 3 for
+    a batch), through 1 and 2 layers. Version 2 is compared with its dequantized weights applied to inputs rounded
+    to Q8_0 as the engine rounds them (int8_error). Threads split or share out rows and heads, which changes no sum;
+    the int8 kernels, and attention, do the same arithmetic per row and token in both feeding modes: those must
+    agree bit for bit."""
     if kernels not in kernel_builds:
         pytest.skip(f"this CPU cannot run the {kernels} build")
     lib = kernel_builds[kernels]
@@ -421,9 +423,8 @@ def test_fewer_threads_than_asked_for_change_nothing(built, model_files, tokeniz
     for version in (1, 2):
         outputs = []
         for threads, limit in (("1", "1"), ("4", "2"), ("3", "1")):
-            result = subprocess.run([str(built / "run"), str(model_files[version]), "-z", str(tokenizer_files[1]),
-                                     "-t", "0", "-n", "48", "-i", text, "-T", threads], capture_output=True,
-                                    timeout=60, env={**ENV, "OMP_THREAD_LIMIT": limit})
+            result = run_binary(built / "run", model_files[version], "-z", tokenizer_files[1], "-t", "0", "-n", "48",
+                                "-i", text, "-T", threads, env={**ENV, "OMP_THREAD_LIMIT": limit})
             assert result.returncode == 0, result.stderr.decode()
             outputs.append(result.stdout)
         assert outputs[1] == outputs[0] and outputs[2] == outputs[0], (version, outputs)
@@ -492,8 +493,7 @@ def test_sampling_is_reproducible_with_a_seed(built, model_files, tokenizer_file
 
 def thread_count(built: Path, model: Path, tokenizer: Path, env: dict, *flags: str) -> int:
     """The thread count ./run reports on its statistics line."""
-    result = subprocess.run([str(built / "run"), str(model), "-z", str(tokenizer), "-n", "4", *flags],
-                            capture_output=True, timeout=60, env=env)
+    result = run_binary(built / "run", model, "-z", tokenizer, "-n", "4", *flags, env=env)
     assert result.returncode == 0, result.stderr.decode()
     return int(result.stderr.decode().rsplit("; ", 1)[1].split()[0])
 

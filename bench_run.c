@@ -136,7 +136,7 @@ static void int8_product_speed(const Shape *s) {
         best = fmin(best, now_seconds() - t0);
     }
     const Config *c = &e->w.cfg;
-    const int kv_dim = c->dim / c->n_heads * c->n_kv_heads;
+    const int kv_dim = config_kv_dim(c);
     /* A prompt token but the last: every layer's products, but only k and v in the last layer. */
     const double macs = (double)(c->n_layers - 1) * (2.0 * c->dim * c->dim + 2.0 * c->dim * kv_dim + 3.0 * c->dim * c->hidden_dim) +
                         2.0 * c->dim * kv_dim;

@@ -69,6 +69,11 @@ typedef struct {
     int shared_classifier, version, group_size; /* group_size: version 2 only */
 } Config;
 
+/* Values per attention head, and per token in each of the key and value caches (n_kv_heads heads). Valid once
+   config_check has passed: dim divides by n_heads, and n_heads by n_kv_heads. */
+static int config_head_size(const Config *c) { return c->dim / c->n_heads; }
+static int config_kv_dim(const Config *c) { return config_head_size(c) * c->n_kv_heads; }
+
 /* One weight matrix [rows, cols]: fp32 (f) or Q8_0 (q with scales s, one per group_size values). With AVX-512
    VNNI or AVX2, Q8_0 matrices the kernels read are also repacked at load (see pack_q8): packed
    [rows/16][cols/4][16][4] bytes, packed_scales [rows/16][cols/group_size][16]. */
@@ -1128,13 +1133,13 @@ static void *zalloc(size_t count, size_t size, int *failed) {
 
 /* Floats per layer of the key cache: blocks of 16 positions, each kv_dim rows of 16 (see key_at). */
 static size_t key_cache_layer(const Config *c) {
-    return (size_t)((c->seq_len + 15) / 16) * (size_t)(c->dim / c->n_heads * c->n_kv_heads) * 16;
+    return (size_t)((c->seq_len + 15) / 16) * (size_t)config_kv_dim(c) * 16;
 }
 
 static int runstate_alloc(Engine *e) {
     const Config *c = &e->w.cfg;
     RunState *s = &e->s;
-    const size_t head = (size_t)(c->dim / c->n_heads), kv_dim = head * (size_t)c->n_kv_heads;
+    const size_t head = (size_t)config_head_size(c), kv_dim = (size_t)config_kv_dim(c);
     const size_t width = (size_t)(c->hidden_dim > c->dim ? c->hidden_dim : c->dim);
     int failed = 0;
     s->x = zalloc(MAX_BATCH * (size_t)c->dim, 4, &failed);
@@ -1280,14 +1285,19 @@ static Share *phase_shares(const Engine *e, int n_tok, int l, int phase) {
 
 static int row_items(int rows) { return (rows + ITEM_ROWS - 1) / ITEM_ROWS; }
 
+/* Whether layer l of a pass stops once its keys and values are cached (see forward_batch's kv_only_at_end). */
+static int layer_kv_only(const Config *c, int l, int kv_only_at_end) { return kv_only_at_end && l == c->n_layers - 1; }
+
+/* The rows of a layer's q, k and v products taken as one range: q's (none where kv_only), then k's and v's. */
+static int qkv_rows(const Config *c, int kv_only) { return (kv_only ? 0 : c->dim) + 2 * config_kv_dim(c); }
+
 /* Every phase of a batch of n_tok tokens split afresh, before the threads start taking items. */
 static void split_batch(const Engine *e, int n_tok, int kv_only_at_end) {
     const Config *c = &e->w.cfg;
-    const int kv_dim = c->dim / c->n_heads * c->n_kv_heads, tiles = (n_tok + ATT_TILE - 1) / ATT_TILE;
+    const int tiles = (n_tok + ATT_TILE - 1) / ATT_TILE;
     for (int l = 0; l < c->n_layers; l++) {
-        const int q_rows = kv_only_at_end && l == c->n_layers - 1 ? 0 : c->dim;
-        const int items[PHASES] = {row_items(q_rows + 2 * kv_dim), c->n_heads * tiles, row_items(c->dim),
-                                   row_items(c->hidden_dim), row_items(c->dim)};
+        const int items[PHASES] = {row_items(qkv_rows(c, layer_kv_only(c, l, kv_only_at_end))), c->n_heads * tiles,
+                                   row_items(c->dim), row_items(c->hidden_dim), row_items(c->dim)};
         for (int phase = 0; phase < PHASES; phase++)
             share_split(phase_shares(e, n_tok, l, phase), items[phase], e->n_threads);
     }
@@ -1535,7 +1545,7 @@ static inline __attribute__((always_inline)) void attention_tile_avx512(float *o
 static void attention_tile(Engine *e, int l, int t0, int n, int h, int pos, float *att) {
     const Config *c = &e->w.cfg;
     RunState *s = &e->s;
-    const int head = c->dim / c->n_heads, kv_dim = head * c->n_kv_heads, kvh = h / (c->n_heads / c->n_kv_heads);
+    const int head = config_head_size(c), kv_dim = config_kv_dim(c), kvh = h / (c->n_heads / c->n_kv_heads);
     const float *kt = s->key_cache + (size_t)l * key_cache_layer(c) + (size_t)kvh * head * 16;
     const float *vc = s->value_cache + (size_t)l * c->seq_len * kv_dim + kvh * head;
     const float *q = s->q + (size_t)t0 * c->dim + h * head;
@@ -1621,7 +1631,7 @@ static inline void transpose16(__m512 rows[16]) {
    a prompt: a store per key, each to another cache line). */
 static void cache_keys(Engine *e, int l, int n_tok, int pos, int c0, int c1) {
     const Config *c = &e->w.cfg;
-    const int kv_dim = c->dim / c->n_heads * c->n_kv_heads;
+    const int kv_dim = config_kv_dim(c);
     float *cache = e->s.key_cache + (size_t)l * key_cache_layer(c);
     const float *k = e->s.k;
     for (int t = 0; t < n_tok;) {
@@ -1664,7 +1674,7 @@ static void add_projection(Engine *e, Share *shares, const Matrix *m, const floa
 static void forward_batch(Engine *e, const int *tokens, int n_tok, int pos, int kv_only_at_end, int from_layer) {
     const Config *c = &e->w.cfg;
     RunState *s = &e->s;
-    const int dim = c->dim, hidden = c->hidden_dim, head = dim / c->n_heads, kv_dim = head * c->n_kv_heads;
+    const int dim = c->dim, hidden = c->hidden_dim, head = config_head_size(c), kv_dim = config_kv_dim(c);
     const int tiles = (n_tok + ATT_TILE - 1) / ATT_TILE;
     for (int t = 0; t < n_tok && tokens; t++) embed(&e->w, s->x + (size_t)t * dim, tokens[t]);
     if (n_tok > 1) split_batch(e, n_tok, kv_only_at_end);
@@ -1678,7 +1688,7 @@ static void forward_batch(Engine *e, const int *tokens, int n_tok, int pos, int 
         int r0, r1;
         for (int l = from_layer; l < c->n_layers; l++) {
             const Layer *L = &e->w.layers[l];
-            const int kv_only = kv_only_at_end && l == c->n_layers - 1;
+            const int kv_only = layer_kv_only(c, l, kv_only_at_end);
             float *v = s->value_cache + ((size_t)l * c->seq_len + pos) * kv_dim;
             /* Attention: q, k, v (only k and v where kv_only) with RoPE, then attention over the cache. */
             Input in = prepare_input(e, s->x, L->rms_att, n_tok, dim, tid, nth);
@@ -1698,8 +1708,8 @@ static void forward_batch(Engine *e, const int *tokens, int n_tok, int pos, int 
                 if (kv_only) break;
                 for (int h = kv0 * group; h < kv1 * group; h++) attention_tile(e, l, 0, 1, h, pos, att);
             } else { /* the q, k, v rows as one range, RoPE and key caching on each part; attention after a barrier */
-                const int q_rows = kv_only ? 0 : dim;
-                Work work = rows_work(e, phase_shares(e, n_tok, l, PHASE_QKV), q_rows + 2 * kv_dim, tid, nth);
+                const int rows = qkv_rows(c, kv_only), q_rows = rows - 2 * kv_dim;
+                Work work = rows_work(e, phase_shares(e, n_tok, l, PHASE_QKV), rows, tid, nth);
                 while (work_next(&work, &r0, &r1)) {
                     const int a0 = clamp(r0, 0, q_rows), a1 = clamp(r1, 0, q_rows);
                     matmul_range(e, s->q, &L->wq, in, n_tok, a0, a1);

@@ -1054,8 +1054,9 @@ typedef struct {
     float *rope_cos, *rope_sin;         /* [seq_len][head_dim]: per pair (cos, cos) and (-sin, sin) */
     float *xn;                          /* [MAX_BATCH + n_threads][dim]: normed inputs, a batch's then each thread's
                                            own for one token */
-    QuantizedRows *xq;                  /* [n_threads + 1], each [MAX_BATCH][hidden_dim]: quantized inputs (version
-                                           2), each thread's own for one token, the last shared by a batch's */
+    QuantizedRows *xq;                  /* [n_threads + 1]: quantized inputs (version 2) of up to hidden_dim, each
+                                           thread's own for one token ([1][...]), the last a batch's
+                                           ([MAX_BATCH][...]) */
     Share *shares;                      /* [n_layers][PHASES][n_threads]: a batch's work */
     int *prob_index;
     float *probs;
@@ -1164,9 +1165,10 @@ static int runstate_alloc(Engine *e) {
     if (c->version == 2 && s->xq)
         for (int i = 0; i <= e->n_threads; i++) {
             QuantizedRows *xq = &s->xq[i];
-            xq->q = zalloc(MAX_BATCH * width, 1, &failed);
-            xq->s = zalloc(MAX_BATCH * (width / (size_t)c->group_size), 4, &failed);
-            xq->start = zalloc(MAX_BATCH * (width / (size_t)c->group_size), 4, &failed);
+            const size_t rows = i < e->n_threads ? 1 : MAX_BATCH;
+            xq->q = zalloc(rows * width, 1, &failed);
+            xq->s = zalloc(rows * (width / (size_t)c->group_size), 4, &failed);
+            xq->start = zalloc(rows * (width / (size_t)c->group_size), 4, &failed);
         }
     if (failed) return -1;
     /* Same angles as model.py: float32 frequency times float32 position. */

@@ -53,11 +53,13 @@ def tiny_markdown(seed: int, n_docs: int = 24) -> dict[str, str]:
 
 
 def run_script(script: str, *args: str, cwd: Path, check: bool = True, timeout: float = 300,
-               env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run one of the repository's scripts as a user would, from cwd; on failure show its output."""
+               env: dict | None = None, processes: int = 0) -> subprocess.CompletedProcess:
+    """Run one of the repository's scripts as a user would, from cwd (with processes, under torchrun on that
+    many processes); on failure show its output."""
     full_env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), **(env or {})}
-    result = subprocess.run([sys.executable, str(REPO / script), *args], cwd=cwd, capture_output=True, text=True,
-                            timeout=timeout, env=full_env)
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"] if processes else []
+    result = subprocess.run([sys.executable, *launcher, str(REPO / script), *args], cwd=cwd, capture_output=True,
+                            text=True, timeout=timeout, env=full_env)
     if check and result.returncode != 0:
         raise AssertionError(f"{script} {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result

@@ -5,15 +5,13 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 import finetune
-from conftest import REPO, TINY_VOCAB
+from conftest import TINY_VOCAB, run_script
 from finetune import FinetuneConfig, SFTStream, collate, load_base_model, load_sft_examples, read_jsonl
 from model import ModelArgs, Transformer
 from tokenizer import Tokenizer, encode_dialog
@@ -237,11 +235,8 @@ def test_torchrun_two_processes_train_as_one_with_twice_the_accumulation(tmp_pat
              "--max_iters=4", "--learning_rate=1e-2", "--log_interval=1", "--device=cpu", "--dtype=float32",
              "--val_fraction=0", "--warmup_iters=0", "--checkpoint_every=2", "--keep_last=1"]
     run(*flags, "--gradient_accumulation_steps=2", f"--out_dir={tmp_path / 'one'}")
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(REPO / "finetune.py"),
-         *flags, "--gradient_accumulation_steps=1", f"--out_dir={tmp_path / 'two'}"],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_script("finetune.py", *flags, "--gradient_accumulation_steps=1", f"--out_dir={tmp_path / 'two'}", cwd=tmp_path,
+               env={"OMP_NUM_THREADS": "1"}, processes=2)
     logs = [[json.loads(line) for line in (tmp_path / out / "log.jsonl").read_text().splitlines() if '"loss"' in line]
             for out in ("one", "two")]
     assert [entry["batch"] for entry in logs[1]] == [entry["batch"] for entry in logs[0]] == [4] * 4

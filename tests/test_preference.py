@@ -3,11 +3,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,11 +13,11 @@ import torch
 import finetune
 import lora
 import preference
+from conftest import REPO, run_script
 from model import ModelArgs, Transformer
 from tokenizer import Tokenizer, encode_dialog
 from training import setup_runtime
 
-REPO = Path(__file__).resolve().parent.parent
 
 THINGS = ["sky", "grass", "sun", "sea", "tree", "fire", "snow", "rock", "bird", "fish", "road", "door"]
 FILLER = ["red", "blue", "green", "small", "big", "old", "new", "warm", "cold", "soft"]
@@ -254,9 +250,7 @@ def test_dpo_through_the_cli_prefers_the_chosen_answers(dpo_setup, tokenizer, tm
     out_dir = tmp_path / "dpo"
     flags = run_flags(method="dpo", init_from=base, data=prefs, out_dir=out_dir, lora_r=0, max_iters=40,
                       batch_size=12, learning_rate=5e-4, eval_interval=20, beta=0.1)
-    result = subprocess.run([sys.executable, "finetune.py", *flags], cwd=REPO, capture_output=True, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
-    assert result.returncode == 0, result.stderr[-2000:]
+    run_finetune(*flags, timeout=120)
     evaluations = [r for r in log_records(out_dir) if "val_loss" in r]
     assert [r["step"] for r in evaluations] == [20, 40]
     assert evaluations[-1]["rewards/accuracies"] > 0.9
@@ -360,10 +354,10 @@ def test_reward_model_separates_held_out_pairs(reward_run, tokenizer):
     assert (chosen > rejected).float().mean().item() >= 0.85
 
 
-def torchrun(*flags: str, processes: int = 2) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-                           "finetune.py", *flags], cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+def run_finetune(*flags: str, processes: int = 0, timeout: float = 300) -> None:
+    """finetune.py from the repository with one thread per process, as python or under torchrun; fails the test
+    with its output if it fails."""
+    run_script("finetune.py", *flags, cwd=REPO, env={"OMP_NUM_THREADS": "1"}, processes=processes, timeout=timeout)
 
 
 @pytest.mark.parametrize("method, lora_r", [("dpo", 4), ("reward", 0)])
@@ -374,12 +368,8 @@ def test_torchrun_two_processes_train_as_one_with_twice_the_accumulation(dpo_set
     data = write_jsonl(tmp_path / "pairs.jsonl", reward_pairs(2, 16))
     common = dict(method=method, init_from=base, data=data, lora_r=lora_r, lora_dropout=0, max_iters=3, batch_size=4,
                   learning_rate=1e-3, eval_interval=3)
-    one = subprocess.run([sys.executable, "finetune.py", *run_flags(**common, gradient_accumulation_steps=2,
-                                                                      out_dir=tmp_path / "one")],
-                         cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert one.returncode == 0, one.stderr[-2000:]
-    two = torchrun(*run_flags(**common, gradient_accumulation_steps=1, out_dir=tmp_path / "two"))
-    assert two.returncode == 0, two.stderr[-3000:]
+    run_finetune(*run_flags(**common, gradient_accumulation_steps=2, out_dir=tmp_path / "one"))
+    run_finetune(*run_flags(**common, gradient_accumulation_steps=1, out_dir=tmp_path / "two"), processes=2)
     logs = [log_records(tmp_path / out) for out in ("one", "two")]
     assert [r.get("batch") for r in logs[1]] == [r.get("batch") for r in logs[0]]
     for record_one, record_two in zip(*logs):
@@ -394,9 +384,8 @@ def test_torchrun_two_processes_train_as_one_with_twice_the_accumulation(dpo_set
 
 def test_ppo_under_torchrun_answers_different_prompts_and_logs_their_mean(ppo_setup, tmp_path):
     base, prompts, reward_fn = ppo_setup
-    result = torchrun(*run_flags(method="ppo", init_from=base, prompts=prompts, reward_fn=reward_fn, out_dir=tmp_path,
-                                 lora_r=4, max_iters=3, batch_size=4, max_new_tokens=3, learning_rate=1e-3))
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_finetune(*run_flags(method="ppo", init_from=base, prompts=prompts, reward_fn=reward_fn, out_dir=tmp_path,
+                            lora_r=4, max_iters=3, batch_size=4, max_new_tokens=3, learning_rate=1e-3), processes=2)
     records = log_records(tmp_path)
     assert [r["step"] for r in records] == [1, 2, 3]
     # 2 processes x 4 answers, each a 0 or 1 reward: the mean over both is a multiple of 1/8.

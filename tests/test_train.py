@@ -92,13 +92,9 @@ def test_resume_after_ctrl_c_continues_the_same_loss_curve(tiny_workspace: Path)
 
 
 def test_torchrun_two_processes_train_and_save(tiny_workspace: Path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(REPO / "train_arianna.py"), *TINY_MODEL_FLAGS, "--max_iters=6", "--eval_interval=3", "--eval_iters=1",
-         "--gradient_accumulation_steps=2", "--out_dir=out/ddp"],
-        cwd=tiny_workspace, capture_output=True, text=True, timeout=300, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_script("train_arianna.py", *TINY_MODEL_FLAGS, "--max_iters=6", "--eval_interval=3", "--eval_iters=1",
+               "--gradient_accumulation_steps=2", "--out_dir=out/ddp", cwd=tiny_workspace, env={"OMP_NUM_THREADS": "1"},
+               processes=2)
     out = tiny_workspace / "out" / "ddp"
     assert load_checkpoint(out / "ckpt.pt")["iter_num"] == 6
     assert [entry["iter"] for entry in read_log(out)] == [3, 6]  # only rank 0 writes the log

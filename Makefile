@@ -5,17 +5,18 @@ VENV_PYTHON = $(VENV)/bin/python
 
 .PHONY: test bench-train
 
-# The stamp is shared with train_arianna.sh: requirements are installed again only when they change.
-$(VENV)/.requirements-installed: requirements.txt
+# Its own stamp: train_arianna.sh installs requirements.txt alone (and stamps .requirements-installed), so the
+# test tools are installed here whichever of the two commands runs first.
+$(VENV)/.test-requirements-installed: requirements.txt requirements-test.txt
 	test -x $(VENV_PYTHON) || $(PYTHON) -m venv $(VENV)
-	$(VENV_PYTHON) -m pip install --quiet --disable-pip-version-check -r requirements.txt pytest
+	$(VENV_PYTHON) -m pip install --quiet --disable-pip-version-check -r requirements-test.txt
 	touch $@
 
-test: $(VENV)/.requirements-installed run rundebug librun.so
+test: $(VENV)/.test-requirements-installed run rundebug librun.so
 	$(VENV_PYTHON) -m pytest -q tests
 
 # Training tokens/s at the dim 288 / 6 layers / vocab 4096 shape: float32 eager against the fast paths.
-bench-train: $(VENV)/.requirements-installed
+bench-train: $(VENV)/.test-requirements-installed
 	$(VENV_PYTHON) bench_train.py
 
 # Engine targets (run.c).

@@ -76,6 +76,7 @@ class FinetuneConfig:
     val_data: str = field(default="", metadata={"help": "validation JSONL; empty: hold out --val_fraction of --data"})
     val_fraction: float = 0.1
     max_seq_len: int = field(default=0, metadata={"help": "longest example in tokens; 0: the model's context"})
+    dropout: Optional[float] = field(default=None, metadata={"help": "dropout while fine-tuning; empty: the base model's"})
     truncate: bool = field(default=False, metadata={"help": "cut examples longer than the context instead of dropping them"})
     pretrain_mix: float = field(default=0.0, metadata={"help": "share of batch rows that are pretraining windows (0 <= F < 1)"})
     pretrain_data: str = field(default="", metadata={"help": "folder of train_*.bin uint16 shards, e.g. data/tok4096"})
@@ -452,6 +453,8 @@ def load_policy(cfg: FinetuneConfig, runtime: Runtime) -> tuple[Transformer, Bas
     """The model to train, on the device: the base of --init_from, with LoRA/QLoRA adapters when --lora_r > 0."""
     model, checkpoint = load_base_model(cfg.init_from)
     base = BaseCheckpoint(cfg.init_from, state_sha256(model), checkpoint)
+    if cfg.dropout is not None:
+        model.set_dropout(cfg.dropout)
     if cfg.uses_lora:
         lora.apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.targets, cfg.qlora, cfg.double_quant)
         stored, full = lora.base_memory_bytes(model)

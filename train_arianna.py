@@ -64,6 +64,8 @@ class TrainConfig:
     batch_schedule: str = _option("constant", "trinity: the effective batch triples at each --trinity_steps step",
                                   choices=list(BATCH_SCHEDULES))
     trinity_steps: str = _option("", "steps where --batch_schedule=trinity triples the batch, e.g. 1000,3000,6000")
+    optimizer: str = _option("adamw", "adamw, or muon: Muon on the transformer blocks' matrices, AdamW on the rest",
+                             choices=["adamw", "muon"])
     weight_decay: float = _option(0.1, "AdamW weight decay on matrices")
     beta1: float = _option(0.9, "AdamW beta1")
     beta2: float = _option(0.95, "AdamW beta2")
@@ -241,7 +243,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         cfg.min_lr = cfg.learning_rate / 10
 
     model = Transformer(model_args).to(runtime.device)
-    optimizer = make_optimizer(model, cfg.learning_rate, cfg.weight_decay, (cfg.beta1, cfg.beta2), runtime)
+    optimizer = make_optimizer(model, cfg.learning_rate, cfg.weight_decay, (cfg.beta1, cfg.beta2), runtime,
+                               muon=cfg.optimizer == "muon")
     step, best_val_loss, evals_since_best, tokens_seen = 0, math.inf, 0, 0
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])

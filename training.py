@@ -152,17 +152,51 @@ def clean_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 # ----------------------------------------------------------------------------- optimizer
 
+class MuonAdamW:
+    """Muon (momentum orthogonalized by Newton-Schulz, torch.optim.Muon) on the transformer blocks' matrices, AdamW on
+    the rest (embeddings with the tied classifier, norms), as in the modded-nanogpt speedrun records. Muon's step is
+    scaled to AdamW's update size (adjust_lr_fn="match_rms_adamw"), so one learning rate and schedule drive both.
+    The loops use what they use of an optimizer: param_groups, step, zero_grad, state_dict, load_state_dict."""
+
+    def __init__(self, muon: torch.optim.Muon, adamw: torch.optim.AdamW):
+        self.muon, self.adamw = muon, adamw
+        self.param_groups = muon.param_groups + adamw.param_groups
+
+    def step(self) -> None:
+        self.muon.step()
+        self.adamw.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.muon.zero_grad(set_to_none)
+        self.adamw.zero_grad(set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.muon.load_state_dict(state_dict["muon"])
+        self.adamw.load_state_dict(state_dict["adamw"])
+
+
 def make_optimizer(model: torch.nn.Module, learning_rate: float, weight_decay: float,
-                   betas: tuple[float, float], runtime: Runtime) -> torch.optim.AdamW:
-    """AdamW on the trainable parameters: weight decay on matrices and embeddings, not on norms."""
+                   betas: tuple[float, float], runtime: Runtime, muon: bool = False) -> torch.optim.AdamW | MuonAdamW:
+    """AdamW on the trainable parameters: weight decay on matrices and embeddings, not on norms. With muon, the
+    matrices inside the transformer blocks go to Muon instead (MuonAdamW)."""
     params = [p for p in model.parameters() if p.requires_grad]
+    in_blocks = {id(p) for name, p in model.named_parameters() if name.startswith("layers.") and p.dim() == 2}
+    matrices = [p for p in params if muon and id(p) in in_blocks]
+    params = [p for p in params if not (muon and id(p) in in_blocks)]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
     # The fused kernel does the whole update in one pass on CUDA and CPU.
     fused = runtime.device_type in ("cuda", "cpu")
-    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
+    adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
+    if not matrices:
+        return adamw
+    return MuonAdamW(torch.optim.Muon(matrices, lr=learning_rate, weight_decay=weight_decay,
+                                      adjust_lr_fn="match_rms_adamw"), adamw)
 
 
 def bits_per_byte(loss_nats: float, tokens: int, text_bytes: int) -> float:

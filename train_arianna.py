@@ -74,7 +74,7 @@ class TrainConfig:
     eval_interval: Optional[int] = _option(None, "steps between evaluations and checkpoints; default max_iters / 20, "
                                                  "at least 25")
     eval_iters: int = _option(4, "batches per loss estimate")
-    early_stop_patience: int = _option(5, "stop after this many evaluations without a better val loss (0: never)")
+    early_stop_patience: int = _option(2, "stop after this many evaluations without a better val loss (0: never)")
     # system
     device: str = _option("auto", "auto (cuda, mps, cpu), cuda, cuda:N, mps or cpu")
     dtype: str = _option("auto", "auto, float32, bfloat16 or float16",

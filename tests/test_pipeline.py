@@ -65,7 +65,7 @@ def environment(**env: str) -> dict[str, str]:
 
 def run_pipeline(repo: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
     """./train_arianna.sh from outside the repository (it must cd to itself), reusing the interpreter running pytest."""
-    return subprocess.run([str(repo / "train_arianna.sh"), *args], cwd=repo.parent, capture_output=True, text=True,
+    return subprocess.run([str(repo / "train_arianna.sh"), *args], cwd=repo.parent, capture_output=True, text=True, errors="replace",
                           timeout=SAFETY_TIMEOUT, env=environment(ARIANNA_PYTHON=sys.executable, **env))
 
 
@@ -150,7 +150,7 @@ def test_each_arianna_variable_has_its_effect(repo_copy: Path) -> None:
 
 def run_make_test(repo: Path) -> subprocess.CompletedProcess:
     """`make test` limited to one quick test file, so the suite does not recurse into itself."""
-    return subprocess.run(["make", "test", "TESTS=tests/test_schedules.py"], cwd=repo, capture_output=True, text=True,
+    return subprocess.run(["make", "test", "TESTS=tests/test_schedules.py"], cwd=repo, capture_output=True, text=True, errors="replace",
                           timeout=SAFETY_TIMEOUT, env=environment())
 
 
@@ -159,7 +159,7 @@ def fresh_pipeline(repo: Path) -> subprocess.CompletedProcess:
     env = environment()
     env.pop("ARIANNA_PYTHON", None)
     env.pop("VIRTUAL_ENV", None)
-    return subprocess.run([str(repo / "train_arianna.sh"), "400"], cwd=repo, capture_output=True, text=True,
+    return subprocess.run([str(repo / "train_arianna.sh"), "400"], cwd=repo, capture_output=True, text=True, errors="replace",
                           timeout=SAFETY_TIMEOUT, env=env)
 
 

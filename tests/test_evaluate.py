@@ -1,0 +1,115 @@
+"""evaluate.py: each mode on a tiny model trained here, and its errors on bad input."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import sentencepiece as spm
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import chat  # noqa: E402
+import evaluate  # noqa: E402
+from conftest import run_script  # noqa: E402
+from export import export_model  # noqa: E402
+from model import ModelArgs, Transformer  # noqa: E402
+from tokenizer import Tokenizer, encode_dialog  # noqa: E402
+
+QA = [
+    ("Что такое резонанс?", "Резонанс — это отклик системы на толчки с её собственной частотой."),
+    ("Как учится модель?", "Модель учится предсказывать следующий токен текста автора."),
+    ("What is a tokenizer?", "A tokenizer cuts text into pieces that the model sees as numbers."),
+    ("Why a validation split?", "The validation split tells whether the model learns to generalise."),
+]
+SYSTEM = "Отвечай кратко."
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tokenizer .bin, a 2-layer model that memorised QA through the chat template (half of it with SYSTEM),
+    and the same model untrained."""
+    folder = tmp_path_factory.mktemp("evaluate")
+    text = [q + " " + a for q, a in QA] + [SYSTEM, "<|system|>\n<|user|>\n<|assistant|>\n"]
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(text * 20), model_prefix=str(folder / "tok400"), model_type="bpe", vocab_size=400,
+        byte_fallback=True, character_coverage=1.0, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, num_threads=1, minloglevel=2)
+    tokenizer = Tokenizer(folder / "tok400.model")
+    encode = lambda s: tokenizer.encode(s, bos=False, eos=False)  # noqa: E731
+    dialogs = [([{"role": "system", "content": SYSTEM}] if i % 2 else [])
+               + [{"role": "user", "content": q}, {"role": "assistant", "content": a}] for i, (q, a) in enumerate(QA)]
+    rows = [encode_dialog(encode, d, tokenizer.bos_id, tokenizer.eos_id)[0] for d in dialogs]
+    width = max(map(len, rows)) + 1
+    padded = torch.tensor([row + [-1] * (width - len(row)) for row in rows])
+    torch.manual_seed(0)
+    untrained = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=400, max_seq_len=96))
+    paths = {"tokenizer": tokenizer.export(folder / "tok400.bin"),
+             "untrained": export_model(untrained, folder / "untrained.bin", version=1)}
+    model, threads = untrained, torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: two threads only wait on each other, badly on a busy machine
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(120):
+        _, loss = model(padded[:, :-1].clamp(min=0), padded[:, 1:])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    torch.set_num_threads(threads)
+    assert loss.item() < 0.05, f"the tiny model did not memorise its answers (loss {loss.item():.3f})"
+    paths["trained"] = export_model(model, folder / "trained.bin", version=1)
+    with open(folder / "dialogs.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps({"messages": d}, ensure_ascii=False) + "\n" for d in dialogs)
+    paths["dialogs"] = folder / "dialogs.jsonl"
+    chat.library_path()
+    return paths
+
+
+def run_chat(models: dict[str, Path], name: str, data: Path, *flags: str) -> dict:
+    out = data.with_name(f"{name}-{data.stem}.json")
+    result = run_script("evaluate.py", "chat", str(models[name]), f"--data={data}", "-z", str(models["tokenizer"]),
+                        f"--out={out}", "--threads=1", *flags, cwd=data.parent, env=ONE_THREAD)
+    assert result.stdout.count("\n") == 1 and "chrF" in result.stdout
+    return json.loads(out.read_text(encoding="utf-8"))
+
+
+def test_chat_scores_a_model_that_recalls_its_dialogs_near_100_and_an_untrained_one_low(models) -> None:
+    trained = run_chat(models, "trained", models["dialogs"])
+    assert trained["n"] == len(QA) and trained["degenerate"] == 0
+    assert [item["answer"] for item in trained["items"]] == [a for _, a in QA]
+    assert trained["chrf"] == pytest.approx(100) and trained["bleu"] == pytest.approx(100)
+    # The question set format: the two questions asked with the system prompt in training are asked without it.
+    questions = models["dialogs"].with_name("questions.jsonl")
+    questions.write_text("".join(json.dumps({"question": q, "answer": a}, ensure_ascii=False) + "\n"
+                                 for q, a in QA[::2]), encoding="utf-8")
+    assert run_chat(models, "trained", questions, "--n=1", "--seed=3")["chrf"] == pytest.approx(100)
+    untrained = run_chat(models, "untrained", models["dialogs"], "--max_new_tokens=40")
+    assert untrained["chrf"] < 25 and untrained["bleu"] < 5
+
+
+def test_degenerate_means_a_phrase_of_up_to_three_words_three_times_in_a_row() -> None:
+    assert evaluate.is_degenerate("В InnerArianna — это это это это")
+    assert evaluate.is_degenerate("the model is, the model is the model is done")
+    assert evaluate.is_degenerate("a b a b a b")
+    assert not evaluate.is_degenerate("A model is the model is the model on a few hundred kilobytes.")
+    assert not evaluate.is_degenerate("это, это и то")
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "bad.jsonl not found"),
+    ("", "holds no questions"),
+    ('{"messages": [{"role": "user", "content": "hi"}]}\n', ":1: no user message followed by an assistant"),
+    ('{"question": "q", "answer": "a"}\nnot json\n', ":2: not JSON"),
+    ('{"prompt": "q"}\n', ':1: expected {"messages"'),
+])
+def test_chat_bad_data_is_one_line_naming_the_file(tmp_path: Path, models, content: str | None, message: str) -> None:
+    data = tmp_path / "bad.jsonl"
+    if content is not None:
+        data.write_text(content, encoding="utf-8")
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(["chat", str(models["trained"]), f"--data={data}"])
+    error = str(exit_info.value.code)
+    assert error.startswith("error: ") and "\n" not in error and str(data) in error and message in error

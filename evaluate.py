@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import re
 import sys
@@ -194,10 +195,124 @@ def evaluate_chat(model: str, options: ChatEval) -> tuple[dict[str, Any], str]:
     return report, summary
 
 
+# ----------------------------------------------------------------------------- text
+
+@dataclass
+class TextEval:
+    """Options of `evaluate.py text`."""
+    data: str = field(metadata={"help": "pretokenized shards folder (data/tok4096, with meta.json) or "
+                                                    "a text file (documents separated by RS lines, as "
+                                                    "data/arianna_corpus.txt)"})
+    split: str = field(default="val", metadata={"help": "which shards of a shards folder", "choices": ["val", "train"]})
+    tokenizer: str = field(default="", metadata={"help": "SentencePiece .model for a text file (default: "
+                                                         "data/tok{vocab_size}.model)"})
+    window: int = field(default=0, metadata={"help": "tokens per window (0: the model's max_seq_len)"})
+    stride: int = field(default=0, metadata={"help": "new tokens scored per window (0: the window, disjoint)"})
+    batch_size: int = field(default=8, metadata={"help": "windows per forward pass"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, mps"})
+    dtype: str = field(default="auto", metadata={"help": "auto, float32, bfloat16, float16 (as train_arianna.py)"})
+    seed: int = field(default=0, metadata={"help": "unused: text scoring is deterministic"})
+    out: str = field(default="", metadata={"help": "write the figures to this JSON file"})
+
+
+def load_torch_model(path: Path) -> Any:
+    """A Transformer from a training checkpoint (.pt) or an exported .bin (v2 comes back dequantized)."""
+    from model import Transformer
+    from training import load_checkpoint, model_from_checkpoint
+
+    if not path.is_file():
+        raise EvalError(f"model {path} not found; pass a checkpoint (out/best.pt) or an exported .bin")
+    if path.suffix == ".pt":
+        return model_from_checkpoint(load_checkpoint(path))
+    from export import read_model_bin
+
+    try:
+        _, args, state = read_model_bin(path)
+        model = Transformer(args)
+        model.load_state_dict(state, strict=False)
+    except Exception as e:  # a damaged or foreign file fails in struct, numpy or torch alike
+        raise EvalError(f"{path} is not a model .bin export.py wrote ({type(e).__name__}: {e})") from None
+    return model
+
+
+def text_documents(options: TextEval, vocab_size: int) -> tuple[list[Any], int, int]:
+    """(token streams, their text bytes, their words): a shards split as training reads it (one stream of documents
+    each starting with BOS), or each document of a text file as BOS + its tokens."""
+    import numpy as np
+    import torch
+
+    data = Path(options.data)
+    if data.is_dir():
+        from train_arianna import TokenShards
+
+        meta_path = data / "meta.json"
+        shards = TokenShards(data, options.split)
+        if not meta_path.is_file() or not len(shards):
+            raise EvalError(f"{data} has no meta.json or no {options.split}_*.bin shards; "
+                            "write them with `python arianna_data.py pretokenize`")
+        meta = json.loads(meta_path.read_text())
+        if meta.get("vocab_size", vocab_size) != vocab_size:
+            raise EvalError(f"{data} was tokenized with {meta['vocab_size']} tokens, the model has {vocab_size}")
+        stream = torch.from_numpy(shards.window(0, len(shards)).astype(np.int64))
+        return [stream], int(meta[f"{options.split}_bytes"]), 0
+    from tokenizer import Tokenizer
+
+    try:
+        text = data.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise EvalError(f"{data} not found; pass --data=a shards folder or a text file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise EvalError(f"cannot read {data} as UTF-8 text ({getattr(e, 'strerror', None) or e})") from None
+    tokenizer_path = Path(options.tokenizer or f"data/tok{vocab_size}.model")
+    if not tokenizer_path.is_file():
+        raise EvalError(f"tokenizer {tokenizer_path} not found; pass --tokenizer=PATH.model for {data}")
+    tokenizer = Tokenizer(tokenizer_path)
+    if tokenizer.n_words != vocab_size:
+        raise EvalError(f"{tokenizer_path} has {tokenizer.n_words} tokens, the model {vocab_size}")
+    documents = [d for d in re.split(r"^\x1e\n", text, flags=re.MULTILINE) if d.strip()]
+    streams = [torch.tensor(tokenizer.encode(d, bos=True, eos=False)) for d in documents]
+    return streams, sum(len(d.encode("utf-8")) for d in documents), sum(len(d.split()) for d in documents)
+
+
+def evaluate_text(model_name: str, options: TextEval) -> tuple[dict[str, Any], str]:
+    import torch
+    from training import rolling_nll, rolling_windows, setup_runtime
+
+    runtime = setup_runtime(options.device, options.dtype, options.seed)
+    model = load_torch_model(Path(model_name)).to(runtime.device).eval()
+    window = options.window or model.args.max_seq_len
+    stride = options.stride or window
+    if not 0 < stride <= window <= model.args.max_seq_len:
+        raise EvalError(f"need 0 < --stride <= --window <= the model's max_seq_len ({model.args.max_seq_len})")
+    streams, n_bytes, n_words = text_documents(options, model.args.vocab_size)
+    if any(int(s.max()) >= model.args.vocab_size for s in streams if len(s)):
+        raise EvalError(f"{options.data} holds token ids beyond the model's vocabulary of {model.args.vocab_size}")
+    total_windows = sum(len(rolling_windows(len(s), window, stride)) for s in streams)
+    nll, count = 0.0, 0
+    with progress(None, total_windows, "text") as bar, torch.inference_mode():
+        for stream in streams:
+            part, scored = rolling_nll(model, stream, window, stride, options.batch_size, runtime.device,
+                                       runtime.autocast, on_batch=bar.update)
+            nll, count = nll + part, count + scored
+    if count == 0 or n_bytes == 0:
+        raise EvalError(f"{options.data} holds no text to score")
+    loss = nll / count
+    bits = nll / (n_bytes * math.log(2))
+    report = {"mode": "text", "model": model_name, **asdict(options), "window": window, "stride": stride,
+              "loss": loss, "perplexity": math.exp(loss), "bits_per_byte": bits, "byte_perplexity": 2 ** bits,
+              "word_perplexity": math.exp(nll / n_words) if n_words else None,
+              "tokens": count, "bytes": n_bytes, "words": n_words, "documents": len(streams), "windows": total_windows}
+    summary = (f"text {model_name} on {options.data}: {count} tokens, loss {loss:.4f}, perplexity "
+               f"{report['perplexity']:.2f}, {bits:.4f} bits per byte, byte perplexity {report['byte_perplexity']:.3f} "
+               f"(window {window}, stride {stride})")
+    return report, summary
+
+
 # ----------------------------------------------------------------------------- command line
 
 MODES: dict[str, tuple[type, Callable[[str, Any], tuple[dict[str, Any], str]], str]] = {
     "chat": (ChatEval, evaluate_chat, "answer every question through the C engine; chrF, BLEU, degenerate answers"),
+    "text": (TextEval, evaluate_text, "per-token loss, perplexity, bits per byte over rolling windows (PyTorch)"),
 }
 
 
@@ -207,7 +322,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     for name, (options_class, _, help_text) in MODES.items():
         sub = modes.add_parser(name, help=help_text, description=help_text,
                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-        sub.add_argument("model", help="model .bin written by export.py")
+        sub.add_argument("model", help="model .bin written by export.py (text: or a .pt checkpoint)")
         add_config_arguments(sub, options_class)
         if "tokenizer" in options_class.__dataclass_fields__:
             sub.add_argument("-z", dest="tokenizer", default=argparse.SUPPRESS, help="same as --tokenizer")

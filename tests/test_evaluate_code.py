@@ -157,3 +157,24 @@ def test_code_bad_input_is_one_line(flags: list[str], message: str) -> None:
         evaluate.main(["code", *flags])
     error = str(exit_info.value.code)
     assert error.startswith("error: ") and "\n" not in error and message in error
+
+
+def test_similarity_bleu_chrf_and_codebleu(tmp_path: Path) -> None:
+    code_lines = ["def add(a, b):\n    return a + b\n", "def neg(x):\n    return -x\n"]
+    ref = tmp_path / "ref.jsonl"
+    ref.write_text("".join(json.dumps({"code": c}) + "\n" for c in code_lines))
+    out = tmp_path / "similarity.json"
+    result = run_script("evaluate.py", "similarity", f"--hyp={ref}", f"--ref={ref}", "--lang=python", f"--out={out}",
+                        cwd=tmp_path)
+    assert "CodeBLEU 1.000" in result.stdout
+    same = json.loads(out.read_text())
+    assert same["bleu"] == pytest.approx(100) and same["chrf"] == pytest.approx(100)
+    hyp = tmp_path / "hyp.jsonl"
+    hyp.write_text("".join(json.dumps(c.replace("a + b", "b - a")) + "\n" for c in code_lines))
+    run_script("evaluate.py", "similarity", f"--hyp={hyp}", f"--ref={ref}", "--lang=python", f"--out={out}", cwd=tmp_path)
+    changed = json.loads(out.read_text())
+    assert 0 < changed["codebleu"]["codebleu"] < 1 and changed["bleu"] < 100
+    short = tmp_path / "short.txt"
+    short.write_text("one line\n")
+    with pytest.raises(SystemExit, match="need the same number"):
+        evaluate.main(["similarity", f"--hyp={short}", f"--ref={ref}"])

@@ -658,6 +658,28 @@ def evaluate_similarity(_: Optional[str], options: SimilarityEval) -> tuple[dict
     return report, summary
 
 
+# ----------------------------------------------------------------------------- report
+
+@dataclass
+class ReportOptions:
+    """Options of `evaluate.py report`."""
+    report_dir: str = field(default="", metadata={"help": "where the PNGs and report.html go (default OUT_DIR/report)"})
+    seed: int = field(default=0, metadata={"help": "unused: drawing is deterministic"})
+    out: str = field(default="", metadata={"help": "write what was drawn (files, points per curve) to this JSON file"})
+
+
+def evaluate_report(run_dir: str, options: ReportOptions) -> tuple[dict[str, Any], str]:
+    import report as run_report
+
+    try:
+        drawn = run_report.draw(Path(run_dir), Path(options.report_dir) if options.report_dir else None)
+    except run_report.ReportError as e:
+        raise EvalError(str(e)) from None
+    pictures = sum(len(section["figures"]) for section in drawn["sections"])
+    return ({"mode": "report", "run": run_dir, **asdict(options), **drawn},
+            f"report of {run_dir}: {pictures} pictures from {len(drawn['sections'])} logs in {drawn['report']}")
+
+
 # ----------------------------------------------------------------------------- command line
 
 MODES: dict[str, tuple[type, Callable[[str, Any], tuple[dict[str, Any], str]], str]] = {
@@ -665,13 +687,15 @@ MODES: dict[str, tuple[type, Callable[[str, Any], tuple[dict[str, Any], str]], s
     "code": (CodeEval, evaluate_code, "pass@k of generated code run against its tests in a sandbox"),
     "similarity": (SimilarityEval, evaluate_similarity, "BLEU and chrF, and CodeBLEU with --lang, of texts against "
                                                         "references"),
+    "report": (ReportOptions, evaluate_report, "draw the run's curves (PNG) and report.html from its log.jsonl files"),
     "text": (TextEval, evaluate_text, "per-token loss, perplexity, bits per byte over rolling windows (PyTorch)"),
 }
 
 
 POSITIONAL = {"chat": (None, "model .bin written by export.py"),
               "text": (None, "a checkpoint (out/best.pt) or a model .bin"),
-              "code": ("?", "model .bin to generate with (none with --completions)")}
+              "code": ("?", "model .bin to generate with (none with --completions)"),
+              "report": (None, "the training --out_dir (out/)")}
 
 
 def main(argv: Optional[list[str]] = None) -> None:

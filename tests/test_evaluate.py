@@ -154,3 +154,37 @@ def test_rolling_windows_score_every_token_but_the_first_once_with_at_most_windo
         assert 0 <= start < end <= n - 1 and end - start <= window and 0 < count <= end - start
         scored += range(end + 1 - count, end + 1)
     assert scored == list(range(1, n))
+
+
+def test_report_draws_a_real_run_and_a_resumed_log_without_duplicate_steps(tiny_workspace: Path, short_run: Path,
+                                                                         tmp_path: Path) -> None:
+    from PIL import Image
+
+    log = [json.loads(line) for line in (short_run / "log.jsonl").read_text().splitlines()]
+    run = tmp_path / "out"
+    (run / "chat").mkdir(parents=True)
+    # The pretraining log as a run interrupted after its first evaluation and resumed would leave it.
+    resumed = log[:1] + [dict(log[0], val_loss=99.0)] + log[:1] + log[1:]
+    (run / "log.jsonl").write_text("".join(json.dumps(entry) + "\n" for entry in resumed))
+    dpo = [{"step": s, "loss": 0.7 - s / 100, "rewards/margins": s / 10, "rewards/chosen": 0.1 * s} for s in (1, 2, 3)]
+    (run / "chat" / "log.jsonl").write_text("".join(json.dumps(entry) + "\n" for entry in dpo))
+    out = tmp_path / "report.json"
+    result = run_script("evaluate.py", "report", str(run), f"--out={out}", cwd=tmp_path)
+    drawn = json.loads(out.read_text())
+    assert result.stdout.startswith("report of") and (run / "report" / "report.html").is_file()
+    pretrain, chat_section = drawn["sections"][1], drawn["sections"][0]
+    assert pretrain["name"] == "pretrain" and chat_section["name"] == "chat"
+    figures = {(f["png"]): f["points"] for f in pretrain["figures"]}
+    steps = len({entry["iter"] for entry in log})
+    assert figures["pretrain-loss.png"] == {"train_loss": steps, "val_loss": steps}
+    assert figures["pretrain-bpb-tokens.png"] == {"train_bpb": steps, "val_bpb": steps}
+    assert {"pretrain-lr.png", "pretrain-batch.png", "pretrain-loss-tokens.png"} <= set(figures)
+    assert {f["png"]: f["points"] for f in chat_section["figures"]}["chat-rewards.png"] == {
+        "rewards/chosen": 3, "rewards/margins": 3}
+    for name in list(figures) + ["chat-rewards.png"]:
+        with Image.open(run / "report" / name) as image:
+            assert image.format == "PNG" and image.size == (700, 400)
+    page = (run / "report" / "report.html").read_text()
+    assert "pretrain-loss.png" in page and "chat-rewards.png" in page
+    import report
+    assert 99.0 not in report.read_log(run / "log.jsonl")["val_loss"].values()

@@ -188,3 +188,20 @@ def test_report_draws_a_real_run_and_a_resumed_log_without_duplicate_steps(tiny_
     assert "pretrain-loss.png" in page and "chat-rewards.png" in page
     import report
     assert 99.0 not in report.read_log(run / "log.jsonl")["val_loss"].values()
+
+
+def test_code_generates_n_completions_per_task_through_the_engine_repeatably_by_seed(models, tmp_path: Path) -> None:
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text(json.dumps({"task_id": "q", "prompt": QA[2][0], "tests": "assert True\n"}) + "\n")
+
+    def completions(seed: int) -> list[str]:
+        out = tmp_path / f"code-{seed}.json"
+        run_script("evaluate.py", "code", str(models["trained"]), f"--tasks={tasks}", "--n=3", "--k=1,2",
+                   "--temperature=1.0", f"--seed={seed}", "--max_new_tokens=12", "-z", str(models["tokenizer"]),
+                   "--threads=1", f"--out={out}", cwd=tmp_path, env=ONE_THREAD)
+        report = json.loads(out.read_text())
+        assert report["results"][0]["n"] == 3 and "pass@2" in report and "pass@1" in report
+        return [sample["completion"] for sample in report["results"][0]["samples"]]
+
+    first = completions(1)
+    assert first == completions(1) and first != completions(2) and len(set(first)) > 1

@@ -1,20 +1,27 @@
 """Evaluate a model: one mode per kind of evaluation, each printing a one-line summary and writing --out=FILE.json.
 
     python evaluate.py chat out/chat/model.bin --data=data/dialogs.jsonl [--n=30] [--out=chat.json]
+    python evaluate.py text out/best.pt --data=data/tok4096 [--stride=128]
+    python evaluate.py code out/model.bin --tasks=humaneval|mbpp.jsonl|tasks.jsonl --n=20 --k=1,10 --temperature=0.8
+    python evaluate.py similarity --hyp=hyp.jsonl --ref=ref.jsonl [--lang=python]
+    python evaluate.py report out/
 
-chat: every question in a fresh conversation through the C engine (chat.py's Engine and Conversation), greedy
-unless --temperature says otherwise; the answer is scored against the reference with sacrebleu: `chrf` is the
-mean sentence-level chrF, `bleu` the corpus BLEU, `degenerate` the number of answers in which a run of one, two
-or three words repeats three times in a row ("это это это", "the model the model the model"). --data is the
-dialog file markdown_to_conversations.py writes ({"messages": [...]}: each user turn followed by an assistant
-turn is a question, its system message and earlier turns are the conversation's history) or a question set
-of {"question": ..., "answer": ...} lines.
+chat: every question in a fresh conversation through the C engine (chat.py's Engine and Conversation), greedy unless
+--temperature says otherwise; the answer is scored against the reference with sacrebleu: `chrf` is the mean
+sentence-level chrF, `bleu` the corpus BLEU, `degenerate` the number of answers in which a run of one, two or three
+words repeats three times in a row ("это это это", "the model the model the model"). --data is the dialog file
+markdown_to_conversations.py writes ({"messages": [...]}: each user turn followed by an assistant turn is a
+question, its system message and earlier turns are the conversation's history) or {"question", "answer"} lines.
+text: lm-evaluation-harness's loss, perplexity and bits per byte over rolling windows (training.rolling_nll, the
+trainer's val_bpb). code: pass@k of completions executed against their tests. THE CODE MODE RUNS UNTRUSTED
+GENERATED PROGRAMS, only ever through sandbox.py. similarity: BLEU, chrF, CodeBLEU. report: report.py's pictures.
 
 Every mode: a progress bar on stderr, --seed for the sampled parts, errors as one line naming the file.
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import math
 import random
@@ -450,7 +457,7 @@ class Completer:
             raise EvalError(f"model {model} not found; export one with `python export.py`")
         tokenizer_path = Path(tokenizer) if tokenizer else chat.find_tokenizer(model)
         self.engine = chat.Engine(chat.load_library(chat.library_path()), model, tokenizer_path, threads)
-        self.rng = __import__("ctypes").c_ulonglong(1)
+        self.rng = ctypes.c_ulonglong(1)
 
     def complete(self, prompt: str, temperature: float, top_p: float, max_new_tokens: int, seed: int,
                  stops: tuple[str, ...]) -> str:
@@ -646,9 +653,12 @@ def evaluate_similarity(_: Optional[str], options: SimilarityEval) -> tuple[dict
     if len(hyps) != len(refs) or not hyps:
         raise EvalError(f"{options.hyp} has {len(hyps)} texts, {options.ref} {len(refs)}: need the same number, "
                         "at least one")
+    items = [{"hyp": hyp, "ref": ref, "bleu": sacrebleu.sentence_bleu(hyp, [ref]).score,
+              "chrf": sacrebleu.sentence_chrf(hyp, [ref]).score}
+             for hyp, ref in progress(zip(hyps, refs), len(hyps), "similarity")]
     report: dict[str, Any] = {"mode": "similarity", **asdict(options), "n": len(hyps),
                               "bleu": sacrebleu.corpus_bleu(hyps, [refs]).score,
-                              "chrf": sacrebleu.corpus_chrf(hyps, [refs]).score}
+                              "chrf": sacrebleu.corpus_chrf(hyps, [refs]).score, "items": items}
     summary = f"similarity {options.hyp} vs {options.ref}: {len(hyps)} pairs, BLEU {report['bleu']:.1f}, chrF {report['chrf']:.1f}"
     if options.lang:
         from codebleu import calc_codebleu

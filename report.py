@@ -13,6 +13,7 @@ from __future__ import annotations
 import html
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -102,7 +103,9 @@ def draw(run_dir: Path, out_dir: Optional[Path] = None) -> dict[str, Any]:
     out_dir = out_dir or run_dir / "report"
     out_dir.mkdir(parents=True, exist_ok=True)
     sections = []
-    for log in logs:
+    from tqdm import tqdm
+
+    for log in tqdm(logs, desc="report", unit="log", file=sys.stderr, leave=False):
         series = read_log(log)
         name = str(log.parent.relative_to(run_dir)).replace(os.sep, "-").strip(".") or "pretrain"
         figures = []

@@ -112,8 +112,13 @@ def launch(staging: str) -> None:
     files = {name: Path(staging, name).read_bytes() for name in spec["files"]}
     work = staging
     if spec["namespaces"]:
+        outer_uid, outer_gid = os.getuid(), os.getgid()
         if not _unshare(CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC | (0 if uid is not None else CLONE_NEWUSER)):
             os._exit(111)
+        if uid is None:  # an unprivileged user namespace: be root inside it, mapped to this user outside
+            Path("/proc/self/setgroups").write_text("deny")
+            Path("/proc/self/uid_map").write_text(f"0 {outer_uid} 1")
+            Path("/proc/self/gid_map").write_text(f"0 {outer_gid} 1")
         _private_tmp()
         work = WORK_DIR
         os.makedirs(work)
@@ -227,7 +232,7 @@ class Sandbox:
         argv = [self.python if arg == "{python}" else arg for arg in program.argv]
         if not argv[0]:
             raise RuntimeError(self.python_note)
-        if not self.root and not self.namespaces:
+        if not self.root:
             # Without a user of its own the process limit counts this user's other processes too.
             limits = Limits(**{**asdict(limits), "processes": limits.processes + len(user_processes(os.getuid()))})
         return self._execute(Program(program.files, argv, program.stdin, program.env), limits, self.namespaces,

@@ -101,9 +101,11 @@ def test_train_arianna_sh_end_to_end_then_redoes_only_what_changed(repo_copy: Pa
     assert ran_and_skipped(unchanged) == ([], STEPS)
     assert "A: " in unchanged.stdout
 
-    # A new fine-tuning setting redoes the fine-tune and its export only.
+    # A new fine-tuning setting redoes the fine-tune only (finetune.py writes the chat model.bin itself, so the export
+    # step finds it up to date).
     more_sft = run_pipeline(repo_copy, "512", ARIANNA_SFT_ITERS="25")
-    assert ran_and_skipped(more_sft)[0] == ["chat_finetune", "export"]
+    assert ran_and_skipped(more_sft)[0] == ["chat_finetune"]
+    assert (repo_copy / "out/chat/model.bin").stat().st_mtime >= (repo_copy / "out/chat/ckpt.pt").stat().st_mtime
     assert json.loads((repo_copy / "out/chat/log.jsonl").read_text().splitlines()[-1])["iter"] == 25
 
     # An edited document changes the corpus: everything after it is redone and the new section reaches the dialogs.

@@ -151,15 +151,8 @@ CURRENT_STEP="dialogs"
 if [[ -n "${ARIANNA_MAX_ANSWER_TOKENS:-}" ]]; then
     MAX_ANSWER_TOKENS="$ARIANNA_MAX_ANSWER_TOKENS"
 else
-    MAX_ANSWER_TOKENS="$("$PYTHON" - "$OUT_DIR/model.bin" <<'EOF'
-import struct, sys
-with open(sys.argv[1], "rb") as f:
-    header = f.read(36)
-fields = struct.unpack("<9i", header)
-seq_len = fields[8] if fields[0] == 0x616B3432 else fields[6]   # v1/v2 start with magic 'ak42' and a version
-print(seq_len - min(64, seq_len // 2))
-EOF
-)"
+    SEQ_LEN="$("$PYTHON" formats.py "$OUT_DIR/model.bin" seq_len)"
+    MAX_ANSWER_TOKENS=$(( SEQ_LEN - (SEQ_LEN / 2 < 64 ? SEQ_LEN / 2 : 64) ))
 fi
 run_step dialogs "$DIALOGS" "$DOC_DIR" "$TOKENIZER_MODEL" markdown_to_conversations.py -- \
     "$PYTHON" markdown_to_conversations.py --doc_dir="$DOC_DIR" --out="$DIALOGS" --seed=1337 \

@@ -42,7 +42,7 @@ def open_regular_file(path: str | os.PathLike) -> BinaryIO:
         if stat.S_ISDIR(mode):
             raise IsADirectoryError(errno.EISDIR, "is a folder, not a file", str(path))
         if not stat.S_ISREG(mode):
-            raise OSError(errno.EINVAL, "not a regular file (a FIFO, socket or device)", str(path))
+            raise OSError(errno.EINVAL, "not a regular file but a FIFO, socket or device", str(path))
         return os.fdopen(fd, "rb")
     except BaseException:
         os.close(fd)
@@ -265,11 +265,10 @@ def read_markdown(path: Path, warn: Callable[[str], None],
                       "remove it")
     control = CONTROL.search(text)
     if control:
-        count = len(CONTROL.findall(text))
+        text, count = CONTROL.subn("", text)
         offset = len(text[:control.start()].encode("utf-8"))
-        warn(f"{path}: removed {count} control character{'s' if count != 1 else ''} (the first U+{ord(control.group()):04X} "
-             f"at byte {offset}); they are not text")
-        text = CONTROL.sub("", text)
+        warn(f"{path}: removed {count} control character{'s' if count != 1 else ''} "
+             f"(the first U+{ord(control.group()):04X} at byte {offset}); they are not text")
     return strip_front_matter(text.replace("\r\n", "\n").replace("\r", "\n")), ""
 
 

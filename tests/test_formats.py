@@ -223,7 +223,8 @@ def test_tokenizer_seed_and_its_corruptions_fail_cleanly_under_sanitizers(rundeb
     model.write_bytes(seed("model_v1"))
     whole, first32 = seed("tokenizer"), tokenizer_with(32)
     cases = {"32 tokens": (first32, 0), "300 tokens for a 32-token model": (whole, 1),
-             "truncated": (first32[:-1], 1), "no tokens": (first32[:4], 1), "max length 0": (b"\0" * 4 + first32[4:], 1),
+             "truncated": (first32[:-1], 1), "no tokens": (first32[:4], 1),
+             "max length 0": (b"\0" * 4 + first32[4:], 1),
              "negative length": (first32[:8] + struct.pack("<i", -5) + first32[12:], 1),
              "length past the end": (first32[:8] + struct.pack("<i", 1 << 20) + first32[12:], 1)}
     for case, (data, returncode) in cases.items():
@@ -244,3 +245,55 @@ def test_run_refuses_a_fifo_at_once(rundebug: Path, tmp_path: Path):
     result = subprocess.run([str(rundebug), str(fifo), "-z", str(tokenizer)], capture_output=True, text=True,
                             timeout=30, env=SANITIZER_ENV)
     assert result.returncode == 1 and result.stderr == f"error: model {fifo}: not a regular file\n"
+
+
+# ----------------------------------------------------------------------------- chat.py with bad files
+
+def chat_model(folder: Path) -> tuple[Path, Path]:
+    """The version 1 model seed with a 256-token context (its file size does not depend on it), and its tokenizer."""
+    data = seed("model_v1")
+    model, tokenizer = folder / "model.bin", folder / "tok32.bin"
+    model.write_bytes(data[:32] + struct.pack("<i", 256) + data[36:])
+    tokenizer.write_bytes(tokenizer_with(32))
+    return model, tokenizer
+
+
+def run_chat(args: list[str], stdin: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "chat.py"), *args], input=stdin, capture_output=True, text=True,
+                          cwd=cwd, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1", "HOME": str(cwd)})
+
+
+def test_chat_load_of_a_bad_file_is_one_line_and_keeps_the_conversation(tmp_path: Path):
+    model, tokenizer = chat_model(tmp_path)
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000, encoding="utf-8")
+    (tmp_path / "digits.json").write_text('{"messages": [], "n": ' + "7" * 5000 + "}", encoding="utf-8")
+    (tmp_path / "surrogate.json").write_text(json.dumps({"messages": [
+        {"role": "user", "content": "a\ud800"}, {"role": "assistant", "content": "b"}]}), encoding="utf-8")
+    os.mkfifo(tmp_path / "fifo.json")
+    (tmp_path / "saved.json.tmp").write_text("mine", encoding="utf-8")
+    commands = ["/load deep.json", "/load digits.json", "/load surrogate.json", "/load fifo.json", "/save saved.json"]
+    result = run_chat([str(model), "-t", "0", "-n", "3"], "hello\n" + "\n".join(commands) + "\n", tmp_path)
+    assert result.returncode == 0, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 4, result.stderr
+    assert "deep.json nests too deeply" in errors[0] and "Exceeds the limit" in errors[1], errors
+    assert "message 1 holds a lone surrogate ('\\ud800')" in errors[2], errors
+    assert "cannot read fifo.json: not a regular file" in errors[3], errors
+    saved = json.loads((tmp_path / "saved.json").read_text(encoding="utf-8"))
+    assert [message["role"] for message in saved["messages"]] == ["user", "assistant"]
+    assert saved["messages"][0]["content"] == "hello"
+    assert (tmp_path / "saved.json.tmp").read_text(encoding="utf-8") == "mine"
+    assert sorted(path.name for path in tmp_path.iterdir() if ".tmp" in path.name) == ["saved.json.tmp"]
+
+
+def test_chat_refuses_fifos_at_once(tmp_path: Path):
+    model, tokenizer = chat_model(tmp_path)
+    os.mkfifo(tmp_path / "fifo.bin")
+    os.mkfifo(tmp_path / "tok1.bin")  # tried (and passed over) while looking for the tokenizer
+    for args, message in (([str(tmp_path / "fifo.bin")], "model"), ([str(model), "-z", str(tmp_path / "fifo.bin")],
+                                                                     "tokenizer")):
+        result = run_chat(args, "hello\n", tmp_path)
+        assert result.returncode != 0
+        assert result.stderr.startswith(f"error: {message} {tmp_path / 'fifo.bin'} is not a regular file;")
+    found = run_chat([str(model), "-t", "0", "-n", "2"], "hello\n", tmp_path)
+    assert found.returncode == 0 and found.stderr == "", found.stderr

@@ -81,6 +81,12 @@ def command_line(result: subprocess.CompletedProcess, step: str) -> str:
     return re.search(rf"^==> {step}: (.*)$", result.stdout, re.M).group(1)
 
 
+def last_step(log: Path) -> int:
+    """The step of a run's last log.jsonl line (train_arianna.py says "iter", finetune.py "step")."""
+    entry = json.loads(log.read_text().splitlines()[-1])
+    return entry["iter"] if "iter" in entry else entry["step"]
+
+
 def sample_answer(result: subprocess.CompletedProcess) -> str:
     answer = re.search(r"^A: (.*?)\nDone\.", result.stdout, re.S | re.M)
     assert answer, result.stdout[-2000:]
@@ -106,13 +112,15 @@ def test_train_arianna_sh_end_to_end_then_redoes_only_what_changed(repo_copy: Pa
     more_sft = run_pipeline(repo_copy, "512", ARIANNA_SFT_ITERS="25")
     assert ran_and_skipped(more_sft)[0] == ["chat_finetune"]
     assert (repo_copy / "out/chat/model.bin").stat().st_mtime >= (repo_copy / "out/chat/ckpt.pt").stat().st_mtime
-    assert json.loads((repo_copy / "out/chat/log.jsonl").read_text().splitlines()[-1])["iter"] == 25
+    assert last_step(repo_copy / "out/chat/log.jsonl") == 25
 
-    # An edited document changes the corpus: everything after it is redone and the new section reaches the dialogs.
+    # An edited document changes the corpus: everything after it is redone (the chat model.bin by the fine-tune
+    # again) and the new section reaches the dialogs.
     with open(repo_copy / "tiny_doc" / TINY_DOCS[0], "a", encoding="utf-8") as doc:
         doc.write("\n## Что такое эхо?\n\nЭхо — это отражённый звук, который возвращается к слушателю.\n")
     edited = run_pipeline(repo_copy, "512", ARIANNA_SFT_ITERS="25")
-    assert ran_and_skipped(edited)[0] == STEPS
+    assert ran_and_skipped(edited)[0] == STEPS[:-1]
+    assert (repo_copy / "out/chat/model.bin").stat().st_mtime >= (repo_copy / "out/chat/ckpt.pt").stat().st_mtime
     assert "Эхо — это отражённый звук" in (repo_copy / "data/dialogs.jsonl").read_text(encoding="utf-8")
 
 
@@ -134,14 +142,14 @@ def test_each_arianna_variable_has_its_effect(repo_copy: Path) -> None:
         assert flag in train.split(), flag
     model_header = struct.unpack("<7i", (out / "model.bin").read_bytes()[:28])
     assert model_header[0] == 32 and model_header[2] == 1 and model_header[6] == 96   # dim, layers, context
-    assert json.loads((out / "log.jsonl").read_text().splitlines()[-1])["iter"] == 12
+    assert last_step(out / "log.jsonl") == 12
     tokenizer = SentencePieceProcessor(model_file=str(repo_copy / "data/tok400.model"))
     answers = [json.loads(line)["messages"][-1]["content"] for line in (repo_copy / "data/dialogs.jsonl").open()]
     assert max(len(tokenizer.encode(answer)) for answer in answers) <= 33        # ARIANNA_MAX_ANSWER_TOKENS
     sft = command_line(result, "chat_finetune").split()
     for flag in ("--pretrain_mix=0.5", "--max_iters=7", "--learning_rate=3e-4", "--export_version=1", "--batch_size=4"):
         assert flag in sft, flag
-    assert json.loads((out / "chat/log.jsonl").read_text().splitlines()[-1])["iter"] == 7
+    assert last_step(out / "chat/log.jsonl") == 7
     assert (out / "chat/model.bin").read_bytes()[:8] == struct.pack("<Ii", 0x616B3432, 1)
     assert re.search(r"^Q: What is InnerArianna\?$", result.stdout, re.M)
     # ARIANNA_SAMPLE_TOKENS (decoded text may re-tokenize a token longer)

@@ -46,9 +46,10 @@ from torch import nn
 from lora import adapters_disabled, lora_layers, merge_lora
 from model import Transformer
 from tokenizer import Tokenizer, encode_dialog
-from training import Shuffled, clean_state_dict, load_checkpoint, model_from_checkpoint, save_checkpoint, split_validation
-from tuning import (ROLES, FinetuneConfig, FinetuneTrainer, context_length, export_finetuned, fail, load_base_model,
-                    parsed_lines, planned_steps, segment_encoder, start_method, tokenizer_path)
+from training import (Runtime, Shuffled, clean_state_dict, load_checkpoint, model_from_checkpoint, save_checkpoint,
+                      split_validation)
+from tuning import (ROLES, BaseCheckpoint, FinetuneConfig, FinetuneTrainer, context_length, export_finetuned, fail,
+                    load_base_model, parsed_lines, planned_steps, segment_encoder, start_method, tokenizer_path)
 
 Messages = list[dict]
 REWARD_MODEL_KIND = "reward_model"
@@ -62,7 +63,8 @@ VALUE_HEAD = "value_head"    # the value head's name in a PPO run's ckpt.pt ("ex
 class PreferenceFlags:
     """The preference methods' own flags (TRL's names and defaults where TRL has them)."""
     beta: float = field(default=0.1, metadata={"help": "dpo, kto: strength of the implicit KL to the reference"})
-    desirable_weight: float = field(default=1.0, metadata={"help": "kto: weight of the desirable (label true) answers' losses"})
+    desirable_weight: float = field(default=1.0, metadata={
+        "help": "kto: weight of the desirable (label true) answers' losses"})
     undesirable_weight: float = field(default=1.0, metadata={
         "help": "kto: weight of the undesirable (label false) answers' losses"})
     reward_model: str = field(default="", metadata={"help": "ppo: reward model checkpoint (--method=reward's ckpt.pt)"})
@@ -741,11 +743,30 @@ def load_prompts(path: str | Path, tokenizer: Tokenizer, longest: int) -> list[P
     return prompts
 
 
-def train_val_split(items: list, cfg: FinetuneConfig, load: Callable[[str], list]) -> tuple[list, list]:
-    """(train, validation): --val_data's items (read by load), else a seeded --val_fraction of --data held out."""
-    if cfg.val_data:
-        return items, load(cfg.val_data)
-    return split_validation(items, cfg.val_fraction, cfg.seed)
+@dataclass
+class DataRun:
+    """What a method trained on JSON lines starts from: start_method's four, plus the data and the plan."""
+    runtime: Runtime
+    model: Transformer
+    base: BaseCheckpoint
+    tokenizer: Tokenizer
+    longest: int  # tokens a line may take
+    train: list
+    val: list
+    total_steps: int
+
+
+def start_on_data(cfg: FinetuneConfig, load: Callable[[str, Tokenizer, int], list], scores_last_token: bool) -> DataRun:
+    """start_method, then --data read by load(path, tokenizer, longest) and split for validation (--val_data, else
+    a seeded --val_fraction held out), and the planned steps. A method scoring every token of a line (DPO, KTO)
+    takes lines of context + 1 tokens: the last one is scored, never fed."""
+    runtime, model, base, tokenizer = start_method(cfg)
+    longest = context_length(cfg, model) + int(scores_last_token)
+    items = load(cfg.data, tokenizer, longest)
+    train, val = (items, load(cfg.val_data, tokenizer, longest)) if cfg.val_data else \
+        split_validation(items, cfg.val_fraction, cfg.seed)
+    total_steps = planned_steps(cfg, lambda micro: cfg.batch_size, len(train), runtime.world_size)
+    return DataRun(runtime, model, base, tokenizer, longest, train, val, total_steps)
 
 
 # ----------------------------------------------------------------------------- reward model files and functions
@@ -865,62 +886,56 @@ def run_dpo(cfg: PreferenceConfig) -> None:
     """Direct preference optimisation of the policy against the starting model."""
     if not cfg.data:
         fail("--method=dpo needs --data=prefs.jsonl with {\"prompt\", \"chosen\", \"rejected\"} lines")
-    runtime, policy, base, tokenizer = start_method(cfg)
-    longest = context_length(cfg, policy) + 1  # the last token is scored, never fed
-    train_pairs, val_pairs = train_val_split(load_pairs(cfg.data, tokenizer, longest), cfg,
-                                             lambda path: load_pairs(path, tokenizer, longest))
-    total_steps = planned_steps(cfg, lambda micro: cfg.batch_size, len(train_pairs), runtime.world_size)
-    print(f"DPO on {len(train_pairs)} pairs, evaluating on {len(val_pairs) or 'the training'} pairs; {total_steps} steps")
+    run = start_on_data(cfg, load_pairs, scores_last_token=True)
+    policy = run.model
+    print(f"DPO on {len(run.train)} pairs, evaluating on {len(run.val) or 'the training'} pairs; {run.total_steps} steps")
     reference = Reference(policy)  # before the trainer resumes: the reference is the starting model
-    trainer = FinetuneTrainer(cfg, runtime, policy, base, total_steps)
-    pad_id = tokenizer.eos_id
+    trainer = FinetuneTrainer(cfg, run.runtime, policy, run.base, run.total_steps)
 
     def batch_loss(tokens: torch.Tensor, answer_mask: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, dict]:
         return dpo_batch_loss(policy, reference, tokens, answer_mask, cfg.beta)
 
-    if train_on_pairs(trainer, batch_loss, train_pairs, val_pairs, pad_id, eval_prefix="") and runtime.is_master:
-        export_finetuned(cfg, policy, base)
-    runtime.shutdown()
+    pad_id = run.tokenizer.eos_id
+    if train_on_pairs(trainer, batch_loss, run.train, run.val, pad_id, eval_prefix="") and run.runtime.is_master:
+        export_finetuned(cfg, policy, run.base)
+    run.runtime.shutdown()
 
 
 def run_kto(cfg: PreferenceConfig) -> None:
     """Kahneman-Tversky optimisation of the policy against the starting model, on answers labelled good or bad."""
     if not cfg.data:
         fail('--method=kto needs --data=answers.jsonl with {"prompt", "completion", "label": true|false} lines')
-    runtime, policy, base, tokenizer = start_method(cfg)
-    longest = context_length(cfg, policy) + 1  # the last token is scored, never fed
-    train, val = train_val_split(load_kto_examples(cfg.data, tokenizer, longest), cfg,
-                                 lambda path: load_kto_examples(path, tokenizer, longest))
+    run = start_on_data(cfg, load_kto_examples, scores_last_token=True)
+    policy, runtime, train = run.model, run.runtime, run.train
     desirable = sum(example.desirable for example in train)
     if desirable in (0, len(train)):
         print(f"warning: {cfg.data} has only {'desirable' if desirable else 'undesirable'} answers; KTO learns from both",
               file=sys.stderr)
-    total_steps = planned_steps(cfg, lambda micro: cfg.batch_size, len(train), runtime.world_size)
-    print(f"KTO on {len(train)} answers, evaluating on {len(val) or 'the training'} answers; {total_steps} steps")
+    print(f"KTO on {len(train)} answers, evaluating on {len(run.val) or 'the training'} answers; {run.total_steps} steps")
     reference = Reference(policy)  # before the trainer resumes: the reference is the starting model
-    trainer = FinetuneTrainer(cfg, runtime, policy, base, total_steps)
+    trainer = FinetuneTrainer(cfg, runtime, policy, run.base, run.total_steps)
     shuffled = Shuffled(train, cfg.seed)
-    pad_id = tokenizer.eos_id
+    pad_id = run.tokenizer.eos_id
 
     def micro_step(step: int, micro: int) -> tuple[torch.Tensor, int, dict]:
         batch = shuffled.batch(micro, cfg.batch_size)
-        loss, metrics = kto_batch_loss(policy, reference, batch, pad_id, longest, cfg)
+        loss, metrics = kto_batch_loss(policy, reference, batch, pad_id, run.longest, cfg)
         return loss, sum(len(ex.prompt) + len(ex.answer) for ex in batch), metrics
 
     @torch.no_grad()
     def evaluate() -> dict:
-        examples, totals = val or train, {}
+        examples, totals = run.val or train, {}
         for start in range(0, len(examples), cfg.batch_size):
             chunk = examples[start:start + cfg.batch_size]
             with runtime.autocast():
-                loss, metrics = kto_batch_loss(policy, reference, chunk, pad_id, longest, cfg)
+                loss, metrics = kto_batch_loss(policy, reference, chunk, pad_id, run.longest, cfg)
             for key, value in {"loss": loss.item() * len(chunk), "kl": metrics.pop("kl") * len(chunk), **metrics}.items():
                 totals[key] = totals.get(key, 0.0) + value
         summary = kto_summary({**totals, "kl": totals["kl"] / len(examples)})
         return {"val_loss": summary.pop("loss") / len(examples), **{"eval/" + k: v for k, v in summary.items()}}
 
     if trainer.run(micro_step, evaluate, summarize=kto_summary) and runtime.is_master:
-        export_finetuned(cfg, policy, base)
+        export_finetuned(cfg, policy, run.base)
     runtime.shutdown()
 
 
@@ -928,24 +943,21 @@ def run_reward(cfg: PreferenceConfig) -> None:
     """A Bradley-Terry reward model: the backbone (full or LoRA) plus a scalar head, on chosen/rejected pairs."""
     if not cfg.data:
         fail("--method=reward needs --data=prefs.jsonl with {\"prompt\", \"chosen\", \"rejected\"} lines")
-    runtime, backbone, base, tokenizer = start_method(cfg)
-    longest = context_length(cfg, backbone)
-    train_pairs, val_pairs = train_val_split(load_pairs(cfg.data, tokenizer, longest), cfg,
-                                             lambda path: load_pairs(path, tokenizer, longest))
-    total_steps = planned_steps(cfg, lambda micro: cfg.batch_size, len(train_pairs), runtime.world_size)
-    print(f"reward model on {len(train_pairs)} pairs, held out {len(val_pairs)}; {total_steps} steps")
-    reward_model = RewardModel(backbone).to(runtime.device)
-    trainer = FinetuneTrainer(cfg, runtime, backbone, base, total_steps, extra_modules={REWARD_HEAD: reward_model.head})
-    pad_id = tokenizer.eos_id
+    run = start_on_data(cfg, load_pairs, scores_last_token=False)
+    print(f"reward model on {len(run.train)} pairs, held out {len(run.val)}; {run.total_steps} steps")
+    reward_model = RewardModel(run.model).to(run.runtime.device)
+    trainer = FinetuneTrainer(cfg, run.runtime, run.model, run.base, run.total_steps,
+                              extra_modules={REWARD_HEAD: reward_model.head})
 
     def batch_loss(tokens: torch.Tensor, answer_mask: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, dict]:
         return reward_batch_loss(reward_model, tokens, lengths)
 
-    if train_on_pairs(trainer, batch_loss, train_pairs, val_pairs, pad_id, eval_prefix="eval/") and runtime.is_master:
+    if train_on_pairs(trainer, batch_loss, run.train, run.val, run.tokenizer.eos_id, eval_prefix="eval/") \
+            and run.runtime.is_master:
         path = Path(cfg.out_dir) / "reward_model.pt"
-        save_reward_model(path, reward_model, str(tokenizer_path(cfg, base)), asdict(cfg))
+        save_reward_model(path, reward_model, str(tokenizer_path(cfg, run.base)), asdict(cfg))
         print(f"wrote {path} (use it with --method=ppo --reward_model={path})")
-    runtime.shutdown()
+    run.runtime.shutdown()
 
 
 def run_ppo(cfg: PreferenceConfig) -> None:

@@ -15,7 +15,7 @@ import lora
 import preference
 import training
 import tuning
-from conftest import REPO, run_script
+from conftest import REPO, run_script, stop_after
 from model import ModelArgs, Transformer
 from tokenizer import Tokenizer, encode_dialog
 from training import setup_runtime
@@ -295,8 +295,8 @@ def test_kto_with_lora_lowers_its_loss_prefers_the_desirable_answers_and_resumes
     base, _ = dpo_setup
     data = write_jsonl(tmp_path / "kto.jsonl", kto_lines(
         [{"prompt": f"tell me about the {thing}", "chosen": "it is good", "rejected": "it is bad"} for thing in THINGS]))
-    common = dict(method="kto", init_from=base, data=data, lora_r=4, max_iters=12, batch_size=8, learning_rate=3e-3,
-                  beta=0.5, eval_interval=100)
+    common = dict(method="kto", init_from=base, data=data, lora_r=4, max_iters=12, batch_size=8, learning_rate=2e-2,
+                  beta=1.0, eval_interval=100)
     preference.run_kto(finetune.parse_finetune_config(run_flags(out_dir=tmp_path / "straight", **common)))
     records = [r for r in log_records(tmp_path / "straight") if "loss" in r]
     assert [r["step"] for r in records] == list(range(1, 13))
@@ -308,7 +308,7 @@ def test_kto_with_lora_lowers_its_loss_prefers_the_desirable_answers_and_resumes
     assert evaluation["eval/rewards/margins"] > 0 and evaluation["val_loss"] < losses[0]
     assert (tmp_path / "straight" / "model.bin").exists()
     # Stopped after step 5, resumed with the new spelling: the same adapters as the uninterrupted run.
-    monkeypatch.setattr(training, "StopFlag", type("StopAfterFive", (StopAfterChecks,), {"stop_at": 5}))
+    monkeypatch.setattr(training, "StopFlag", stop_after(5))
     preference.run_kto(finetune.parse_finetune_config(run_flags(out_dir=tmp_path / "resumed", **common)))
     monkeypatch.undo()
     assert torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=True)["iter_num"] == 5
@@ -320,22 +320,6 @@ def test_kto_with_lora_lowers_its_loss_prefers_the_desirable_answers_and_resumes
     resumed = torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=True)["lora"]
     for name, tensor in straight.items():
         torch.testing.assert_close(resumed[name], tensor, rtol=1e-5, atol=1e-6)
-
-
-class StopAfterChecks:
-    """Stands in for training.StopFlag: reports a Ctrl-C at its n-th check (one check per training step)."""
-    stop_at = 8
-
-    def __init__(self) -> None:
-        self.checks = 0
-
-    @property
-    def requested(self) -> bool:
-        self.checks += 1
-        return self.checks >= self.stop_at
-
-    def restore(self) -> None:
-        pass
 
 
 def test_dpo_with_lora_uses_the_base_as_reference_and_resumes_at_the_same_step(dpo_setup, tmp_path, monkeypatch, capsys):
@@ -358,7 +342,7 @@ def test_dpo_with_lora_uses_the_base_as_reference_and_resumes_at_the_same_step(d
     assert not torch.allclose(policy(tokens)[0], start(tokens)[0])
 
     # Interrupted after step 8, then resumed: same steps, same adapters as the uninterrupted run.
-    monkeypatch.setattr(training, "StopFlag", StopAfterChecks)
+    monkeypatch.setattr(training, "StopFlag", stop_after(8))
     preference.run_dpo(finetune.parse_finetune_config(run_flags(out_dir=tmp_path / "resumed", **common)))
     assert torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=True)["iter_num"] == 8
     assert not (tmp_path / "resumed" / "model.bin").exists()
@@ -467,9 +451,9 @@ def test_ppo_under_torchrun_answers_different_prompts_and_logs_their_mean(ppo_se
                  processes=2)
     by_rank = [(seen / rank).read_text().splitlines() for rank in ("0", "1")]
     assert [len(lines) for lines in by_rank] == [12, 12]  # 3 steps x 4 prompts each
-    for step in range(3):
-        first, second = (set(lines[4 * step:4 * step + 4]) for lines in by_rank)
-        assert len(first | second) == 8, (step, by_rank)  # 12 prompts: each step's 8 answers are to 8 different ones
+    assert len(set(by_rank[0][:4]) | set(by_rank[1][:4])) == 8, by_rank  # step 1: 8 different prompts of the 12
+    for step in range(3):  # (later steps may cross into the next epoch's shuffle, where prompts come round again)
+        assert by_rank[0][4 * step:4 * step + 4] != by_rank[1][4 * step:4 * step + 4], (step, by_rank)
     records = log_records(tmp_path)
     assert [r["step"] for r in records] == [1, 2, 3]
     # 2 processes x 4 answers, each a 0 or 1 reward: the mean over both is a multiple of 1/8.
@@ -519,7 +503,7 @@ def test_adaptive_kl_coefficient_follows_the_proportional_controller(ppo_setup, 
     assert len(set(coefs)) > 1
     # Stopped after step 2 and resumed: the adapted kl_coef carries on from the checkpoint, as if never stopped.
     resumed = tmp_path / "resumed"
-    monkeypatch.setattr(training, "StopFlag", type("StopAfterTwo", (StopAfterChecks,), {"stop_at": 2}))
+    monkeypatch.setattr(training, "StopFlag", stop_after(2))
     preference.run_ppo(finetune.parse_finetune_config([*flags, f"--out_dir={resumed}"]))
     monkeypatch.undo()
     assert torch.load(resumed / "ckpt.pt", weights_only=True)["state"]["kl_coef"] == pytest.approx(coefs[2])

@@ -49,7 +49,7 @@ from tokenizer import Tokenizer, encode_dialog
 from training import (Runtime, Shuffled, clean_state_dict, load_checkpoint, model_from_checkpoint, save_checkpoint,
                       split_validation)
 from tuning import (ROLES, BaseCheckpoint, FinetuneConfig, FinetuneTrainer, context_length, export_finetuned, fail,
-                    load_base_model, parsed_lines, planned_steps, segment_encoder, start_method, tokenizer_path)
+                    load_base_model, load_lines, planned_steps, segment_encoder, start_method, tokenizer_path)
 
 Messages = list[dict]
 REWARD_MODEL_KIND = "reward_model"
@@ -279,16 +279,8 @@ def load_kto_examples(path: str | Path, tokenizer: Tokenizer, longest: int) -> l
         tokens, mask = encode_dialog(encode, prompt + completion, tokenizer.bos_id, tokenizer.eos_id)
         return KTOExample(prompt_tokens, tokens[len(prompt_tokens):], mask[len(prompt_tokens):], label)
 
-    examples, too_long = [], 0
-    for example in parsed_lines(path, tokenize):
-        if len(example.prompt) + len(example.answer) > longest:
-            too_long += 1
-            continue
-        examples.append(example)
-    if too_long:
-        print(f"{path}: {too_long} answers longer than {longest} tokens dropped", file=sys.stderr)
-    if not examples:
-        fail(f'{path} has no usable KTO line; expected lines like {{"prompt": ..., "completion": ..., "label": true}}')
+    examples = load_lines(path, tokenize, lambda example: len(example.prompt) + len(example.answer), longest,
+                          "answers", '{"prompt": ..., "completion": ..., "label": true}')
     desirable = sum(example.desirable for example in examples)
     print(f"{path}: {len(examples)} answers ({desirable} desirable, {len(examples) - desirable} undesirable)")
     return examples
@@ -701,19 +693,10 @@ def evaluate_pairs(batch_loss: Callable[[torch.Tensor, torch.Tensor, torch.Tenso
 def load_pairs(path: str | Path, tokenizer: Tokenizer, longest: int) -> list[TokenizedPair]:
     """Preference pairs of a JSONL file; malformed lines reported as FILE:LINE and skipped, overlong pairs counted."""
     encode = segment_encoder(tokenizer)
-    pairs: list[TokenizedPair] = []
-    too_long = 0
-    for pair in parsed_lines(path, lambda record: tokenize_pair(encode, preference_messages(record), tokenizer.bos_id,
-                                                                 tokenizer.eos_id)):
-        if max(len(pair.chosen), len(pair.rejected)) > longest:
-            too_long += 1
-            continue
-        pairs.append(pair)
-    if too_long:
-        print(f"{path}: {too_long} pairs longer than {longest} tokens dropped", file=sys.stderr)
-    if not pairs:
-        fail(f'{path} has no usable preference pair; expected lines like {{"prompt": ..., "chosen": ..., "rejected": ...}} '
-             'or {"chosen": [messages], "rejected": [messages]}')
+    pairs = load_lines(path, lambda record: tokenize_pair(encode, preference_messages(record), tokenizer.bos_id,
+                                                          tokenizer.eos_id),
+                       lambda pair: max(len(pair.chosen), len(pair.rejected)), longest, "pairs",
+                       '{"prompt": ..., "chosen": ..., "rejected": ...} or {"chosen": [messages], "rejected": [messages]}')
     print(f"{path}: {len(pairs)} preference pairs")
     return pairs
 
@@ -727,18 +710,9 @@ def load_prompts(path: str | Path, tokenizer: Tokenizer, longest: int) -> list[P
         tokens, _ = encode_dialog(encode, messages, tokenizer.bos_id, tokenizer.eos_id)
         return PromptItem(tokens, messages[-1]["content"])
 
-    prompts: list[PromptItem] = []
-    too_long = 0
-    for prompt in parsed_lines(path, tokenize):
-        if len(prompt.tokens) > longest:
-            too_long += 1
-            continue
-        prompts.append(prompt)
-    if too_long:
-        print(f"{path}: {too_long} prompts dropped: longer than {longest} tokens, which leaves no room for "
-              "--max_new_tokens in the context", file=sys.stderr)
-    if not prompts:
-        fail(f'{path} has no usable prompt; expected lines like {{"prompt": "..."}} or {{"messages": [...]}}')
+    prompts = load_lines(path, tokenize, lambda prompt: len(prompt.tokens), longest, "prompts",
+                         '{"prompt": "..."} or {"messages": [...]}',
+                         hint=", which leaves no room for --max_new_tokens in the context")
     print(f"{path}: {len(prompts)} prompts")
     return prompts
 

@@ -240,6 +240,23 @@ def parsed_lines(path: str | Path, parse: Callable[[dict], T]) -> Iterator[T]:
     warnings.summary()
 
 
+
+def load_lines(path: str | Path, parse: Callable[[dict], T], length: Callable[[T], int], longest: int, what: str,
+               expected: str, hint: str = "") -> list[T]:
+    """parsed_lines(path, parse), keeping the items of at most longest tokens: the others are counted in one
+    warning (+ hint), and a file left with no item is an error that shows the expected line."""
+    items, too_long = [], 0
+    for item in parsed_lines(path, parse):
+        if length(item) > longest:
+            too_long += 1
+            continue
+        items.append(item)
+    if too_long:
+        print(f"{path}: {too_long} {what} longer than {longest} tokens dropped{hint}", file=sys.stderr)
+    if not items:
+        fail(f"{path} has no usable line; expected lines like {expected}")
+    return items
+
 # ----------------------------------------------------------------------------- base checkpoint, policy, tokenizer
 
 @dataclass
@@ -296,6 +313,9 @@ def load_policy(cfg: FinetuneConfig, runtime: Runtime) -> tuple[Transformer, Bas
     """The model to train, on the device: the base of --init_from, with LoRA/QLoRA adapters when --lora_r > 0."""
     path = cfg.init_from
     if path == "resume":  # the base the run in out_dir started from
+        if not cfg.checkpoint_path.is_file():
+            fail(f"--init_from=resume: {cfg.checkpoint_path} not found; start the run with --init_from=BASE_CHECKPOINT "
+                 "(or pass the --out_dir it wrote to)")
         path = load_checkpoint(cfg.checkpoint_path).get("base", {}).get("path")
         if not path:
             fail(f"{cfg.checkpoint_path} records no base checkpoint; pass it as --init_from=BASE --init=resume")

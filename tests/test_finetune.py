@@ -346,3 +346,5 @@ def test_config_errors_are_one_line(tmp_path: Path) -> None:
         FinetuneConfig(lora_targets="wq,output")
     with pytest.raises(SystemExit, match="not found"):
         run(f"--init_from={tmp_path / 'missing.pt'}", "--data=x.jsonl")
+    with pytest.raises(SystemExit, match="--init_from=resume: .* not found; start the run with --init_from=BASE"):
+        run("--init_from=resume", f"--out_dir={tmp_path / 'never_trained'}", "--data=x.jsonl")

@@ -252,7 +252,7 @@ def text_documents(options: TextEval, vocab_size: int) -> tuple[list[Any], int, 
 
     data = Path(options.data)
     if data.is_dir():
-        from train_arianna import TokenShards
+        from training import TokenShards
 
         meta_path = data / "meta.json"
         shards = TokenShards(data, options.split)

@@ -320,7 +320,7 @@ def evaluate_text(model_name: str, options: TextEval) -> tuple[dict[str, Any], s
 # ----------------------------------------------------------------------------- code
 
 STOP_SEQUENCES = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#")  # Codex's, for a function body
-LANGUAGES = {"python": "main.py", "c": "main.c", "javascript": "main.js"}
+LANGUAGES = ("python", "c", "javascript")
 
 
 @dataclass

@@ -4,8 +4,9 @@
 #     ./train_arianna.sh [VOCAB]      VOCAB: tokenizer size, default 4096; 0 = the Llama 2 tokenizer
 #
 # prepare -> train_vocab -> tokenizer export -> pretokenize -> train -> dialogs -> chat fine-tune
-# -> export -> make run -> a sample answer. A step whose outputs are newer than its inputs (and that
-# ran with the same command line) is skipped: "skip: <step> (up to date)". A failing step names itself.
+# -> export -> make run -> a sample answer -> the run report (curves as PNG in out/report/report.html).
+# A step whose outputs are newer than its inputs (and that ran with the same command line) is skipped:
+# "skip: <step> (up to date)". A failing step names itself.
 #
 # Environment variables (all optional):
 #   ARIANNA_PYTHON              Python to use; set it to skip creating .venv and installing requirements.txt
@@ -188,6 +189,11 @@ echo "Q: $QUESTION"
 printf 'A: '
 printf '%s\n' "$QUESTION" | ./run "$CHAT_DIR/model.bin" -z "$TOKENIZER_BIN" -m chat -s 1337 \
     -t "${ARIANNA_SAMPLE_TEMPERATURE:-0.7}" -n "${ARIANNA_SAMPLE_TOKENS:-200}"
+
+CURRENT_STEP="report"
+echo
+echo "==> report: evaluate.py report $OUT_DIR"
+"$PYTHON" evaluate.py report "$OUT_DIR"
 
 trap - ERR
 cat <<EOF

@@ -88,7 +88,7 @@ def last_step(log: Path) -> int:
 
 
 def sample_answer(result: subprocess.CompletedProcess) -> str:
-    answer = re.search(r"^A: (.*?)\nDone\.", result.stdout, re.S | re.M)
+    answer = re.search(r"^A: (.*?)\n==> report:", result.stdout, re.S | re.M)
     assert answer, result.stdout[-2000:]
     return answer.group(1).strip()
 
@@ -97,7 +97,7 @@ def test_train_arianna_sh_end_to_end_then_redoes_only_what_changed(repo_copy: Pa
     first = run_pipeline(repo_copy, "512")
     assert ran_and_skipped(first) == (STEPS, [])
     for path in ("data/tok512.model", "data/tok512.bin", "data/tok512/meta.json", "data/dialogs.jsonl",
-                 "out/model.bin", "out/chat/ckpt.pt", "out/chat/model.bin", "run"):
+                 "out/model.bin", "out/chat/ckpt.pt", "out/chat/model.bin", "run", "out/report/report.html"):
         assert (repo_copy / path).exists(), path
     assert re.search(r"^Q: Что такое резонанс\?$", first.stdout, re.M)
     assert sample_answer(first)                                             # ./run printed text

@@ -40,9 +40,19 @@ class BuildConfig:
 
 
 @dataclass
+class SpecCodePair:
+    spec_path: Path
+    code_path: Path
+    language: str
+    spec: str  # the spec's text, stripped
+    code: str  # the code's text, stripped, ending in one newline
+
+
+@dataclass
 class BuildReport:
     examples: list[dict] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)  # one line per file that gave no example, with the reason
+    pairs: list[SpecCodePair] = field(default_factory=list)
 
 
 def _files(folder: Path) -> list[Path]:
@@ -72,14 +82,16 @@ def check_spec(text: str) -> Optional[str]:
     return None
 
 
-def build_examples(specs_dir: str | os.PathLike, code_dir: str | os.PathLike, template: str = DEFAULT_TEMPLATE) -> BuildReport:
-    """Pair every spec with every code file of the same stem; everything left unpaired is reported."""
+def render_instruction(template: str, language: str, spec: str) -> str:
+    return template.replace("{language}", language).replace("{spec}", spec)
+
+
+def find_pairs(specs_dir: str | os.PathLike, code_dir: str | os.PathLike) -> BuildReport:
+    """Pair every spec with every code file of the same stem (report.pairs); everything left unpaired is reported."""
     specs_dir, code_dir = Path(specs_dir), Path(code_dir)
     for folder, flag in ((specs_dir, "--specs"), (code_dir, "--code")):
         if not folder.is_dir():
             sys.exit(f"error: {flag}={folder} is not a folder")
-    if "{spec}" not in template:
-        sys.exit("error: --template must contain {spec} (and may contain {language})")
     report = BuildReport()
     code_by_stem: dict[str, list[Path]] = {}
     for path in _files(code_dir):
@@ -104,12 +116,35 @@ def build_examples(specs_dir: str | os.PathLike, code_dir: str | os.PathLike, te
                 continue
             code_text = _read_text(code_path, report)
             if code_text is not None:
-                instruction = template.replace("{language}", language).replace("{spec}", spec_text.strip())
-                report.examples.append({"instruction": instruction, "output": code_text.strip() + "\n"})
+                report.pairs.append(SpecCodePair(spec_path, code_path, language, spec_text.strip(), code_text.strip() + "\n"))
     for stem in sorted(set(code_by_stem) - spec_stems):
         for code_path in code_by_stem[stem]:
             report.problems.append(f"{code_path}: no spec named {stem}.* in {specs_dir}; skipped")
     return report
+
+
+def build_examples(specs_dir: str | os.PathLike, code_dir: str | os.PathLike, template: str = DEFAULT_TEMPLATE) -> BuildReport:
+    """find_pairs, each pair rendered as one {"instruction", "output"} example."""
+    if "{spec}" not in template:
+        sys.exit("error: --template must contain {spec} (and may contain {language})")
+    report = find_pairs(specs_dir, code_dir)
+    report.examples = [{"instruction": render_instruction(template, pair.language, pair.spec), "output": pair.code}
+                       for pair in report.pairs]
+    return report
+
+
+def write_jsonl(path: str | os.PathLike, records: list[dict]) -> None:
+    """One JSON object per line, written atomically (a temp file renamed over path; removed on failure)."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as lines:
+            for record in records:
+                lines.write(json.dumps(record, ensure_ascii=False) + "\n")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -120,14 +155,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     if not report.examples:
         sys.exit(f"error: no spec/code pair found in {cfg.specs} and {cfg.code}; files pair up by stem "
                  "(user_service.vibee + user_service.zig)")
-    out = Path(cfg.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as lines:
-        for example in report.examples:
-            lines.write(json.dumps(example, ensure_ascii=False) + "\n")
-    os.replace(tmp, out)
-    print(f"wrote {len(report.examples)} examples to {out}" + (f"; {len(report.problems)} files skipped (listed above)"
+    write_jsonl(cfg.out, report.examples)
+    print(f"wrote {len(report.examples)} examples to {cfg.out}" + (f"; {len(report.problems)} files skipped (listed above)"
                                                                if report.problems else ""))
 
 

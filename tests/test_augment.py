@@ -244,3 +244,31 @@ def test_bad_input_gets_one_line_errors_naming_the_file(tmp_path, capsys):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode != 0 and result.stderr.strip().count("\n") == 0 and "nothing" in result.stderr
     assert yaml.safe_load((tmp_path / "specs/good.yaml").read_text())["name"] == "gcd"
+
+
+class ScriptedWriter:
+    """Stands in for the model: answers describe prompts and code prompts from fixed lists, in turn."""
+
+    def __init__(self, specs: list[str], codes: list[str]):
+        self.specs, self.codes, self.prompts = list(specs), list(codes), []
+
+    def answer(self, prompt: str, seed: int):
+        self.prompts.append(prompt)
+        return (self.specs if prompt.startswith("Опиши") else self.codes).pop(0)
+
+
+def test_round_trips_keep_valid_model_specs_whose_code_parses_back(tmp_path):
+    source = sources({"gcd"})[0]
+    good_spec = "name: gcd\nbehaviors:\n  - name: gcd\n    then: the greatest common divisor"
+    writer = ScriptedWriter([f"```yaml\n{good_spec}\n```", "not: [yaml", good_spec],
+                            ["```python\ndef gcd(a, b):\n    return a\n```", "def gcd(:"])
+    candidates = list(augment.round_trips(source, random.Random(0), 3, writer, augment.DEFAULT_TEMPLATE,
+                                          augment.DESCRIBE_TEMPLATE))
+    assert [c.spec for c in candidates] == [good_spec, "not: [yaml", good_spec]
+    assert all(c.code == source.pair.code for c in candidates)   # the real code, never the model's
+    problems = [augment.candidate_problem(c, source, lambda code, tests: None) for c in candidates]
+    assert problems[0] is None
+    assert problems[1].startswith("spec: invalid YAML")
+    assert problems[2].startswith("the model's code from its spec does not parse")
+    assert writer.prompts[0] == "Опиши спецификацию для этого кода:\n" + source.pair.code.strip()
+    assert writer.prompts[1] == "Сгенерируй Python код из спецификации:\n" + good_spec

@@ -25,7 +25,6 @@ import ast
 import builtins
 import functools
 import io
-import itertools
 import keyword
 import random
 import re
@@ -39,7 +38,7 @@ from typing import Callable, Iterator, Optional
 
 import yaml
 from pygments.lexers import get_lexer_for_filename
-from pygments.token import Comment, Error, Name, String, Token
+from pygments.token import Comment, Error, Name, String
 from pygments.util import ClassNotFound
 
 from build_instructions import DEFAULT_TEMPLATE, SpecCodePair, check_spec, find_pairs, render_instruction, write_jsonl
@@ -445,12 +444,6 @@ class Source:
     def python(self) -> bool:
         return self.pair.language == "Python"
 
-    def identifiers(self) -> set[str]:
-        """Every identifier of the code and its tests (what a new name must not be)."""
-        if self.python:
-            return python_identifiers(self.pair.code)["any"] | (python_identifiers(self.tests)["any"] if self.tests else set())
-        return token_identifiers(self.pair.code, self.lexer) if self.lexer is not None else set()
-
 
 def load_source(pair: SpecCodePair, tests_dir: Optional[Path], check_tests: TestCheck, problems: list[str]) -> Source:
     source = Source(pair, yaml.safe_load(pair.spec))
@@ -601,10 +594,14 @@ def convention_mapping(source: Source, code: str) -> dict[str, str]:
 
 
 def style_ops(source: Source) -> list[Callable[[str], Optional[str]]]:
-    """The style changes that apply to this pair, in the order they are combined; each returns None when it
-    does not change the code."""
+    """The style changes that apply to this pair, in the order they are combined; each returns None where it
+    does not apply."""
+    def naming(code: str) -> Optional[str]:
+        mapping = convention_mapping(source, code)
+        return rename_python(code, mapping) if mapping else None
+
     if source.python:
-        return [lambda code: rename_python(code, convention_mapping(source, code)) if convention_mapping(source, code) else None,
+        return [naming,
                 lambda code: ast.unparse(ast.parse(code)) + "\n",
                 lambda code: strip_comments_python(code),
                 lambda code: add_behavior_comments(code, source.spec),

@@ -97,6 +97,7 @@ class AugmentConfig:
     tokenizer: str = field(default="", metadata={"help": "tokenizer .bin of --model"})
     temperature: float = 0.8
     max_new_tokens: int = 256
+    threads: int = field(default=0, metadata={"help": "engine threads for --model; 0: the engine's default"})
 
     def __post_init__(self) -> None:
         if self.factor < 1:
@@ -640,13 +641,13 @@ def fenced_body(text: str) -> str:
 class ModelWriter:
     """Answers one prompt at a time from an exported model through the C engine (chat.py's binding)."""
 
-    def __init__(self, model: str, tokenizer: str, temperature: float, max_new_tokens: int):
+    def __init__(self, model: str, tokenizer: str, temperature: float, max_new_tokens: int, threads: int = 0):
         import chat   # ctypes and librun.so: only when a model is given
         for path, flag in ((model, "--model"), (tokenizer, "--tokenizer")):
             if not Path(path).is_file():
                 sys.exit(f"error: {flag}={path} is not a file")
         self.chat = chat
-        self.engine = chat.Engine(chat.load_library(chat.library_path()), Path(model), Path(tokenizer))
+        self.engine = chat.Engine(chat.load_library(chat.library_path()), Path(model), Path(tokenizer), threads)
         self.temperature, self.max_new_tokens = temperature, max_new_tokens
 
     def answer(self, prompt: str, seed: int) -> Optional[str]:
@@ -786,7 +787,7 @@ def main(argv: Optional[list[str]] = None, check_tests: TestCheck = run_python_t
         print(problem, file=sys.stderr)
     writer = None
     if cfg.model and "roundtrip" in cfg.method_list:
-        writer = ModelWriter(cfg.model, cfg.tokenizer, cfg.temperature, cfg.max_new_tokens)
+        writer = ModelWriter(cfg.model, cfg.tokenizer, cfg.temperature, cfg.max_new_tokens, cfg.threads)
     counts = {method: MethodCount() for method in ("original", *METHODS)}
     examples = [line for source in sources for line in augment_source(source, cfg, counts, check_tests, writer)]
     write_jsonl(cfg.out, examples)

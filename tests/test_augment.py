@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import json
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -272,3 +273,55 @@ def test_round_trips_keep_valid_model_specs_whose_code_parses_back(tmp_path):
     assert problems[2].startswith("the model's code from its spec does not parse")
     assert writer.prompts[0] == "Опиши спецификацию для этого кода:\n" + source.pair.code.strip()
     assert writer.prompts[1] == "Сгенерируй Python код из спецификации:\n" + good_spec
+
+
+def test_round_trips_through_the_c_engine_with_a_model_that_knows_the_answers(tmp_path, capsys):
+    """A tiny model that memorised 'describe this code' -> a short spec and 'code from that spec' -> the code:
+    augment.py --model asks it through librun.so and keeps the model's spec paired with the real code."""
+    import sentencepiece as spm
+    import torch
+
+    import chat
+    from export import export_model
+    from model import ModelArgs, Transformer
+    from tokenizer import Tokenizer, encode_dialog
+
+    code = (TASKS / "code" / "add_numbers.py").read_text().strip() + "\n"
+    short_spec = "name: add_numbers\nbehaviors:\n  - name: add\n    then: a + b"
+    dialogs = [(augment.DESCRIBE_TEMPLATE.replace("{code}", code.strip()), short_spec),
+               (augment.DEFAULT_TEMPLATE.replace("{language}", "Python").replace("{spec}", short_spec), code)]
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter([text for dialog in dialogs for text in dialog] * 20), model_prefix=str(tmp_path / "tok"),
+        model_type="bpe", vocab_size=400, byte_fallback=True, character_coverage=1.0,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, num_threads=1, minloglevel=2)
+    tokenizer = Tokenizer(tmp_path / "tok.model")
+    encode = lambda text: tokenizer.encode(text, bos=False, eos=False)  # noqa: E731
+    rows = [encode_dialog(encode, [{"role": "user", "content": user}, {"role": "assistant", "content": answer}],
+                          tokenizer.bos_id, tokenizer.eos_id) for user, answer in dialogs]
+    width = max(len(tokens) for tokens, _ in rows)
+    inputs = torch.tensor([tokens + [0] * (width - len(tokens)) for tokens, _ in rows])
+    targets = torch.tensor([[t if m else -1 for t, m in zip(tokens[1:], mask[1:])] + [-1] * (width - len(tokens) + 1)
+                            for tokens, mask in rows])
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tokenizer.n_words,
+                                  max_seq_len=width + 8))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(120):
+        _, loss = model(inputs, targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.02, f"the tiny model did not memorise its two answers (loss {loss.item():.3f})"
+    model_bin = export_model(model.eval(), tmp_path / "model.bin", version=1)
+    chat.library_path()
+    for sub in ("specs", "code"):
+        (tmp_path / sub).mkdir()
+        shutil.copy(TASKS / sub / f"add_numbers.{'yaml' if sub == 'specs' else 'py'}", tmp_path / sub)
+    out = tmp_path / "out.jsonl"
+    augment.main([f"--specs={tmp_path / 'specs'}", f"--code={tmp_path / 'code'}", f"--out={out}", "--factor=2",
+                  "--methods=roundtrip", f"--model={model_bin}", f"--tokenizer={tokenizer.export(tmp_path / 'tok.bin')}",
+                  "--temperature=0", "--threads=1"])
+    lines = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert [line["method"] for line in lines] == ["original", "roundtrip"]
+    assert lines[1] == {"instruction": dialogs[1][0], "output": code, "method": "roundtrip", "source": "add_numbers.py"}
+    assert "  roundtrip            1" in capsys.readouterr().out

@@ -16,8 +16,9 @@ most --factor - 1 new ones, taken in turn from the methods:
                    or added (from the spec's behaviors), re-indented, or re-printed by ast.unparse
 Every example is validated: the spec is a YAML mapping with a name, the code parses (Python: ast; others: Pygments
 lexes it without errors and its brackets balance), and Python code that changed beyond comments and layout passes
-the pair's tests (TESTS/<stem>.py: statements run after the code). Those test runs execute the user's own code
-re-written, never model output. The same --seed gives the same file; counts per method are printed.
+the pair's tests (TESTS/<stem>.py: statements run after the code), run in sandbox.py's sandbox like every program
+`evaluate.py code` runs (they are the user's own code re-written, never model output). The same --seed gives the
+same file; counts per method are printed.
 """
 from __future__ import annotations
 
@@ -28,9 +29,7 @@ import io
 import keyword
 import random
 import re
-import subprocess
 import sys
-import tempfile
 import tokenize
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -165,21 +164,21 @@ def code_error(pair: SpecCodePair, code: str) -> Optional[str]:
     return lex_error(code, lexer) if lexer is not None else None
 
 
+@functools.lru_cache(maxsize=None)
+def _sandbox():
+    import sandbox   # probes the isolation once
+
+    return sandbox.Sandbox()
+
+
 def run_python_tests(code: str, tests: str) -> Optional[str]:
-    """The code followed by its tests as one program, in a fresh interpreter in a scratch folder (-I: no user site,
-    no environment). Used on the user's own code re-written by this module, not on model output."""
-    with tempfile.TemporaryDirectory(prefix="augment-") as scratch:
-        program = Path(scratch) / "program.py"
-        program.write_text(code + "\n\n" + tests, encoding="utf-8")
-        try:
-            result = subprocess.run([sys.executable, "-I", str(program)], cwd=scratch, capture_output=True,
-                                    text=True, timeout=TEST_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            return f"tests ran over {TEST_TIMEOUT_S:.0f} s"
-    if result.returncode != 0:
-        lines = result.stderr.strip().splitlines()
-        return f"tests failed ({lines[-1] if lines else f'exit {result.returncode}'})"
-    return None
+    """The code followed by its tests in sandbox.py's sandbox, checked as `evaluate.py code` checks an answer."""
+    import evaluate
+    import sandbox
+
+    limits = sandbox.Limits(wall_seconds=TEST_TIMEOUT_S, cpu_seconds=int(TEST_TIMEOUT_S))
+    passed, why = evaluate.execute(evaluate.Task("augment", "", tests), code, _sandbox(), limits)
+    return None if passed else f"tests failed ({why})"
 
 
 def spec_language(spec: dict) -> str:

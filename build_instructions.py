@@ -37,6 +37,9 @@ class BuildConfig:
     code: str = field(default="gen", metadata={"help": "folder of generated code, same file stems as the specs"})
     out: str = field(default="data/instructions.jsonl", metadata={"help": "JSONL written here"})
     template: str = field(default=DEFAULT_TEMPLATE, metadata={"help": "instruction with {language} and {spec}"})
+    tests: str = field(default="", metadata={"help": "folder of tests <stem>.<ext>, statements run after the code"})
+    tasks_out: str = field(default="", metadata={
+        "help": "also write evaluate.py code tasks here: each instruction with its tests (none: the proxy scorer)"})
 
 
 @dataclass
@@ -147,15 +150,38 @@ def write_jsonl(path: str | os.PathLike, records: list[dict]) -> None:
         tmp.unlink(missing_ok=True)
 
 
+EVAL_LANGUAGES = {"Python": "python", "C": "c", "JavaScript": "javascript"}   # what evaluate.py code runs
+
+
+def evaluation_tasks(pairs: list[SpecCodePair], template: str, tests_dir: Optional[Path]) -> list[dict]:
+    """evaluate.py code --chat tasks: {"task_id": stem, "prompt": the instruction, "tests", "language"} for the
+    pairs in a language it runs; tests from tests_dir/<stem>.<the code's extension>, empty when there are none."""
+    tasks = []
+    for pair in pairs:
+        if pair.language in EVAL_LANGUAGES:
+            tests_path = tests_dir / pair.code_path.name if tests_dir else None
+            tests = tests_path.read_text(encoding="utf-8") if tests_path and tests_path.is_file() else ""
+            tasks.append({"task_id": pair.code_path.stem, "prompt": render_instruction(template, pair.language, pair.spec),
+                          "tests": tests, "language": EVAL_LANGUAGES[pair.language]})
+    return tasks
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     cfg = parse_config(BuildConfig, argv, description=__doc__.split("\n\n")[0])
-    report = build_examples(cfg.specs, cfg.code, cfg.template.replace("\\n", "\n"))
+    template = cfg.template.replace("\\n", "\n")
+    if cfg.tests and not Path(cfg.tests).is_dir():
+        sys.exit(f"error: --tests={cfg.tests} is not a folder")
+    report = build_examples(cfg.specs, cfg.code, template)
     for problem in report.problems:
         print(problem, file=sys.stderr)
     if not report.examples:
         sys.exit(f"error: no spec/code pair found in {cfg.specs} and {cfg.code}; files pair up by stem "
                  "(user_service.vibee + user_service.zig)")
     write_jsonl(cfg.out, report.examples)
+    if cfg.tasks_out:
+        tasks = evaluation_tasks(report.pairs, template, Path(cfg.tests) if cfg.tests else None)
+        write_jsonl(cfg.tasks_out, tasks)
+        print(f"wrote {len(tasks)} evaluation tasks ({sum(1 for t in tasks if t['tests'])} with tests) to {cfg.tasks_out}")
     print(f"wrote {len(report.examples)} examples to {cfg.out}" + (f"; {len(report.problems)} files skipped (listed above)"
                                                                if report.problems else ""))
 

@@ -1,5 +1,5 @@
-"""train_code.sh: pairs -> augmentation -> SFT on a few fixture specs from a tiny base checkpoint; a second run skips
-every finished step; bad arguments get a one-line error."""
+"""train_code.sh: pairs -> augmentation -> SFT -> answers scored by running them -> alignment data on a few fixture
+specs from a tiny base checkpoint; a second run skips every finished step; bad arguments get a one-line error."""
 from __future__ import annotations
 
 import os
@@ -35,17 +35,22 @@ def test_pairs_augmentation_and_sft_run_then_skip_when_up_to_date(tmp_path: Path
                 "config": {"tokenizer_model": str(tiny_workspace / "data" / f"tok{TINY_VOCAB}.model")}}, base)
     env = {"ARIANNA_PYTHON": sys.executable, "ARIANNA_INIT_FROM": str(base), "ARIANNA_CODE_OUT": str(tmp_path / "out"),
            "ARIANNA_AUGMENT_FACTOR": "3", "ARIANNA_SFT_ITERS": "2", "ARIANNA_DEVICE": "cpu", "ARIANNA_DTYPE": "float32",
-           "ARIANNA_BATCH_SIZE": "4"}
+           "ARIANNA_BATCH_SIZE": "4", "ARIANNA_SAMPLES": "2", "ARIANNA_ALIGN": "dpo",
+           "ARIANNA_TOKENIZER": str(tiny_workspace / "data" / f"tok{TINY_VOCAB}.bin")}
     tasks = tmp_path / "tasks"
     first = run_pipeline(str(tasks / "specs"), str(tasks / "code"), cwd=tmp_path, env=env)
     assert first.returncode == 0, first.stdout + first.stderr
-    for step in ("pairs", "augment", "sft"):
+    steps = ("pairs", "augment", "sft", "score_sft", "dpo_data")
+    for step in steps:
         assert f"==> {step}:" in first.stdout
     assert "wrote 12 examples from 4 pairs (4 with tests)" in first.stdout
+    assert "wrote 4 evaluation tasks (4 with tests)" in first.stdout
     assert (tmp_path / "out" / "sft" / "model.bin").is_file()
+    # An untrained model's answers all fail: no mixed outcomes, so no DPO pairs, and the run says so.
+    assert "stop: no task had both passing and failing answers" in first.stdout
     again = run_pipeline(str(tasks / "specs"), str(tasks / "code"), cwd=tmp_path, env=env)
     assert again.returncode == 0, again.stdout + again.stderr
-    for step in ("pairs", "augment", "sft"):
+    for step in steps:
         assert f"skip: {step} (up to date)" in again.stdout
 
 

@@ -282,9 +282,9 @@ def test_round_trips_through_the_c_engine_with_a_model_that_knows_the_answers(tm
     import torch
 
     import chat
-    from export import export_model
+    import finetune
     from model import ModelArgs, Transformer
-    from tokenizer import Tokenizer, encode_dialog
+    from tokenizer import Tokenizer
 
     code = (TASKS / "code" / "add_numbers.py").read_text().strip() + "\n"
     short_spec = "name: add_numbers\nbehaviors:\n  - name: add\n    then: a + b"
@@ -295,24 +295,16 @@ def test_round_trips_through_the_c_engine_with_a_model_that_knows_the_answers(tm
         model_type="bpe", vocab_size=400, byte_fallback=True, character_coverage=1.0,
         normalization_rule_name="identity", remove_extra_whitespaces=False, num_threads=1, minloglevel=2)
     tokenizer = Tokenizer(tmp_path / "tok.model")
-    encode = lambda text: tokenizer.encode(text, bos=False, eos=False)  # noqa: E731
-    rows = [encode_dialog(encode, [{"role": "user", "content": user}, {"role": "assistant", "content": answer}],
-                          tokenizer.bos_id, tokenizer.eos_id) for user, answer in dialogs]
-    width = max(len(tokens) for tokens, _ in rows)
-    inputs = torch.tensor([tokens + [0] * (width - len(tokens)) for tokens, _ in rows])
-    targets = torch.tensor([[t if m else -1 for t, m in zip(tokens[1:], mask[1:])] + [-1] * (width - len(tokens) + 1)
-                            for tokens, mask in rows])
     torch.manual_seed(0)
-    model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tokenizer.n_words,
-                                  max_seq_len=width + 8))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(120):
-        _, loss = model(inputs, targets)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    assert loss.item() < 0.02, f"the tiny model did not memorise its two answers (loss {loss.item():.3f})"
-    model_bin = export_model(model.eval(), tmp_path / "model.bin", version=1)
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tokenizer.n_words, max_seq_len=192)
+    torch.save({"model": Transformer(args).state_dict(), "model_args": args.to_dict(), "iter_num": 0,
+                "config": {"tokenizer_model": str(tmp_path / "tok.model")}}, tmp_path / "base.pt")
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps({"instruction": user, "output": answer}) + "\n"
+                                                for user, answer in dialogs), encoding="utf-8")
+    finetune.main([f"--init_from={tmp_path / 'base.pt'}", f"--data={tmp_path / 'sft.jsonl'}", "--lora_r=0",
+                   f"--out_dir={tmp_path / 'sft'}", "--max_iters=120", "--batch_size=2", "--learning_rate=1e-2",
+                   "--val_fraction=0", "--warmup_iters=0", "--export_version=1", "--device=cpu", "--dtype=float32"])
+    model_bin = tmp_path / "sft" / "model.bin"
     chat.library_path()
     for sub in ("specs", "code"):
         (tmp_path / sub).mkdir()

@@ -21,6 +21,7 @@ from typing import Optional
 import yaml
 
 from config import parse_config
+from formats import atomic_write
 
 DEFAULT_TEMPLATE = "Сгенерируй {language} код из спецификации:\n{spec}"
 LANGUAGES = {
@@ -137,17 +138,12 @@ def build_examples(specs_dir: str | os.PathLike, code_dir: str | os.PathLike, te
 
 
 def write_jsonl(path: str | os.PathLike, records: list[dict]) -> None:
-    """One JSON object per line, written atomically (a temp file renamed over path; removed on failure)."""
+    """One JSON object per line, written atomically (formats.atomic_write)."""
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as lines:
-            for record in records:
-                lines.write(json.dumps(record, ensure_ascii=False) + "\n")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_write(out, "w", encoding="utf-8") as lines:
+        for record in records:
+            lines.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
 EVAL_LANGUAGES = {"Python": "python", "C": "c", "JavaScript": "javascript"}   # what evaluate.py code runs

@@ -21,6 +21,7 @@ from typing import Any, Iterator
 import torch
 from tqdm import tqdm
 
+from formats import atomic_write
 from model import ModelArgs, Transformer
 
 # ----------------------------------------------------------------------------- device, dtype, DDP
@@ -121,9 +122,8 @@ def save_checkpoint(path: str | os.PathLike, payload: dict) -> None:
     """torch.save to a temp file beside path, then rename: a crash never leaves a half-written checkpoint."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_path = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(payload, tmp_path)
-    os.replace(tmp_path, path)
+    with atomic_write(path) as f:
+        torch.save(payload, f)
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:

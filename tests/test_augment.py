@@ -275,45 +275,35 @@ def test_round_trips_keep_valid_model_specs_whose_code_parses_back(tmp_path):
     assert writer.prompts[1] == "Сгенерируй Python код из спецификации:\n" + good_spec
 
 
-def test_round_trips_through_the_c_engine_with_a_model_that_knows_the_answers(tmp_path, capsys):
-    """A tiny model that memorised 'describe this code' -> a short spec and 'code from that spec' -> the code:
-    augment.py --model asks it through librun.so and keeps the model's spec paired with the real code."""
+def test_round_trips_ask_the_model_through_the_c_engine_and_validate_its_answers(tmp_path, capsys):
+    """An untrained model through librun.so: every answer is asked for (one describe prompt per attempt), none is a
+    valid spec, and each is counted as rejected (what is kept is checked with scripted answers above)."""
     import sentencepiece as spm
     import torch
 
     import chat
-    import finetune
+    from export import export_model
     from model import ModelArgs, Transformer
     from tokenizer import Tokenizer
 
-    code = (TASKS / "code" / "add_numbers.py").read_text().strip() + "\n"
-    short_spec = "name: add_numbers\nbehaviors:\n  - name: add\n    then: a + b"
-    dialogs = [(augment.DESCRIBE_TEMPLATE.replace("{code}", code.strip()), short_spec),
-               (augment.DEFAULT_TEMPLATE.replace("{language}", "Python").replace("{spec}", short_spec), code)]
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter([text for dialog in dialogs for text in dialog] * 20), model_prefix=str(tmp_path / "tok"),
-        model_type="bpe", vocab_size=400, byte_fallback=True, character_coverage=1.0,
-        normalization_rule_name="identity", remove_extra_whitespaces=False, num_threads=1, minloglevel=2)
+        sentence_iterator=iter([(TASKS / "code" / "gcd.py").read_text(), (TASKS / "specs" / "gcd.yaml").read_text()] * 20),
+        model_prefix=str(tmp_path / "tok"), model_type="bpe", vocab_size=300, byte_fallback=True,
+        character_coverage=1.0, normalization_rule_name="identity", remove_extra_whitespaces=False, num_threads=1,
+        minloglevel=2)
     tokenizer = Tokenizer(tmp_path / "tok.model")
     torch.manual_seed(0)
-    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tokenizer.n_words, max_seq_len=192)
-    torch.save({"model": Transformer(args).state_dict(), "model_args": args.to_dict(), "iter_num": 0,
-                "config": {"tokenizer_model": str(tmp_path / "tok.model")}}, tmp_path / "base.pt")
-    (tmp_path / "sft.jsonl").write_text("".join(json.dumps({"instruction": user, "output": answer}) + "\n"
-                                                for user, answer in dialogs), encoding="utf-8")
-    finetune.main([f"--init_from={tmp_path / 'base.pt'}", f"--data={tmp_path / 'sft.jsonl'}", "--lora_r=0",
-                   f"--out_dir={tmp_path / 'sft'}", "--max_iters=120", "--batch_size=2", "--learning_rate=1e-2",
-                   "--val_fraction=0", "--warmup_iters=0", "--export_version=1", "--device=cpu", "--dtype=float32"])
-    model_bin = tmp_path / "sft" / "model.bin"
+    model = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, n_kv_heads=2, vocab_size=tokenizer.n_words,
+                                  max_seq_len=160))
+    model_bin = export_model(model.eval(), tmp_path / "model.bin", version=1)
     chat.library_path()
-    for sub in ("specs", "code"):
+    for sub, name in (("specs", "gcd.yaml"), ("code", "gcd.py")):
         (tmp_path / sub).mkdir()
-        shutil.copy(TASKS / sub / f"add_numbers.{'yaml' if sub == 'specs' else 'py'}", tmp_path / sub)
+        shutil.copy(TASKS / sub / name, tmp_path / sub)
     out = tmp_path / "out.jsonl"
     augment.main([f"--specs={tmp_path / 'specs'}", f"--code={tmp_path / 'code'}", f"--out={out}", "--factor=2",
                   "--methods=roundtrip", f"--model={model_bin}", f"--tokenizer={tokenizer.export(tmp_path / 'tok.bin')}",
-                  "--temperature=0", "--threads=1"])
-    lines = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
-    assert [line["method"] for line in lines] == ["original", "roundtrip"]
-    assert lines[1] == {"instruction": dialogs[1][0], "output": code, "method": "roundtrip", "source": "add_numbers.py"}
-    assert "  roundtrip            1" in capsys.readouterr().out
+                  "--temperature=1", "--max_new_tokens=24", "--threads=1"])
+    assert [json.loads(line)["method"] for line in out.read_text(encoding="utf-8").splitlines()] == ["original"]
+    printed = capsys.readouterr().out
+    assert "  roundtrip            0   rejected 6 (spec: " in printed, printed

@@ -35,8 +35,8 @@ from typing import Any, Callable, Iterable, Optional
 
 from tqdm import tqdm
 
-from formats import atomic_write
 from config import add_config_arguments
+from formats import write_atomically
 
 REPEATS = 3            # a phrase this many times in a row makes an answer degenerate
 LONGEST_REPEAT = 3     # ... for phrases of one to this many words
@@ -51,8 +51,7 @@ class EvalError(Exception):
 def write_report(path: Optional[str], report: dict[str, Any]) -> None:
     if path:
         try:
-            with atomic_write(Path(path)) as out:
-                out.write((json.dumps(report, ensure_ascii=False, indent=2) + "\n").encode("utf-8"))
+            write_atomically(Path(path), (json.dumps(report, ensure_ascii=False, indent=2) + "\n").encode("utf-8"))
         except OSError as e:
             raise EvalError(f"cannot write {path}: {e.strerror}") from None
 
@@ -609,8 +608,7 @@ def write_preferences(path: Path, results: list[dict[str, Any]], seed: int, per_
         extra = {"proxy": True} if entry["proxy"] else {}
         lines += [{"prompt": entry["prompt"], "completion": s["completion"], "label": s["passed"], **extra}
                   for s in entry["samples"]]
-    with atomic_write(path) as out:
-        out.write("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines).encode("utf-8"))
+    write_atomically(path, "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines).encode("utf-8"))
     return {"pairs": pairs, "labelled": len(lines) - pairs}
 
 

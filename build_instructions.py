@@ -38,12 +38,25 @@ class BuildConfig:
     code: str = field(default="gen", metadata={"help": "folder of generated code, same file stems as the specs"})
     out: str = field(default="data/instructions.jsonl", metadata={"help": "JSONL written here"})
     template: str = field(default=DEFAULT_TEMPLATE, metadata={"help": "instruction with {language} and {spec}"})
+    tests: str = field(default="", metadata={"help": "folder of tests <stem>.<ext>, statements run after the code"})
+    tasks_out: str = field(default="", metadata={
+        "help": "also write evaluate.py code tasks here: each instruction with its tests (none: the proxy scorer)"})
+
+
+@dataclass
+class SpecCodePair:
+    spec_path: Path
+    code_path: Path
+    language: str
+    spec: str  # the spec's text, stripped
+    code: str  # the code's text, stripped, ending in one newline
 
 
 @dataclass
 class BuildReport:
     examples: list[dict] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)  # one line per file that gave no example, with the reason
+    pairs: list[SpecCodePair] = field(default_factory=list)
 
 
 def _files(folder: Path) -> list[Path]:
@@ -73,14 +86,16 @@ def check_spec(text: str) -> Optional[str]:
     return None
 
 
-def build_examples(specs_dir: str | os.PathLike, code_dir: str | os.PathLike, template: str = DEFAULT_TEMPLATE) -> BuildReport:
-    """Pair every spec with every code file of the same stem; everything left unpaired is reported."""
+def render_instruction(template: str, language: str, spec: str) -> str:
+    return template.replace("{language}", language).replace("{spec}", spec)
+
+
+def find_pairs(specs_dir: str | os.PathLike, code_dir: str | os.PathLike) -> BuildReport:
+    """Pair every spec with every code file of the same stem (report.pairs); everything left unpaired is reported."""
     specs_dir, code_dir = Path(specs_dir), Path(code_dir)
     for folder, flag in ((specs_dir, "--specs"), (code_dir, "--code")):
         if not folder.is_dir():
             sys.exit(f"error: {flag}={folder} is not a folder")
-    if "{spec}" not in template:
-        sys.exit("error: --template must contain {spec} (and may contain {language})")
     report = BuildReport()
     code_by_stem: dict[str, list[Path]] = {}
     for path in _files(code_dir):
@@ -105,28 +120,65 @@ def build_examples(specs_dir: str | os.PathLike, code_dir: str | os.PathLike, te
                 continue
             code_text = _read_text(code_path, report)
             if code_text is not None:
-                instruction = template.replace("{language}", language).replace("{spec}", spec_text.strip())
-                report.examples.append({"instruction": instruction, "output": code_text.strip() + "\n"})
+                report.pairs.append(SpecCodePair(spec_path, code_path, language, spec_text.strip(), code_text.strip() + "\n"))
     for stem in sorted(set(code_by_stem) - spec_stems):
         for code_path in code_by_stem[stem]:
             report.problems.append(f"{code_path}: no spec named {stem}.* in {specs_dir}; skipped")
     return report
 
 
+def build_examples(specs_dir: str | os.PathLike, code_dir: str | os.PathLike, template: str = DEFAULT_TEMPLATE) -> BuildReport:
+    """find_pairs, each pair rendered as one {"instruction", "output"} example."""
+    if "{spec}" not in template:
+        sys.exit("error: --template must contain {spec} (and may contain {language})")
+    report = find_pairs(specs_dir, code_dir)
+    report.examples = [{"instruction": render_instruction(template, pair.language, pair.spec), "output": pair.code}
+                       for pair in report.pairs]
+    return report
+
+
+def write_jsonl(path: str | os.PathLike, records: list[dict]) -> None:
+    """One JSON object per line, written atomically (formats.atomic_write)."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(out, "w", encoding="utf-8") as lines:
+        for record in records:
+            lines.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+EVAL_LANGUAGES = {"Python": "python", "C": "c", "JavaScript": "javascript"}   # what evaluate.py code runs
+
+
+def evaluation_tasks(pairs: list[SpecCodePair], template: str, tests_dir: Optional[Path]) -> list[dict]:
+    """evaluate.py code --chat tasks: {"task_id": stem, "prompt": the instruction, "tests", "language"} for the
+    pairs in a language it runs; tests from tests_dir/<stem>.<the code's extension>, empty when there are none."""
+    tasks = []
+    for pair in pairs:
+        if pair.language in EVAL_LANGUAGES:
+            tests_path = tests_dir / pair.code_path.name if tests_dir else None
+            tests = tests_path.read_text(encoding="utf-8") if tests_path and tests_path.is_file() else ""
+            tasks.append({"task_id": pair.code_path.stem, "prompt": render_instruction(template, pair.language, pair.spec),
+                          "tests": tests, "language": EVAL_LANGUAGES[pair.language]})
+    return tasks
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     cfg = parse_config(BuildConfig, argv, description=__doc__.split("\n\n")[0])
-    report = build_examples(cfg.specs, cfg.code, cfg.template.replace("\\n", "\n"))
+    template = cfg.template.replace("\\n", "\n")
+    if cfg.tests and not Path(cfg.tests).is_dir():
+        sys.exit(f"error: --tests={cfg.tests} is not a folder")
+    report = build_examples(cfg.specs, cfg.code, template)
     for problem in report.problems:
         print(problem, file=sys.stderr)
     if not report.examples:
         sys.exit(f"error: no spec/code pair found in {cfg.specs} and {cfg.code}; files pair up by stem "
                  "(user_service.vibee + user_service.zig)")
-    out = Path(cfg.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(out, "w", encoding="utf-8") as lines:
-        for example in report.examples:
-            lines.write(json.dumps(example, ensure_ascii=False) + "\n")
-    print(f"wrote {len(report.examples)} examples to {out}" + (f"; {len(report.problems)} files skipped (listed above)"
+    write_jsonl(cfg.out, report.examples)
+    if cfg.tasks_out:
+        tasks = evaluation_tasks(report.pairs, template, Path(cfg.tests) if cfg.tests else None)
+        write_jsonl(cfg.tasks_out, tasks)
+        print(f"wrote {len(tasks)} evaluation tasks ({sum(1 for t in tasks if t['tests'])} with tests) to {cfg.tasks_out}")
+    print(f"wrote {len(report.examples)} examples to {cfg.out}" + (f"; {len(report.problems)} files skipped (listed above)"
                                                                if report.problems else ""))
 
 

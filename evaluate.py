@@ -29,7 +29,7 @@ import re
 import secrets
 import shutil
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
@@ -460,17 +460,17 @@ class Completer:
         self.rng = ctypes.c_ulonglong(1)
 
     def complete(self, prompt: str, temperature: float, top_p: float, max_new_tokens: int, seed: int,
-                 stops: tuple[str, ...]) -> str:
+                 stops: tuple[str, ...], chat: bool = False) -> str:
         import chat
 
         engine = self.engine
-        tokens = [engine.bos] + engine.encode(prompt)
+        tokens = engine.chat_turn("", prompt, True) if chat else [engine.bos] + engine.encode(prompt)
         room = max(1, min(max_new_tokens, engine.seq_len // 2))
         tokens = tokens[-(engine.seq_len - room):] if len(tokens) > engine.seq_len - room else tokens
         engine.feed(tokens, 0)
         self.rng.value = seed & 0xFFFFFFFFFFFFFFFF or 1
         stream, text, prev = chat.TextStream(), "", tokens[-1]
-        stream.started = True  # keep the leading space: it is part of the code
+        stream.started = not chat  # keep the leading space of a raw completion: it is part of the code
         for position in range(len(tokens), min(engine.seq_len, len(tokens) + max_new_tokens)):
             token = engine.sample(temperature, top_p, self.rng)
             if token == engine.eos:
@@ -505,6 +505,8 @@ class CodeEval:
     workers: int = field(default=2, metadata={"help": "sandboxed runs at once"})
     timeout: float = field(default=10.0, metadata={"help": "wall-clock seconds per run"})
     pairs_out: str = field(default="", metadata={"help": "write DPO pairs and KTO lines from the execution results"})
+    chat: bool = field(default=False, metadata={"help": "each prompt is a user turn of the chat template (an SFT "
+                                                        "model's instruction) and the answer alone is the program"})
     seed: int = field(default=0, metadata={"help": "sampling seed"})
     out: str = field(default="", metadata={"help": "write per-task results and every completion to this JSON file"})
 
@@ -545,7 +547,7 @@ def evaluate_code(model: Optional[str], options: CodeEval) -> tuple[dict[str, An
                 completions[task.task_id] = [completer.complete(task.prompt, options.temperature, options.top_p,
                                                                 options.max_new_tokens,
                                                                 (options.seed * 1_000_003 + index) * 1009 + sample + 1,
-                                                                stops) for sample in range(options.n)]
+                                                                stops, options.chat) for sample in range(options.n)]
         finally:
             completer.close()
     else:
@@ -555,7 +557,7 @@ def evaluate_code(model: Optional[str], options: CodeEval) -> tuple[dict[str, An
     jobs = [(task, i, text) for task in tasks for i, text in enumerate(completions.get(task.task_id, []))]
     with ThreadPoolExecutor(max(1, options.workers)) as pool, progress(None, len(jobs), "execute") as bar:
         def run_one(job: tuple[Task, int, str]) -> tuple[bool, str]:
-            outcome = execute(job[0], job[2], box, limits)
+            outcome = execute(replace(job[0], prompt="") if options.chat else job[0], job[2], box, limits)
             bar.update()
             return outcome
         outcomes = list(pool.map(run_one, jobs))

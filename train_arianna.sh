@@ -32,7 +32,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")"
 CURRENT_STEP="setup"
 trap 'status=$?; echo "step '"'"'$CURRENT_STEP'"'"' failed (exit $status); its output is above" >&2; exit $status' ERR
 
-fail() { echo "error: $*" >&2; exit 2; }
+source steps.sh   # fail, run_step, setup_python
 
 VOCAB="${1:-4096}"
 [[ "$VOCAB" =~ ^[0-9]+$ ]] || fail "VOCAB must be a number (e.g. 4096, or 0 for the Llama 2 tokenizer), got '$VOCAB'"
@@ -64,60 +64,10 @@ else
 fi
 TOKENIZER_BIN="${TOKENIZER_MODEL%.model}.bin"
 
-# ---------------------------------------------------------------------------------------- helpers
-
-# run_step NAME OUTPUT INPUT... -- COMMAND...
-# Runs COMMAND unless OUTPUT exists, no INPUT (file or folder, searched recursively) is newer than it,
-# and the step last finished with this same command line.
-run_step() {
-    local name="$1" output="$2" inputs=()
-    shift 2
-    while [[ "$1" != "--" ]]; do inputs+=("$1"); shift; done
-    shift
-    CURRENT_STEP="$name"
-    local record="$STEPS_DIR/$name.cmd" command_line="$*"
-    if [[ -e "$output" && -f "$record" && "$(cat "$record")" == "$command_line" ]] \
-        && [[ -z "$(find "${inputs[@]}" -newer "$output" -print -quit 2>/dev/null)" ]]; then
-        echo "skip: $name (up to date)"
-        return 0
-    fi
-    echo "==> $name: $command_line"
-    rm -f "$record"
-    "$@"
-    mkdir -p "$STEPS_DIR"
-    printf '%s' "$command_line" > "$record"
-}
-
-# Device, dtype and batch size for both trainings, passed only when set so the scripts' defaults apply otherwise.
-# (Arrays are built by appending and expanded with ${a[@]+...}: macOS ships bash 3.2, where an empty
-# "${a[@]}" under set -u is an error.)
-RUNTIME_FLAGS=()
-if [[ -n "${ARIANNA_DEVICE:-}" ]]; then RUNTIME_FLAGS+=(--device="$ARIANNA_DEVICE"); fi
-if [[ -n "${ARIANNA_DTYPE:-}" ]]; then RUNTIME_FLAGS+=(--dtype="$ARIANNA_DTYPE"); fi
-if [[ -n "${ARIANNA_BATCH_SIZE:-}" ]]; then RUNTIME_FLAGS+=(--batch_size="$ARIANNA_BATCH_SIZE"); fi
-
 # ---------------------------------------------------------------------------------------- python
 
-if [[ -n "${ARIANNA_PYTHON:-}" ]]; then
-    PYTHON="$ARIANNA_PYTHON"
-else
-    CURRENT_STEP="venv"
-    PYTHON=.venv/bin/python
-    REQUIREMENTS_STAMP=.venv/.requirements-installed
-    if [[ ! -x "$PYTHON" ]]; then
-        command -v python3 >/dev/null || fail "python3 not found; install Python 3.10 or newer"
-        echo "==> venv: python3 -m venv .venv"
-        python3 -m venv .venv
-    fi
-    if [[ -f "$REQUIREMENTS_STAMP" && ! requirements.txt -nt "$REQUIREMENTS_STAMP" ]]; then
-        echo "skip: venv (up to date)"
-    else
-        CURRENT_STEP="install"
-        echo "==> install: pip install -r requirements.txt"
-        "$PYTHON" -m pip install --quiet --disable-pip-version-check -r requirements.txt
-        touch "$REQUIREMENTS_STAMP"
-    fi
-fi
+set_runtime_flags   # RUNTIME_FLAGS: device, dtype and batch size for both trainings
+setup_python
 
 # ---------------------------------------------------------------------------------------- pipeline
 

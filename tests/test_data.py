@@ -179,6 +179,7 @@ def test_train_arianna_sh_has_no_default_llama2_tokenizer(tmp_path: Path):
     repo = tmp_path / "repo"
     repo.mkdir()
     shutil.copy(REPO / "train_arianna.sh", repo)
+    shutil.copy(REPO / "steps.sh", repo)   # the helpers it sources
     (tmp_path / "shared" / "llama2").mkdir(parents=True)
     shutil.copy(REPO / "fuzz" / "seeds" / "tokenizer", tmp_path / "shared" / "llama2" / "tokenizer.model")
     environment = {key: value for key, value in os.environ.items() if key != "ARIANNA_LLAMA2_TOKENIZER"}

@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV = .venv
 VENV_PYTHON = $(VENV)/bin/python
 
-.PHONY: test bench-train
+.PHONY: test bench-train bench-llamacpp
 
 # Its own stamp: train_arianna.sh installs requirements.txt alone (and stamps .requirements-installed), so the
 # test tools are installed here whichever of the two commands runs first.
@@ -30,6 +30,10 @@ $(LLAMACPP):
 		--loglevel=error $(if $(filter linux-x64,$(LLAMACPP_PLATFORM)),--omit=optional @node-llama-cpp/linux-x64@$(NODE_LLAMA_CPP)) \
 		node-llama-cpp@$(NODE_LLAMA_CPP)
 	touch $@
+
+# Shapes A, B, C of `make bench` through llama.cpp and through our engine, side by side (bench/llamacpp.py).
+bench-llamacpp: $(VENV)/.test-requirements-installed $(LLAMACPP) librun.so
+	$(VENV_PYTHON) bench/llamacpp.py
 
 # Engine targets (run.c).
 CC ?= gcc

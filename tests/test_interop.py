@@ -121,6 +121,16 @@ def test_run_c_gives_transformers_greedy_tokens_on_the_import(hf_dir: Path, impo
         assert result.stdout == expected_text(tmp_path / "tok.bin", prompt + want) + b"\n", version
 
 
+def test_linear_rope_scaling_goes_in_and_out(tmp_path: Path, tokenizer_model: Path) -> None:
+    source = make_hf_llama(tmp_path / "linear", tokenizer_model, rope_scaling={"rope_type": "linear", "factor": 4.0})
+    model = interop.load_hf_llama(source)[0].eval()
+    assert model.args.rope_scaling == 4.0
+    assert_same_logits(model, LlamaForCausalLM.from_pretrained(source, dtype=torch.float32).eval())
+    exported = AutoModelForCausalLM.from_pretrained(interop.export_hf(model, tokenizer_model, tmp_path / "out")).eval()
+    assert exported.config.rope_parameters["factor"] == 4.0
+    assert_same_logits(model, exported)
+
+
 @pytest.mark.parametrize("change, message", [
     (lambda d: (d / "config.json").write_text(json.dumps({**read(d), "model_type": "gpt2"})),
      "config.json: model_type=\"gpt2\""),

@@ -26,6 +26,7 @@ NODE_LLAMA_CPP = 3.21.1
 LLAMACPP = bench/node_modules/.node-llama-cpp-$(NODE_LLAMA_CPP)
 LLAMACPP_PLATFORM := $(shell node -p 'process.platform + "-" + process.arch' 2>/dev/null)
 $(LLAMACPP):
+	command -v npm >/dev/null 2>&1 || apt-get install -y -qq nodejs npm
 	cd bench && NODE_LLAMA_CPP_SKIP_DOWNLOAD=true npm install --no-save --no-package-lock --no-audit --no-fund \
 		--loglevel=error $(if $(filter linux-x64,$(LLAMACPP_PLATFORM)),--omit=optional @node-llama-cpp/linux-x64@$(NODE_LLAMA_CPP)) \
 		node-llama-cpp@$(NODE_LLAMA_CPP)

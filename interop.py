@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ import torch
 from sentencepiece import SentencePieceProcessor
 from torch import nn
 
+from formats import atomic_write
 from model import ModelArgs, Transformer, rope_tables
 from tokenizer import ASSISTANT_HEADER, SYSTEM_HEADER, USER_HEADER
 
@@ -261,14 +261,11 @@ def load_hf_llama(directory: str | os.PathLike,
 
 # ----------------------------------------------------------------------------- files out
 
-def _atomic_path(path: Path) -> Path:
+def _write_through_path(path: Path, write: Callable[[Path], object]) -> None:
+    """write(temp path), then rename over path; the temp file is removed if write fails. For the libraries that
+    write to a path themselves (safetensors, gguf); everything else goes through formats.atomic_write."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    return path.with_name(f".{path.name}.tmp{os.getpid()}")
-
-
-def _write_atomic(path: Path, write: Callable[[Path], object]) -> None:
-    """write(temp path), then rename over path; the temp file is removed if write fails."""
-    tmp_path = _atomic_path(path)
+    tmp_path = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         write(tmp_path)
         os.replace(tmp_path, path)
@@ -277,8 +274,8 @@ def _write_atomic(path: Path, write: Callable[[Path], object]) -> None:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    _write_atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n",
-                                                   encoding="utf-8"))
+    with atomic_write(path, "w", encoding="utf-8") as out:
+        out.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 def is_shared_classifier(model: Transformer) -> bool:
@@ -336,10 +333,12 @@ def export_hf(model: Transformer, tokenizer_model: str | os.PathLike, out_dir: s
     for ours, hf, _, heads in weight_names(args):
         tensor = state[ours].detach().float().cpu()
         tensors[hf] = (interleaved_to_rotate_half(tensor, heads) if heads else tensor).contiguous()
-    _write_atomic(out_dir / "model.safetensors", lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_through_path(out_dir / "model.safetensors", lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
     _write_json(out_dir / "config.json", hf_config(args, sp.bos_id(), sp.eos_id()))
     _write_json(out_dir / "generation_config.json", {"bos_token_id": sp.bos_id(), "eos_token_id": sp.eos_id()})
-    _write_atomic(out_dir / "tokenizer.model", lambda tmp: shutil.copyfile(tokenizer_model, tmp))
+    with atomic_write(out_dir / "tokenizer.model") as out:
+        out.write(Path(tokenizer_model).read_bytes())
     special = {"bos_token": sp.id_to_piece(sp.bos_id()), "eos_token": sp.id_to_piece(sp.eos_id()),
                "unk_token": sp.id_to_piece(sp.unk_id())}
     _write_json(out_dir / "tokenizer_config.json", {
@@ -438,5 +437,5 @@ def export_gguf(model: Transformer, tokenizer_model: str | os.PathLike, path: st
         writer.write_tensors_to_file()
         writer.close()
 
-    _write_atomic(path, write)
+    _write_through_path(path, write)
     return path

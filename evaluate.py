@@ -35,8 +35,8 @@ from typing import Any, Callable, Iterable, Optional
 
 from tqdm import tqdm
 
-from arianna_data import write_atomically
 from config import add_config_arguments
+from formats import write_atomically
 
 REPEATS = 3            # a phrase this many times in a row makes an answer degenerate
 LONGEST_REPEAT = 3     # ... for phrases of one to this many words

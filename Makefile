@@ -12,8 +12,10 @@ $(VENV)/.test-requirements-installed: requirements.txt requirements-test.txt
 	$(VENV_PYTHON) -m pip install --quiet --disable-pip-version-check -r requirements-test.txt
 	touch $@
 
+# TESTS: what pytest runs (e.g. make test TESTS=tests/test_chat.py).
+TESTS ?= tests
 test: $(VENV)/.test-requirements-installed $(LLAMACPP) run rundebug librun.so
-	$(VENV_PYTHON) -m pytest -q tests
+	$(VENV_PYTHON) -m pytest -q $(TESTS)
 
 # Training tokens/s at the dim 288 / 6 layers / vocab 4096 shape: float32 eager against the fast paths.
 bench-train: $(VENV)/.test-requirements-installed

@@ -33,6 +33,10 @@ RUSSIAN_TOPIC_TEMPLATES = (
     "{Topic} — что это?",
     "Что ты знаешь про «{topic}»?",
     "Расскажи подробнее: {topic}.",
+    "Коротко про «{topic}».",
+    "Что значит «{topic}»?",
+    "Коротко: {topic} — это что?",
+    "Хочу разобраться: {topic}.",
 )
 RUSSIAN_CONTEXT_TEMPLATES = (
     "{parent}: расскажи про «{topic}».",
@@ -42,6 +46,10 @@ RUSSIAN_QUESTION_TEMPLATES = (       # {clause}: the question as an indirect one
     "Объясни, {clause}.",
     "Подскажи, {clause}?",
     "Расскажи, {clause}.",
+    "Скажи, {clause}?",
+    "Хочу узнать, {clause}.",
+    "Не подскажешь, {clause}?",
+    "Вопрос: {clause}?",
 )
 ENGLISH_TOPIC_TEMPLATES = (
     "{what} {topic}?",
@@ -50,6 +58,10 @@ ENGLISH_TOPIC_TEMPLATES = (
     "Can you explain {topic}?",
     "What should I know about {topic}?",
     "Give me an overview of {topic}.",
+    "{Topic}?",
+    "What does {topic} mean?",
+    "In short, {what_lower} {topic}?",
+    "Help me understand {topic}.",
 )
 ENGLISH_CONTEXT_TEMPLATES = (
     "{parent}: tell me about {topic}.",
@@ -59,6 +71,10 @@ ENGLISH_QUESTION_TEMPLATES = (
     "Please explain: {clause}?",
     "Tell me, {clause}?",
     "Quick question: {clause}?",
+    "Do you know {clause}?",
+    "Could you tell me {clause}?",
+    "I wonder, {clause}?",
+    "Question: {clause}?",
 )
 
 # A heading that starts with one of these is already a question ("Как работает обучение"): Russian needs
@@ -76,6 +92,8 @@ ENGLISH_CLAUSE_TEMPLATES = (
     "Tell me {clause}.",
     "Can you explain {clause}?",
     "I would like to know {clause}.",
+    "Could you tell me {clause}?",
+    "Do you know {clause}?",
 )
 # "Что такое X" / "What is X": the topic X (article kept) feeds the other templates.
 DEFINITION_PREFIX = re.compile(r"^(что\s+так(ое|ие)|what\s+(is|are))\s+(?P<topic>.+)$", re.IGNORECASE)
@@ -97,7 +115,7 @@ class ConversationConfig:
     max_answer_tokens: int = field(default=192, metadata={
         "help": "cap on answer length: tokens with --tokenizer_model, else whitespace words"})
     tokenizer_model: str = field(default="", metadata={"help": "SentencePiece .model used to count answer tokens"})
-    questions_per_section: int = field(default=2, metadata={
+    questions_per_section: int = field(default=6, metadata={
         "help": "how many differently worded questions each section gets"})
     system: str = field(default="", metadata={"help": "optional system prompt put first in every dialog"})
 

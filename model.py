@@ -182,6 +182,15 @@ class Transformer(nn.Module):
             if name.endswith(("wo.weight", "w2.weight")):
                 nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * args.n_layers))
 
+    def set_dropout(self, p: float) -> None:
+        """Change the dropout of every layer (fine-tuning to recall wants none where pretraining wanted some)."""
+        self.args.dropout = p
+        for module in self.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = p
+            elif isinstance(module, Attention):
+                module.dropout = p
+
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):

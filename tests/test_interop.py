@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 import finetune
 import interop
+import tuning
 from conftest import REPO, TINY_VOCAB, run_script
 from export import export_model
 from model import ModelArgs, Transformer
@@ -298,7 +299,7 @@ def test_lora_and_qlora_from_an_imported_base_merge_and_export_everywhere(
     assert log[-1]["loss"] < log[0]["loss"]
     checkpoint = torch.load(out / "ckpt.pt", weights_only=True)
     assert checkpoint["base"]["sha256"] == interop.load_hf_llama(hf_dir)[1]["weights_sha256"]
-    merged, _ = finetune.load_base_model(out / "ckpt.pt")  # the recorded Hugging Face base, adapters merged
+    merged, _ = tuning.load_base_model(out / "ckpt.pt")  # the recorded Hugging Face base, adapters merged
     merged.eval()
     assert not torch.equal(merged.layers[0].attention.wq.weight, imported.layers[0].attention.wq.weight)
     run_script("export.py", str(out / "hf"), "--format=hf", f"--checkpoint={out / 'merged.pt'}", cwd=tmp_path)

@@ -1,0 +1,36 @@
+"""The dialog builder's questions that teach recall (markdown_to_conversations.py): several phrasings per section,
+and the held-out questions (eval/heldout.jsonl) that measure recall for phrasings it never produces."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from markdown_to_conversations import ConversationConfig, build_dialogs, read_markdown_files, split_sections
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_default_dialogs_ask_each_section_several_ways() -> None:
+    dialogs, sections, _ = build_dialogs(ConversationConfig(doc_dir=str(REPO / "doc")))
+    by_answer: dict[str, set[str]] = {}
+    for dialog in dialogs:
+        by_answer.setdefault(dialog["messages"][1]["content"], set()).add(dialog["messages"][0]["content"])
+    assert min(len(questions) for questions in by_answer.values()) >= 4     # a heading that is a question: 4
+    assert len(dialogs) >= 5 * sections
+def test_heldout_questions_match_their_sections_and_are_not_template_phrasings() -> None:
+    """eval/heldout.jsonl stays in step with doc/: each reference starts its section; no question is one the dialog
+    builder asks."""
+    sections = {f"{section.path.relative_to(REPO).as_posix()}#{section.heading}": section.body.strip()
+                for path, text in read_markdown_files(REPO / "doc") for section in split_sections(path, text)}
+    built, _, _ = build_dialogs(ConversationConfig(doc_dir=str(REPO / "doc"), questions_per_section=100,
+                                                   max_answer_tokens=10**6))
+    template_questions = {dialog["messages"][0]["content"].casefold() for dialog in built}
+    records = [json.loads(line) for line in (REPO / "eval/heldout.jsonl").read_text(encoding="utf-8").splitlines()]
+    languages = {"ru": 0, "en": 0}
+    for record in records:
+        question, reference = (message["content"] for message in record["messages"])
+        assert " ".join(sections[record["source"]].split()).startswith(" ".join(reference.split())), record["source"]
+        assert question.casefold() not in template_questions, question
+        languages["ru" if re.search("[а-яё]", question, re.I) else "en"] += 1
+    assert languages["ru"] >= 25 and languages["en"] >= 25

@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV = .venv
 VENV_PYTHON = $(VENV)/bin/python
 
-.PHONY: test bench-train
+.PHONY: test bench-train bench-llamacpp
 
 # Its own stamp: train_arianna.sh installs requirements.txt alone (and stamps .requirements-installed), so the
 # test tools are installed here whichever of the two commands runs first.
@@ -14,12 +14,29 @@ $(VENV)/.test-requirements-installed: requirements.txt requirements-test.txt
 
 # TESTS: what pytest runs (e.g. make test TESTS=tests/test_chat.py).
 TESTS ?= tests
-test: $(VENV)/.test-requirements-installed run rundebug librun.so
+test: $(VENV)/.test-requirements-installed $(LLAMACPP) run rundebug librun.so
 	$(VENV_PYTHON) -m pytest -q $(TESTS)
 
 # Training tokens/s at the dim 288 / 6 layers / vocab 4096 shape: float32 eager against the fast paths.
 bench-train: $(VENV)/.test-requirements-installed
 	$(VENV_PYTHON) bench_train.py
+
+# llama.cpp for the interop tests and bench-llamacpp: node-llama-cpp's prebuilt CPU binary from npm (nothing is
+# compiled or downloaded at run time), into the git-ignored bench/node_modules. On Linux x64 only that platform's
+# binary package, not the CUDA/Vulkan ones npm would add as optional dependencies (83 MB instead of 730 MB).
+NODE_LLAMA_CPP = 3.21.1
+LLAMACPP = bench/node_modules/.node-llama-cpp-$(NODE_LLAMA_CPP)
+LLAMACPP_PLATFORM := $(shell node -p 'process.platform + "-" + process.arch' 2>/dev/null)
+$(LLAMACPP):
+	command -v npm >/dev/null 2>&1 || apt-get install -y -qq nodejs npm
+	cd bench && NODE_LLAMA_CPP_SKIP_DOWNLOAD=true npm install --no-save --no-package-lock --no-audit --no-fund \
+		--loglevel=error $(if $(filter linux-x64,$(LLAMACPP_PLATFORM)),--omit=optional @node-llama-cpp/linux-x64@$(NODE_LLAMA_CPP)) \
+		node-llama-cpp@$(NODE_LLAMA_CPP)
+	touch $@
+
+# Shapes A, B, C of `make bench` through llama.cpp and through our engine, side by side (bench/llamacpp.py).
+bench-llamacpp: $(VENV)/.test-requirements-installed $(LLAMACPP) librun.so
+	$(VENV_PYTHON) bench/llamacpp.py
 
 # Engine targets (run.c).
 CC ?= gcc

@@ -3,6 +3,9 @@
     python export.py out/model.bin --checkpoint=out/ckpt.pt                 # version 0, llama2.c legacy
     python export.py out/model_v1.bin --version=1 --checkpoint=out/ckpt.pt  # float32 with the 'ak42' header
     python export.py out/model_q80.bin --version=2 --checkpoint=out/ckpt.pt # int8 Q8_0 groups
+    python export.py out/hf --format=hf                                      # a Hugging Face LlamaForCausalLM folder
+    python export.py out/model.gguf --format=gguf --type=q8_0                # llama.cpp (f32, f16 or q8_0)
+(interop.py writes the last two; the tokenizer is the one the checkpoint records, or --tokenizer_model.)
 
 Layouts (all little-endian):
   v0: int32 dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size (negative when the classifier is not
@@ -177,13 +180,30 @@ def read_model_bin(path: str | os.PathLike) -> tuple[int, ModelArgs, dict[str, t
     return version, args, state
 
 
+def checkpoint_tokenizer(checkpoint: dict) -> str:
+    """The SentencePiece model a checkpoint was trained with: recorded by finetune.py, else train_arianna.py's."""
+    config = checkpoint.get("config", {})
+    if checkpoint.get("tokenizer_model") or config.get("tokenizer_model"):
+        return checkpoint.get("tokenizer_model") or config["tokenizer_model"]
+    if config.get("vocab_source") == "llama2":
+        from tokenizer import llama2_tokenizer_path
+
+        return str(llama2_tokenizer_path(None))
+    return str(Path(config.get("data_dir", "data")) / f"tok{checkpoint['model_args']['vocab_size']}.model")
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Export a checkpoint to a llama2.c .bin")
-    parser.add_argument("filepath", help="the .bin to write, e.g. out/model.bin")
+    parser = argparse.ArgumentParser(description="Export a checkpoint to a llama2.c .bin, Hugging Face or GGUF")
+    parser.add_argument("filepath", help="the .bin / .gguf file or the Hugging Face folder to write")
+    parser.add_argument("--format", default="bin", choices=("bin", "hf", "gguf"),
+                        help="bin: llama2.c (run.c), hf: transformers' LlamaForCausalLM folder, gguf: llama.cpp")
     parser.add_argument("--version", type=int, default=0, choices=VERSIONS,
-                        help="0: llama2.c legacy float32, 1: float32 'ak42', 2: int8 Q8_0")
+                        help="bin: 0: llama2.c legacy float32, 1: float32 'ak42', 2: int8 Q8_0")
+    parser.add_argument("--type", default="f16", choices=("f32", "f16", "q8_0"), help="gguf: the weights' type")
     parser.add_argument("--checkpoint", default="out/ckpt.pt", help="the training checkpoint to export")
     parser.add_argument("--group_size", type=int, default=64, help="Q8_0 group size for version 2")
+    parser.add_argument("--tokenizer_model", default="", help="hf/gguf: the SentencePiece .model; "
+                        "empty: the one the checkpoint records")
     args = parser.parse_args()
     from training import load_checkpoint, model_from_checkpoint
 
@@ -191,7 +211,22 @@ def main() -> None:
     if "model" not in checkpoint or "model_args" not in checkpoint:
         sys.exit(f"error: {args.checkpoint} holds no full model (a LoRA adapter checkpoint?); "
                  "export the merged model with `python finetune.py ... --merge`")
-    path = export_model(model_from_checkpoint(checkpoint), args.filepath, args.version, args.group_size)
+    model = model_from_checkpoint(checkpoint)
+    if args.format != "bin":
+        import interop
+
+        tokenizer_model = args.tokenizer_model or checkpoint_tokenizer(checkpoint)
+        if args.format == "hf":
+            path = interop.export_hf(model, tokenizer_model, args.filepath)
+        else:
+            path = interop.export_gguf(model, tokenizer_model, args.filepath, args.type)
+        print(f"wrote {path} ({args.format}{' ' + args.type if args.format == 'gguf' else ''})")
+        return
+    if model.args.rope_scaling != 1.0 or model.args.rope_theta != 10000.0:
+        sys.exit(f"error: {args.checkpoint} has RoPE rope_theta={model.args.rope_theta:g}, linear scaling "
+                 f"{model.args.rope_scaling:g}; the .bin formats carry only rope_theta=10000 without scaling: "
+                 "export it with --format=gguf or --format=hf")
+    path = export_model(model, args.filepath, args.version, args.group_size)
     print(f"wrote {path} (version {args.version}, {path.stat().st_size / 1e6:.1f} MB)")
 
 

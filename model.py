@@ -26,6 +26,9 @@ class ModelArgs:
     norm_eps: float = 1e-5
     max_seq_len: int = 256
     dropout: float = 0.0
+    rope_theta: float = 10000.0
+    rope_scaling: float = 1.0  # linear RoPE scaling (positions divided by it), as some imported Llamas use
+    tie_embeddings: bool = True  # the classifier shares the embedding table (Llama 3 and others do not)
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -56,10 +59,11 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
 
 
-def rope_tables(head_dim: int, max_seq_len: int, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of position * frequency, each [max_seq_len, head_dim // 2]."""
+def rope_tables(head_dim: int, max_seq_len: int, theta: float = 10000.0,
+                scaling: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of position / scaling * frequency, each [max_seq_len, head_dim // 2]."""
     freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2).float() / head_dim))
-    angles = torch.outer(torch.arange(max_seq_len).float(), freqs)
+    angles = torch.outer(torch.arange(max_seq_len).float() / scaling, freqs)
     return torch.cos(angles), torch.sin(angles)
 
 
@@ -167,8 +171,9 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
-        self.output.weight = self.tok_embeddings.weight  # weight tying
-        cos, sin = rope_tables(args.dim // args.n_heads, args.max_seq_len)
+        if args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        cos, sin = rope_tables(args.dim // args.n_heads, args.max_seq_len, args.rope_theta, args.rope_scaling)
         self.register_buffer("freqs_cos", cos, persistent=False)
         self.register_buffer("freqs_sin", sin, persistent=False)
         self.apply(self._init_weights)

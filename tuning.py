@@ -26,6 +26,7 @@ from typing import Callable, Iterator, NoReturn, Optional, TypeVar
 import torch
 from torch import nn
 
+import interop
 import lora
 from export import export_model
 from model import Transformer
@@ -45,6 +46,8 @@ class FinetuneConfig:
     init_from: str = field(default="out/ckpt.pt", metadata={
         "help": "base checkpoint (train_arianna.py's, or a LoRA fine-tune's); resume: continue from out_dir/ckpt.pt "
                 "on the base it records"})
+    base_model: str = field(default="", metadata={
+        "help": "a local Hugging Face LlamaForCausalLM directory to start from (the same as --init_from=DIR)"})
     data: str = field(default="", metadata={
         "help": "training JSONL (sft: instruction/prompt-completion/messages; dpo/reward: preference pairs; "
                 "kto: prompt/completion/label)"})
@@ -99,6 +102,7 @@ class FinetuneConfig:
     dtype: str = "auto"
     seed: int = 1337
     def __post_init__(self) -> None:
+        self.init_from = self.base_model or self.init_from
         if not 0.0 <= self.pretrain_mix < 1.0:
             sys.exit(f"error: --pretrain_mix={self.pretrain_mix} must be in [0, 1): the share of rows from pretraining text")
         if self.pretrain_mix > 0 and not self.pretrain_data:
@@ -293,14 +297,16 @@ def check_base(saved: dict, base: BaseCheckpoint, what: str) -> None:
 def load_base_model(path: str | Path) -> tuple[Transformer, dict]:
     """The plain float32 Transformer of a checkpoint: train_arianna.py's or a full fine-tune's, or a LoRA
     fine-tune's (its recorded base is loaded, checked against the recorded sha256 and the adapters merged in)."""
+    if Path(path).is_dir():  # a Hugging Face Llama (interop.py)
+        return interop.load_hf_llama(path)
     checkpoint = load_checkpoint(path)
     if "model" in checkpoint:
         return model_from_checkpoint(checkpoint), checkpoint
     if "lora" not in checkpoint:
         fail(f"{path} holds neither model weights nor LoRA adapters; pass a checkpoint from train_arianna.py or finetune.py")
     recorded = checkpoint["base"]
-    model, _ = load_base_model(recorded["path"])
-    if state_sha256(model) != recorded["sha256"]:
+    model, base_checkpoint = load_base_model(recorded["path"])
+    if (base_checkpoint.get("weights_sha256") or state_sha256(model)) != recorded["sha256"]:
         fail(f"the adapters in {path} were trained on a different {recorded['path']} (sha256 {recorded['sha256'][:12]} "
              "expected); restore that base checkpoint")
     settings = checkpoint["lora_config"]
@@ -320,12 +326,19 @@ def load_policy(cfg: FinetuneConfig, runtime: Runtime) -> tuple[Transformer, Bas
         path = load_checkpoint(cfg.checkpoint_path).get("base", {}).get("path")
         if not path:
             fail(f"{cfg.checkpoint_path} records no base checkpoint; pass it as --init_from=BASE --init=resume")
-    model, checkpoint = load_base_model(path)
-    base = BaseCheckpoint(path, state_sha256(model), checkpoint)
+    def add_adapters(module: nn.Module) -> None:
+        lora.apply_lora(module, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.targets, cfg.qlora, cfg.double_quant)
+
+    if cfg.qlora and Path(path).is_dir():  # a Hugging Face Llama quantized layer by layer as it loads
+        model, checkpoint = interop.load_hf_llama(path, per_layer=add_adapters)
+    else:
+        model, checkpoint = load_base_model(path)
+    base = BaseCheckpoint(path, checkpoint.get("weights_sha256") or state_sha256(model), checkpoint)
     if cfg.dropout is not None:
         model.set_dropout(cfg.dropout)
     if cfg.uses_lora:
-        lora.apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.targets, cfg.qlora, cfg.double_quant)
+        if not any(lora.lora_layers(model)):
+            add_adapters(model)
         stored, full = lora.base_memory_bytes(model)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         kind = "NF4" if cfg.qlora else "float32"

@@ -83,6 +83,7 @@ def load_library(path: Path) -> ctypes.CDLL:
         "arianna_chat_turn": (ctypes.c_int,
                               [engine, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_int, int_p, ctypes.c_int]),
         "arianna_feed": (ctypes.c_int, [engine, int_p, ctypes.c_int, ctypes.c_int]),
+        "arianna_logits": (ctypes.POINTER(ctypes.c_float), [engine]),
         "arianna_sample": (ctypes.c_int, [engine, ctypes.c_float, ctypes.c_float, ulonglong_p]),
         "arianna_decode": (ctypes.c_char_p, [engine, ctypes.c_int, ctypes.c_int]),
     }
@@ -141,6 +142,10 @@ class Engine:
         array = (ctypes.c_int * len(tokens))(*tokens)
         if self.lib.arianna_feed(self.handle, array, len(tokens), pos) != 0:
             raise ChatError(f"{len(tokens)} tokens at position {pos} overflow the context of {self.seq_len}")
+
+    def logits(self) -> list[float]:
+        """The logits after the last token fed, [vocab_size]."""
+        return self.lib.arianna_logits(self.handle)[:self.vocab_size]
 
     def sample(self, temperature: float, top_p: float, rng_state: ctypes.c_ulonglong) -> int:
         return self.lib.arianna_sample(self.handle, temperature, top_p, ctypes.byref(rng_state))
@@ -202,11 +207,11 @@ def find_tokenizer(model_path: Path) -> Path:
 class TextStream:
     """Turns token bytes into printable text: whole UTF-8 characters only (a character split over byte-fallback
     tokens waits for its last byte), control characters other than newline and tab dropped so a model cannot
-    drive the terminal, and the answer's leading dummy-prefix space removed."""
+    drive the terminal, and (with strip_space) the answer's leading dummy-prefix space removed."""
 
-    def __init__(self) -> None:
+    def __init__(self, strip_space: bool = True) -> None:
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self.started = False
+        self.started = not strip_space
 
     def push(self, data: bytes, final: bool = False) -> str:
         text = "".join(ch for ch in self.decoder.decode(data, final)

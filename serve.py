@@ -460,7 +460,7 @@ class Api:
                                             "owned_by": OWNER, "context_length": self.engine.seq_len}]}
 
     def health(self) -> dict:
-        return {"status": "ok", **self.pool.status()}
+        return {"status": "ok", "model": self.model_id, **self.pool.status()}
 
     def check_context(self, prompt: list[int], cap: Optional[int]) -> None:
         needed = len(prompt) + (0 if cap == 0 else 1)

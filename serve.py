@@ -114,11 +114,24 @@ COMPLETION_FIELDS = {**COMMON_FIELDS,
                      "logprobs": ("an integer", is_integer, (0, MAX_LOGPROBS))}
 
 
-def check_fields(body: Any, fields: dict, required: tuple[str, ...]) -> dict:
+# OpenAI fields this server has no use for, accepted at these values only (clients often send the defaults).
+CHAT_DEFAULT_ONLY: dict[str, tuple] = {
+    "logprobs": (False,), "top_logprobs": (0,), "logit_bias": ({},), "response_format": ({"type": "text"},),
+    "tools": ([],), "tool_choice": ("none", "auto"), "parallel_tool_calls": (True, False), "store": (False,)}
+COMPLETION_DEFAULT_ONLY: dict[str, tuple] = {"logit_bias": ({},), "best_of": (1,), "suffix": ("",)}
+
+
+def check_fields(body: Any, fields: dict, required: tuple[str, ...], default_only: dict[str, tuple]) -> dict:
     """body as a dict of known fields of the right types and ranges (nulls dropped), else ApiError 400."""
     if not isinstance(body, dict):
         raise ApiError(400, f"The request body must be a JSON object, not {type_name(body)}.", code="invalid_type")
-    for name, value in body.items():
+    for name, value in list(body.items()):
+        if name in default_only:
+            if value is not None and value not in default_only[name]:
+                raise ApiError(400, f"'{name}' is not supported by this server (only {default_only[name][0]!r}).",
+                               code="unsupported_value", param=name)
+            del body[name]
+            continue
         if name not in fields:
             raise ApiError(400, f"Unrecognized request argument supplied: {name}", code="unknown_parameter",
                            param=name)
@@ -462,17 +475,17 @@ class Api:
     def health(self) -> dict:
         return {"status": "ok", "model": self.model_id, **self.pool.status()}
 
-    def check_context(self, prompt: list[int], cap: Optional[int]) -> None:
+    def check_context(self, prompt: list[int], cap: Optional[int], param: str) -> None:
         needed = len(prompt) + (0 if cap == 0 else 1)
         if needed > self.engine.seq_len:
             raise ApiError(400, f"This model's maximum context length is {self.engine.seq_len} tokens, but the "
                                 f"prompt is {len(prompt)} tokens" + ("" if cap == 0 else " with no room to answer") +
-                                ". Shorten the prompt.", code="context_length_exceeded", param="messages")
+                                ". Shorten the prompt.", code="context_length_exceeded", param=param)
 
     def chat_job(self, request: dict) -> Job:
         prompt = chat_prompt(self.engine, request["messages"])
         cap = max_tokens(request, None)
-        self.check_context(prompt, cap)
+        self.check_context(prompt, cap, "messages")
         return Job(prompt, Sampling.from_request(request), cap, stop_list(request), frozenset([self.engine.eos]),
                    strip_space=True)
 
@@ -486,7 +499,7 @@ class Api:
         stop_ids = frozenset([self.engine.eos, self.engine.bos])
         jobs = []
         for tokens, text in prompts:
-            self.check_context(tokens, cap)
+            self.check_context(tokens, cap, "prompt")
             jobs.append((Job(tokens, Sampling.from_request(request), cap, stop_list(request), stop_ids,
                              strip_space=False, logprobs=logprobs, prompt_logprobs=echo and logprobs is not None),
                          text))
@@ -610,8 +623,15 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True  # the body stays unread
             raise ApiError(413, f"The request body is {length} bytes; the limit is {self.server.config.max_body}.",
                            code="request_too_large")
-        raw = self.rfile.read(length)
+        try:
+            raw = self.rfile.read(length)
+        except OSError:  # the timeout: fewer bytes came than Content-Length said
+            self.close_connection = True
+            raise ApiError(408, f"The request body did not arrive within {self.timeout} s.",
+                           code="request_timeout") from None
         self.body_read = True
+        if len(raw) < length:
+            raise ClientGone()
         try:
             return json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -699,7 +719,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def chat_completions(self) -> None:
         api = self.server.api
-        request = check_fields(self.read_body(), CHAT_FIELDS, ("messages",))
+        request = check_fields(self.read_body(), CHAT_FIELDS, ("messages",), CHAT_DEFAULT_ONLY)
         job = api.chat_job(request)
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": ident, "created": created, "model": api.model_id, "system_fingerprint": OWNER}
@@ -731,7 +751,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def completions(self) -> None:
         api = self.server.api
-        request = check_fields(self.read_body(), COMPLETION_FIELDS, ("prompt",))
+        request = check_fields(self.read_body(), COMPLETION_FIELDS, ("prompt",), COMPLETION_DEFAULT_ONLY)
         jobs = api.completion_jobs(request)
         echo = request.get("echo", False)
         ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())

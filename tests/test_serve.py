@@ -291,6 +291,9 @@ def test_errors_have_openai_shape(server: Server) -> None:
     check(400, "invalid_type", post(server, chat_path, {**ask, "max_tokens": 1.5}))
     check(400, "invalid_value", post(server, chat_path, {**ask, "top_p": 3}))
     check(400, "missing_required_parameter", post(server, chat_path, {"max_tokens": 1}))
+    check(400, "unsupported_value", post(server, chat_path, {**ask, "tools": [{"type": "function"}]}))
+    assert post(server, chat_path, {**ask, "logprobs": False, "tools": []})[0] == 200  # defaults clients send
+    check(400, "invalid_type", request(server, "POST", chat_path, b"[1, 2]"))
     check(400, "invalid_value", post(server, chat_path, {"messages": [{"role": "robot", "content": "x"}]}))
     check(400, "context_length_exceeded", post(server, chat_path, {"messages": [
         {"role": "user", "content": "中" * (SEQ_LEN // 3)}]}))  # three byte tokens each

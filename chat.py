@@ -609,18 +609,24 @@ def missing(path: Path) -> str:
     return "not found" if not path.exists() else "is not a regular file"
 
 
+def model_files(model: str, tokenizer: Optional[str]) -> tuple[Path, Path]:
+    """The model .bin and its tokenizer .bin (given, or found by find_tokenizer), or exit with what to do."""
+    model_path = Path(model)
+    if not model_path.is_file():
+        raise SystemExit(f"error: model {model_path} {missing(model_path)}; export one with "
+                         f"`python export.py {model_path} --checkpoint=out/ckpt.pt`")
+    tokenizer_path = Path(tokenizer) if tokenizer else find_tokenizer(model_path)
+    if not tokenizer_path.is_file():
+        raise SystemExit(f"error: tokenizer {tokenizer_path} {missing(tokenizer_path)}; export one with "
+                         "`python tokenizer.py --tokenizer-model=data/tok4096.model`")
+    return model_path, tokenizer_path
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     config = parse_args(argv)
     for stream in (sys.stdin, sys.stdout, sys.stderr):
         stream.reconfigure(encoding="utf-8", errors="replace")
-    model_path = Path(config.model)
-    if not model_path.is_file():
-        raise SystemExit(f"error: model {model_path} {missing(model_path)}; export one with "
-                         f"`python export.py {model_path} --checkpoint=out/ckpt.pt`")
-    tokenizer_path = Path(config.tokenizer) if config.tokenizer else find_tokenizer(model_path)
-    if not tokenizer_path.is_file():
-        raise SystemExit(f"error: tokenizer {tokenizer_path} {missing(tokenizer_path)}; export one with "
-                         "`python tokenizer.py --tokenizer-model=data/tok4096.model`")
+    model_path, tokenizer_path = model_files(config.model, config.tokenizer)
     interactive = sys.stdin.isatty()
     engine = Engine(load_library(library_path()), model_path, tokenizer_path, config.threads)
     try:

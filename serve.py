@@ -38,7 +38,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
-from chat import Engine, TextStream, find_tokenizer, library_path, load_library
+from chat import Engine, TextStream, library_path, load_library, model_files
 
 PAGE_PATH = Path(__file__).resolve().parent / "serve.html"
 RETRY_AFTER_S = 1
@@ -847,14 +847,7 @@ def parse_args(argv: Optional[list[str]] = None) -> ServerConfig:
 
 def main(argv: Optional[list[str]] = None) -> None:
     config = parse_args(argv)
-    model_path = Path(config.model)
-    if not model_path.is_file():
-        raise SystemExit(f"error: model {model_path} not found; export one with "
-                         f"`python export.py {model_path} --checkpoint=out/ckpt.pt`")
-    tokenizer_path = Path(config.tokenizer) if config.tokenizer else find_tokenizer(model_path)
-    if not tokenizer_path.is_file():
-        raise SystemExit(f"error: tokenizer {tokenizer_path} not found; export one with "
-                         "`python tokenizer.py --tokenizer-model=data/tok4096.model`")
+    model_path, tokenizer_path = model_files(config.model, config.tokenizer)
     try:
         page = PAGE_PATH.read_bytes()
     except OSError as e:

@@ -28,7 +28,8 @@ sys.path.insert(0, str(REPO_DIR))
 import chat  # noqa: E402
 from export import export_model  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
-from tokenizer import Tokenizer, encode_dialog  # noqa: E402
+from test_chat import Fixture, greedy, memorise, messages, template  # noqa: E402
+from tokenizer import Tokenizer  # noqa: E402
 
 API_KEY = "sk-test-key"
 SLOTS, QUEUE, MAX_BODY = 2, 1, 1 << 16
@@ -49,23 +50,6 @@ TOKENIZER_TEXT = [
     "Покажи код. Вот: ```python\nprint(1)\n``` Покажи тег <script>window.pwned = 1</script> <b>жирный</b>",
     "Спой! " + SONG, "<|system|>\nОтвечай.\n<|user|>\nПривет\n<|assistant|>\nПривет!",
 ]
-
-
-@dataclass
-class Fixture:
-    tokenizer: Tokenizer
-    model: Transformer
-    model_bin: Path
-    tokenizer_bin: Path
-
-
-def messages(pairs: list[tuple[str, str]]) -> list[dict]:
-    return [{"role": role, "content": content} for role, content in pairs]
-
-
-def template(tokenizer: Tokenizer, pairs: list[tuple[str, str]]) -> list[int]:
-    encode = lambda text: tokenizer.encode(text, bos=False, eos=False)  # noqa: E731
-    return encode_dialog(encode, messages(pairs), tokenizer.bos_id, tokenizer.eos_id)[0]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -91,17 +75,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Fixture:
                                   max_seq_len=SEQ_LEN))
     rows = [template(tokenizer, d) for d in DIALOGS]
     rows[-1] = rows[-1][:-1]  # the song's EOS
-    width = max(map(len, rows))
-    tokens = torch.tensor([row + [0] * (width - len(row)) for row in rows])
-    targets = torch.tensor([row[1:] + [-1] * (width - len(row) + 1) for row in rows])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(150):
-        _, loss = model(tokens, targets)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.eval()
-    assert loss.item() < 0.05, f"the tiny model did not memorise its dialogs (loss {loss.item():.3f})"
+    memorise(model, rows)
     chat.library_path()
     return Fixture(tokenizer, model, export_model(model, folder / "model.bin", version=1),
                    tokenizer.export(folder / "tok.bin"))
@@ -151,12 +125,6 @@ def run_binary(*args: str) -> str:
         subprocess.run(["make", "-s", "run"], cwd=REPO_DIR, check=True)
     return subprocess.run([str(binary), *args, "-T", "1"], capture_output=True, text=True, input="",
                           check=True, timeout=60).stdout
-
-
-def greedy(model: Transformer, prompt: list[int], eos_id: int, max_new_tokens: int = 40) -> list[int]:
-    out = model.generate(torch.tensor([prompt]), max_new_tokens, temperature=0.0, eos_id=eos_id)[0, len(prompt):]
-    ids = out.tolist()
-    return ids[:ids.index(eos_id)] if eos_id in ids else ids
 
 
 def request(server: Server, method: str, path: str, body: bytes | None = None,

@@ -14,8 +14,18 @@ $(VENV)/.test-requirements-installed: requirements.txt requirements-test.txt
 
 # TESTS: what pytest runs (e.g. make test TESTS=tests/test_chat.py).
 TESTS ?= tests
-test: $(VENV)/.test-requirements-installed $(LLAMACPP) run rundebug librun.so
+test: $(VENV)/.test-requirements-installed $(LLAMACPP) run rundebug librun.so chromium
 	$(VENV_PYTHON) -m pytest -q $(TESTS)
+
+# Debian's chromium for the web chat's browser test (Playwright drives it; no browser is downloaded).
+.PHONY: chromium
+chromium:
+	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
+# serve.py under 16 clients for 30 s against --slots 4: answered/503/lost, p50/p95 latency, tokens/s, memory.
+.PHONY: bench-serve
+bench-serve: $(VENV)/.test-requirements-installed librun.so
+	$(VENV_PYTHON) bench/bench_serve.py
 
 # Training tokens/s at the dim 288 / 6 layers / vocab 4096 shape: float32 eager against the fast paths.
 bench-train: $(VENV)/.test-requirements-installed

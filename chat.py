@@ -84,6 +84,7 @@ def load_library(path: Path) -> ctypes.CDLL:
         "arianna_chat_turn": (ctypes.c_int,
                               [engine, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_int, int_p, ctypes.c_int]),
         "arianna_feed": (ctypes.c_int, [engine, int_p, ctypes.c_int, ctypes.c_int]),
+        "arianna_logits": (ctypes.POINTER(ctypes.c_float), [engine]),
         "arianna_sample": (ctypes.c_int, [engine, ctypes.c_float, ctypes.c_float, ulonglong_p]),
         "arianna_decode": (ctypes.c_char_p, [engine, ctypes.c_int, ctypes.c_int]),
     }
@@ -143,6 +144,10 @@ class Engine:
         if self.lib.arianna_feed(self.handle, array, len(tokens), pos) != 0:
             raise ChatError(f"{len(tokens)} tokens at position {pos} overflow the context of {self.seq_len}")
 
+    def logits(self) -> list[float]:
+        """The logits after the last token fed, [vocab_size]."""
+        return self.lib.arianna_logits(self.handle)[:self.vocab_size]
+
     def sample(self, temperature: float, top_p: float, rng_state: ctypes.c_ulonglong) -> int:
         return self.lib.arianna_sample(self.handle, temperature, top_p, ctypes.byref(rng_state))
 
@@ -195,11 +200,11 @@ def find_tokenizer(model_path: Path) -> Path:
 class TextStream:
     """Turns token bytes into printable text: whole UTF-8 characters only (a character split over byte-fallback
     tokens waits for its last byte), control characters other than newline and tab dropped so a model cannot
-    drive the terminal, and the answer's leading dummy-prefix space removed."""
+    drive the terminal, and (with strip_space) the answer's leading dummy-prefix space removed."""
 
-    def __init__(self) -> None:
+    def __init__(self, strip_space: bool = True) -> None:
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self.started = False
+        self.started = not strip_space
 
     def push(self, data: bytes, final: bool = False) -> str:
         text = "".join(ch for ch in self.decoder.decode(data, final)
@@ -604,18 +609,24 @@ def missing(path: Path) -> str:
     return "not found" if not path.exists() else "is not a regular file"
 
 
+def model_files(model: str, tokenizer: Optional[str]) -> tuple[Path, Path]:
+    """The model .bin and its tokenizer .bin (given, or found by find_tokenizer), or exit with what to do."""
+    model_path = Path(model)
+    if not model_path.is_file():
+        raise SystemExit(f"error: model {model_path} {missing(model_path)}; export one with "
+                         f"`python export.py {model_path} --checkpoint=out/ckpt.pt`")
+    tokenizer_path = Path(tokenizer) if tokenizer else find_tokenizer(model_path)
+    if not tokenizer_path.is_file():
+        raise SystemExit(f"error: tokenizer {tokenizer_path} {missing(tokenizer_path)}; export one with "
+                         "`python tokenizer.py --tokenizer-model=data/tok4096.model`")
+    return model_path, tokenizer_path
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     config = parse_args(argv)
     for stream in (sys.stdin, sys.stdout, sys.stderr):
         stream.reconfigure(encoding="utf-8", errors="replace")
-    model_path = Path(config.model)
-    if not model_path.is_file():
-        raise SystemExit(f"error: model {model_path} {missing(model_path)}; export one with "
-                         f"`python export.py {model_path} --checkpoint=out/ckpt.pt`")
-    tokenizer_path = Path(config.tokenizer) if config.tokenizer else find_tokenizer(model_path)
-    if not tokenizer_path.is_file():
-        raise SystemExit(f"error: tokenizer {tokenizer_path} {missing(tokenizer_path)}; export one with "
-                         "`python tokenizer.py --tokenizer-model=data/tok4096.model`")
+    model_path, tokenizer_path = model_files(config.model, config.tokenizer)
     interactive = sys.stdin.isatty()
     engine = Engine(load_library(library_path()), model_path, tokenizer_path, config.threads)
     try:

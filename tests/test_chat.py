@@ -81,20 +81,24 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Fixture:
     model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tokenizer.n_words,
                                   max_seq_len=128))
     encode = lambda text: tokenizer.encode(text, bos=False, eos=False)  # noqa: E731
-    rows = [encode_dialog(encode, messages(d), tokenizer.bos_id, tokenizer.eos_id)[0] for d in DIALOGS]
+    memorise(model, [encode_dialog(encode, messages(d), tokenizer.bos_id, tokenizer.eos_id)[0] for d in DIALOGS])
+    chat.library_path()  # build librun.so once, before chat.py processes could race to build it
+    return Fixture(tokenizer, model, export_model(model, folder / "model.bin", version=1), tokenizer_bin)
+
+
+def memorise(model: Transformer, rows: list[list[int]], steps: int = 150) -> None:
+    """Train model on rows of tokens (padded) until it reproduces them; leaves it in eval mode."""
     width = max(map(len, rows))
     tokens = torch.tensor([row + [0] * (width - len(row)) for row in rows])
     targets = torch.tensor([row[1:] + [-1] * (width - len(row) + 1) for row in rows])
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(150):
+    for _ in range(steps):
         _, loss = model(tokens, targets)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     model.eval()
     assert loss.item() < 0.05, f"the tiny model did not memorise its dialogs (loss {loss.item():.3f})"
-    chat.library_path()  # build librun.so once, before chat.py processes could race to build it
-    return Fixture(tokenizer, model, export_model(model, folder / "model.bin", version=1), tokenizer_bin)
 
 
 def greedy(model: Transformer, prompt: list[int], eos_id: int, max_new_tokens: int = 60) -> list[int]:

@@ -12,11 +12,6 @@ $(VENV)/.test-requirements-installed: requirements.txt requirements-test.txt
 	$(VENV_PYTHON) -m pip install --quiet --disable-pip-version-check -r requirements-test.txt
 	touch $@
 
-# TESTS: what pytest runs (e.g. make test TESTS=tests/test_chat.py).
-TESTS ?= tests
-test: $(VENV)/.test-requirements-installed $(LLAMACPP) run rundebug librun.so chromium
-	$(VENV_PYTHON) -m pytest -q $(TESTS)
-
 # Debian's chromium for the web chat's browser test (Playwright drives it; no browser is downloaded).
 .PHONY: chromium
 chromium:
@@ -43,6 +38,12 @@ $(LLAMACPP):
 		--loglevel=error $(if $(filter linux-x64,$(LLAMACPP_PLATFORM)),--omit=optional @node-llama-cpp/linux-x64@$(NODE_LLAMA_CPP)) \
 		node-llama-cpp@$(NODE_LLAMA_CPP)
 	touch $@
+
+# After $(LLAMACPP)'s definition: prerequisites are expanded as the Makefile is read.
+# TESTS: what pytest runs (e.g. make test TESTS=tests/test_chat.py).
+TESTS ?= tests
+test: $(VENV)/.test-requirements-installed $(LLAMACPP) run rundebug librun.so chromium
+	$(VENV_PYTHON) -m pytest -q $(TESTS)
 
 # Shapes A, B, C of `make bench` through llama.cpp and through our engine, side by side (bench/llamacpp.py).
 bench-llamacpp: $(VENV)/.test-requirements-installed $(LLAMACPP) librun.so

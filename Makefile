@@ -17,7 +17,7 @@ test: $(VENV)/.test-requirements-installed run rundebug librun.so
 
 # Training tokens/s at the dim 288 / 6 layers / vocab 4096 shape: float32 eager against the fast paths.
 bench-train: $(VENV)/.test-requirements-installed
-	$(VENV_PYTHON) bench_train.py
+	$(VENV_PYTHON) bench/bench_train.py
 
 # Engine targets (run.c).
 CC ?= gcc
@@ -29,40 +29,43 @@ OPENMP := $(shell echo 'int main(void){return 0;}' | $(CC) -fopenmp -x c - -o /d
 
 .PHONY: run runfast runomp runportable rundebug bench fuzz
 
+# run.c and the headers it includes: one compile unit.
+ENGINE = run.c run_kernels.h run_attention.h run_threads.h
+
 # The fastest binary this compiler can make.
-run: run.c
+run: $(ENGINE)
 	$(CC) $(CFLAGS_BASE) $(NATIVE) $(OPENMP) -o run run.c $(LDLIBS)
 
 # llama2.c's names: runfast (single thread, -Ofast-like speed without changing results), runomp (OpenMP).
-runfast: run.c
+runfast: $(ENGINE)
 	$(CC) $(CFLAGS_BASE) $(NATIVE) -o run run.c $(LDLIBS)
 
-runomp: run.c
+runomp: $(ENGINE)
 	$(CC) $(CFLAGS_BASE) $(NATIVE) -fopenmp -o run run.c $(LDLIBS)
 
 # Runs on any machine of this architecture: no -march, no OpenMP.
-runportable: run.c
+runportable: $(ENGINE)
 	$(CC) $(CFLAGS_BASE) -o run run.c $(LDLIBS)
 
 # AddressSanitizer + UndefinedBehaviorSanitizer; the tests feed bad input to this one.
-rundebug: run.c
+rundebug: $(ENGINE)
 	$(CC) -O1 -g -Wall -Wextra -Wno-unknown-pragmas -std=gnu11 -fsanitize=address,undefined -fno-sanitize-recover=undefined \
 		-fno-omit-frame-pointer -o rundebug run.c $(LDLIBS)
 
-librun.so: run.c
+librun.so: $(ENGINE)
 	$(CC) $(CFLAGS_BASE) $(NATIVE) $(OPENMP) -shared -fPIC -DARIANNA_LIBRARY -o librun.so run.c $(LDLIBS)
 
 # Generation and prompt tokens/s for shapes B, A, C with random weights, fp32 and int8, 1 and 2 threads.
-bench_run: bench_run.c run.c
-	$(CC) $(CFLAGS_BASE) $(NATIVE) $(OPENMP) -o bench_run bench_run.c $(LDLIBS)
+bench/bench_run: bench/bench_run.c $(ENGINE)
+	$(CC) $(CFLAGS_BASE) $(NATIVE) $(OPENMP) -o bench/bench_run bench/bench_run.c $(LDLIBS)
 
-bench: bench_run
-	./bench_run
+bench: bench/bench_run
+	./bench/bench_run
 
 # libFuzzer on the model and tokenizer loaders (needs clang: apt-get install clang). Not part of `make test`.
 # Findings land in fuzz/ as crash-*; FUZZ_SECONDS sets how long it runs.
 FUZZ_SECONDS ?= 180
-fuzz: fuzz/fuzz_loaders.c run.c
+fuzz: fuzz/fuzz_loaders.c $(ENGINE)
 	clang -g -O1 $(NATIVE) -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
 		-o fuzz/fuzz_loaders fuzz/fuzz_loaders.c -lm
 	mkdir -p fuzz/corpus

@@ -52,9 +52,11 @@ class ChatError(Exception):
 # ----------------------------------------------------------------------------- the C engine
 
 def library_path() -> Path:
-    """librun.so beside this file, (re)built with `make librun.so` when missing or older than run.c."""
+    """librun.so beside this file, (re)built with `make librun.so` when missing or older than its sources."""
     library, source = REPO_DIR / LIBRARY_NAME, REPO_DIR / "run.c"
-    stale = source.exists() and (not library.exists() or library.stat().st_mtime < source.stat().st_mtime)
+    sources = [source, *REPO_DIR.glob("run_*.h")]  # run.c and the headers it includes
+    stale = source.exists() and (not library.exists()
+                                 or library.stat().st_mtime < max(path.stat().st_mtime for path in sources))
     if stale:
         try:
             build = subprocess.run(["make", "-s", LIBRARY_NAME], cwd=REPO_DIR, capture_output=True, text=True)

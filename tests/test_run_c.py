@@ -570,8 +570,8 @@ def test_bad_input_fails_cleanly_under_sanitizers(version, built, model_files, t
 def test_bench_prints_a_row_per_setting(built):
     """`make bench`'s program, on the smallest shape with few tokens: the int8 product's speed, then one table row
     per weights x threads."""
-    subprocess.run(["make", "-s", "bench_run"], cwd=REPO, check=True, capture_output=True)
-    result = run_binary(REPO / "bench_run", "4", "4", "B", "12", "12")
+    subprocess.run(["make", "-s", "bench/bench_run"], cwd=REPO, check=True, capture_output=True)
+    result = run_binary(REPO / "bench" / "bench_run", "4", "4", "B", "12", "12")
     assert result.returncode == 0, result.stderr.decode()
     lines = result.stdout.decode().splitlines()
     speed = re.fullmatch(r"int8 products alone, 1 thread, in cache: (\d+) GMAC/s; a B prompt token's 5\.14 M "

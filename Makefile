@@ -12,7 +12,7 @@ $(VENV)/.test-requirements-installed: requirements.txt requirements-test.txt
 	$(VENV_PYTHON) -m pip install --quiet --disable-pip-version-check -r requirements-test.txt
 	touch $@
 
-test: $(VENV)/.test-requirements-installed run rundebug librun.so
+test: $(VENV)/.test-requirements-installed run rundebug runsan librun.so
 	$(VENV_PYTHON) -m pytest -q tests
 
 # Training tokens/s at the dim 288 / 6 layers / vocab 4096 shape: float32 eager against the fast paths.
@@ -27,7 +27,7 @@ LDLIBS = -lm
 NATIVE := $(shell echo 'int main(void){return 0;}' | $(CC) -march=native -x c - -o /dev/null 2>/dev/null && echo -march=native)
 OPENMP := $(shell echo 'int main(void){return 0;}' | $(CC) -fopenmp -x c - -o /dev/null 2>/dev/null && echo -fopenmp)
 
-.PHONY: run runfast runomp runportable rundebug bench fuzz
+.PHONY: run runfast runomp runportable rundebug runsan bench fuzz
 
 # run.c and the headers it includes: one compile unit.
 ENGINE = run.c run_kernels.h run_attention.h run_threads.h
@@ -48,9 +48,15 @@ runportable: $(ENGINE)
 	$(CC) $(CFLAGS_BASE) -o run run.c $(LDLIBS)
 
 # AddressSanitizer + UndefinedBehaviorSanitizer; the tests feed bad input to this one.
+SANITIZE = -O1 -g -Wall -Wextra -Wno-unknown-pragmas -std=gnu11 -fsanitize=address,undefined -fno-sanitize-recover=undefined \
+	-fno-omit-frame-pointer
 rundebug: $(ENGINE)
-	$(CC) -O1 -g -Wall -Wextra -Wno-unknown-pragmas -std=gnu11 -fsanitize=address,undefined -fno-sanitize-recover=undefined \
-		-fno-omit-frame-pointer -o rundebug run.c $(LDLIBS)
+	$(CC) $(SANITIZE) -o rundebug run.c $(LDLIBS)
+
+# The same sanitizers on `make run`'s build (-march=native, OpenMP), so the SIMD kernels and the threads run under
+# them too (the tests run both).
+runsan: $(ENGINE)
+	$(CC) $(SANITIZE) $(NATIVE) $(OPENMP) -o runsan run.c $(LDLIBS)
 
 librun.so: $(ENGINE)
 	$(CC) $(CFLAGS_BASE) $(NATIVE) $(OPENMP) -shared -fPIC -DARIANNA_LIBRARY -o librun.so run.c $(LDLIBS)

@@ -724,6 +724,13 @@ void arianna_close(Engine *e) {
 }
 
 Engine *arianna_open(const char *model_path, const char *tokenizer_path, int n_threads, char *err, int err_size) {
+#ifdef _OPENMP
+    if (getenv("OMP_NUM_THREADS") && omp_get_max_threads() > MAX_THREADS) /* the loader's own parallel loops use it */
+        return fail(err, err_size, "OMP_NUM_THREADS=%s asks for more than %d threads, this engine's limit; set it "
+                    "lower or unset it", getenv("OMP_NUM_THREADS"), MAX_THREADS), NULL;
+#endif
+    if (n_threads > MAX_THREADS)
+        return fail(err, err_size, "%d threads asked for: this engine runs at most %d", n_threads, MAX_THREADS), NULL;
     Engine *e = calloc(1, sizeof(Engine));
     if (!e) return fail(err, err_size, "out of memory"), NULL;
     e->n_threads = n_threads > 0 ? n_threads : default_thread_count();
@@ -968,7 +975,7 @@ int arianna_feed(Engine *e, const int *tokens, int n, int pos) {
     const int batches = (n + MAX_BATCH - 1) / MAX_BATCH, dim = e->w.cfg.dim;
     int last = 0;
     for (int i = 0; i < batches; i++) {
-        const int t0 = n * i / batches, t1 = n * (i + 1) / batches;
+        const int t0 = (int)((int64_t)n * i / batches), t1 = (int)((int64_t)n * (i + 1) / batches);
         forward_batch(e, tokens + t0, t1 - t0, pos + t0, 1, 0);
         last = t1 - t0 - 1;
     }
@@ -1122,15 +1129,63 @@ static inline double now_seconds(void) {
 
 #ifndef ARIANNA_LIBRARY
 
-/* Prints a piece unless it is a lone unprintable byte (control bytes from byte fallback garble terminals). */
-static void print_piece(const char *piece) {
-    if (!piece[0]) return;
-    if (!piece[1]) {
-        unsigned char b = (unsigned char)piece[0];
-        if (!(isprint(b) || isspace(b) || b >= 0x80)) return;
+/* Decoded pieces on their way to stdout, written as chat.py writes them: whole UTF-8 characters (one split over
+   byte-fallback tokens waits for its last byte), each maximal invalid sequence as one U+FFFD, and control
+   characters other than newline and tab dropped, so neither a model nor a hostile tokenizer can send the
+   terminal escape sequences. */
+typedef struct {
+    unsigned char pending[4]; /* the start of a character whose last bytes have not come yet */
+    int n_pending;
+} TextOut;
+
+/* How many bytes a UTF-8 sequence starting with lead has, and the range its second byte must fall in (no overlong
+   forms, surrogates or code points past U+10FFFF); 0 if lead starts none. */
+static int utf8_lead(unsigned lead, unsigned *lo, unsigned *hi) {
+    *lo = 0x80, *hi = 0xBF;
+    if (lead < 0x80) return 1;
+    if (lead >= 0xC2 && lead <= 0xDF) return 2;
+    if (lead >= 0xE0 && lead <= 0xEF) return *lo = lead == 0xE0 ? 0xA0 : 0x80, *hi = lead == 0xED ? 0x9F : 0xBF, 3;
+    if (lead >= 0xF0 && lead <= 0xF4) return *lo = lead == 0xF0 ? 0x90 : 0x80, *hi = lead == 0xF4 ? 0x8F : 0xBF, 4;
+    return 0;
+}
+
+/* One whole character, unless it is a C0 or C1 control other than newline and tab. */
+static void text_char(const unsigned char *c, int len) {
+    const unsigned cp = len == 1 ? c[0] : len == 2 ? (c[0] & 0x1Fu) << 6 | (c[1] & 0x3Fu) : 0x100;
+    if ((cp < 0x20 && cp != '\n' && cp != '\t') || (cp >= 0x7F && cp <= 0x9F)) return;
+    fwrite(c, 1, (size_t)len, stdout);
+}
+
+static void text_byte(TextOut *o, unsigned b) {
+    unsigned lo, hi;
+    if (o->n_pending == 0) {
+        const int len = utf8_lead(b, &lo, &hi);
+        if (len == 1) text_char((const unsigned char[]){(unsigned char)b}, 1);
+        else if (len == 0) fputs("\xEF\xBF\xBD", stdout);
+        else o->pending[o->n_pending++] = (unsigned char)b;
+        return;
     }
-    fputs(piece, stdout);
+    const int len = utf8_lead(o->pending[0], &lo, &hi);
+    if (o->n_pending > 1) lo = 0x80, hi = 0xBF; /* the lead's own range is for its second byte only */
+    if (b >= lo && b <= hi) {
+        o->pending[o->n_pending++] = (unsigned char)b;
+        if (o->n_pending == len) text_char(o->pending, len), o->n_pending = 0;
+        return;
+    }
+    fputs("\xEF\xBF\xBD", stdout); /* the cut-off character; b starts afresh */
+    o->n_pending = 0;
+    text_byte(o, b);
+}
+
+static void text_put(TextOut *o, const char *piece) {
+    for (const unsigned char *p = (const unsigned char *)piece; *p; p++) text_byte(o, *p);
     fflush(stdout);
+}
+
+/* The end of a text: a character still waiting for bytes becomes U+FFFD. */
+static void text_finish(TextOut *o) {
+    if (o->n_pending) fputs("\xEF\xBF\xBD", stdout);
+    o->n_pending = 0;
 }
 
 static int generate(Engine *e, const char *prompt, float temperature, float topp, unsigned long long seed, int steps) {
@@ -1144,7 +1199,8 @@ static int generate(Engine *e, const char *prompt, float temperature, float topp
         free(tokens);
         return 1;
     }
-    for (int i = 1; i < n_prompt; i++) print_piece(arianna_decode(e, tokens[i - 1], tokens[i]));
+    TextOut out = {0};
+    for (int i = 1; i < n_prompt; i++) text_put(&out, arianna_decode(e, tokens[i - 1], tokens[i]));
     double start = now_seconds();
     arianna_feed(e, tokens, n_prompt, 0);
     double prompt_done = now_seconds();
@@ -1153,12 +1209,13 @@ static int generate(Engine *e, const char *prompt, float temperature, float topp
     while (pos < steps) {
         int next = arianna_sample(e, temperature, topp, &seed);
         if (next == e->tok.eos || next == e->tok.bos) break;
-        print_piece(arianna_decode(e, prev, next));
+        text_put(&out, arianna_decode(e, prev, next));
         generated++;
         if (pos + 1 >= steps) break;
         arianna_feed(e, &next, 1, pos++);
         prev = next;
     }
+    text_finish(&out);
     printf("\n");
     double end = now_seconds();
     fprintf(stderr, "prompt: %d tokens at %.1f tok/s; generated %d tokens at %.1f tok/s; %d thread%s\n", n_prompt,
@@ -1227,13 +1284,14 @@ static int chat(Engine *e, const char *first_user, const char *system, float tem
         free(feed), free(turn);
         n_pending = 0;
         if (interactive) fputs("Assistant: ", stdout);
+        TextOut out = {0};
         for (int produced = 0;; produced++) {
             int next = arianna_sample(e, temperature, topp, &seed);
             if (next == eos) {
                 pending[n_pending++] = eos;
                 break;
             }
-            print_piece(arianna_decode(e, prev, next));
+            text_put(&out, arianna_decode(e, prev, next));
             if (pos + 1 >= seq_len) {
                 fprintf(stderr, "\n[context of %d tokens is full: the next turn starts a new conversation]", seq_len);
                 pos = seq_len; /* forces the reset */
@@ -1246,6 +1304,7 @@ static int chat(Engine *e, const char *first_user, const char *system, float tem
             arianna_feed(e, &next, 1, pos++);
             prev = next;
         }
+        text_finish(&out);
         printf("\n");
         fflush(stdout);
     }

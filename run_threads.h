@@ -13,6 +13,10 @@
 #endif
 #include "run_kernels.h"
 
+/* The most threads the engine runs: far more than any machine's cores, few enough that per-thread buffers and
+   OpenMP's thread stacks stay small (a huge count would exhaust memory inside the OpenMP runtime). */
+#define MAX_THREADS 1024
+
 /* One thread's share of a phase's work items (see share_take). */
 typedef struct {
     _Alignas(64) _Atomic uint64_t span; /* the items not yet taken: front << 32 | back; a cache line per thread */
@@ -26,7 +30,8 @@ typedef struct {
    slower, and with fixed shares the faster would wait for it at every barrier. */
 static void share_split(Share *shares, int count, int nth) {
     for (int t = 0; t < nth; t++)
-        atomic_init(&shares[t].span, (uint64_t)(count * t / nth) << 32 | (uint64_t)(count * (t + 1) / nth));
+        atomic_init(&shares[t].span, (uint64_t)count * (uint64_t)t / (uint64_t)nth << 32 |
+                                         (uint64_t)count * (uint64_t)(t + 1) / (uint64_t)nth);
 }
 
 /* The next item for thread tid, or -1 once every share is done. There is a share per thread asked for (slots);

@@ -351,6 +351,7 @@ def test_bad_files_are_one_line_errors(trained: Fixture, tmp_path: Path) -> None
         ([str(trained.model_bin), "-z", str(short_tokenizer)], "300"),
         ([str(tmp_path / "missing.bin"), "-z", str(trained.tokenizer_bin)], "missing.bin"),
         ([str(trained.model_bin), "-z", str(tmp_path / "missing_tok.bin")], "missing_tok.bin"),
+        ([str(trained.model_bin), "-z", str(trained.tokenizer_bin), "--threads", "100000"], "1024"),
     ]
     for args, named in cases:
         result = run_piped(args, "Привет\n", tmp_path)

@@ -1,6 +1,6 @@
 """run.c against the PyTorch model and SentencePiece: greedy output, the encoder, the chat template, bad input.
 
-Builds ./run, ./rundebug (ASan + UBSan) and librun.so with make, trains a tiny SentencePiece model and
+Builds ./run, ./rundebug and ./runsan (ASan + UBSan, portable and native + OpenMP) and librun.so with make, trains a tiny SentencePiece model and
 a tiny Transformer (briefly, so its greedy choices are not coin flips), exports it in all three .bin
 versions and drives the binary and the library.
 """
@@ -15,6 +15,7 @@ import struct
 import subprocess
 import sys
 import time
+import unicodedata
 from pathlib import Path
 
 import pytest
@@ -49,7 +50,7 @@ CORPUS_LINES = [
 
 @pytest.fixture(scope="session")
 def built() -> Path:
-    subprocess.run(["make", "-s", "run", "rundebug", "librun.so"], cwd=REPO, check=True, capture_output=True)
+    subprocess.run(["make", "-s", "run", "rundebug", "runsan", "librun.so"], cwd=REPO, check=True, capture_output=True)
     return REPO
 
 
@@ -325,8 +326,14 @@ def test_encoder_matches_sentencepiece_llama2(lib, workdir):
         engine.close()
 
 
+def printable(raw: bytes) -> bytes:
+    """raw as ./run and chat.py write it: invalid UTF-8 replaced, control characters but newline and tab dropped."""
+    text = raw.decode("utf-8", errors="replace")
+    return "".join(ch for ch in text if ch in "\n\t" or unicodedata.category(ch) != "Cc").encode()
+
+
 def expected_text(tokenizer_bin: Path, tokens: list[int]) -> bytes:
-    """The bytes ./run prints for tokens (after the BOS), decoding each piece as llama2.c does."""
+    """The bytes ./run prints for tokens (after the BOS): each piece decoded as llama2.c does, then printable."""
     data = tokenizer_bin.read_bytes()
     pieces, offset = [], 4
     while offset < len(data):
@@ -341,7 +348,7 @@ def expected_text(tokenizer_bin: Path, tokens: list[int]) -> bytes:
         elif prev == 1 and piece.startswith(b" "):
             piece = piece[1:]
         out += piece
-    return out
+    return printable(out)
 
 
 @pytest.mark.parametrize("kernels", ["native", "avx2", "portable"])
@@ -409,11 +416,13 @@ def test_greedy_matches_pytorch(version, built, lib, tiny_model, model_files, to
         finally:
             engine.close()
         # The binary: -n counts all positions; it stops at EOS without printing it.
-        result = run_binary(built / "run", model_files[version], "-z", tokenizer_files[1], "-t", "0",
-                            "-n", len(prompt) + steps, "-i", text, "-T", "2")
-        assert result.returncode == 0, result.stderr.decode()
         generated = [t for t in want if t != tokenizer.eos_id]
-        assert result.stdout == expected_text(tokenizer_files[1], prompt + generated) + b"\n"
+        # ./runsan: the SIMD kernels and the threads' sharing of a batch under ASan and UBSan.
+        for binary, threads in (("run", "2"), ("runsan", "3")):
+            result = run_binary(built / binary, model_files[version], "-z", tokenizer_files[1], "-t", "0",
+                                "-n", len(prompt) + steps, "-i", text, "-T", threads)
+            assert result.returncode == 0, result.stderr.decode()
+            assert result.stdout == expected_text(tokenizer_files[1], prompt + generated) + b"\n"
 
 
 def test_fewer_threads_than_asked_for_change_nothing(built, model_files, tokenizer_files):
@@ -565,6 +574,58 @@ def test_bad_input_fails_cleanly_under_sanitizers(version, built, model_files, t
         assert "Sanitizer" not in stderr and "runtime error" not in stderr, (name, stderr)
         lines = stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], (name, stderr)
+
+
+def test_thread_counts_beyond_the_limit_are_one_line_errors(built, model_files, tokenizer_files):
+    """-T or OMP_NUM_THREADS far beyond any machine: one line naming the limit, not a crash inside the OpenMP
+    runtime or a signed overflow in the work sharing (rundebug: no OpenMP)."""
+    big = {**ENV, "OMP_NUM_THREADS": "100000"}
+    cases = [("run", ["-T", "100000"], ENV), ("runsan", ["-T", "100000"], ENV), ("rundebug", ["-T", "100000"], ENV),
+             ("run", [], big), ("runsan", ["-T", "2"], big)]
+    for binary, flags, env in cases:
+        result = run_binary(built / binary, model_files[2], "-z", tokenizer_files[1], "-n", "8", *flags, env=env)
+        stderr = result.stderr.decode(errors="replace")
+        assert result.returncode == 1, (binary, flags, stderr)
+        lines = stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:") and "1024" in lines[0], (binary, flags, stderr)
+
+
+def test_one_feed_longer_than_half_a_million_tokens(built, workdir, tokenizer_files):
+    """A single arianna_feed of 540k tokens (a chat turn): its batch bounds n * i / batches pass 2^31 there. Under
+    the sanitizers, on a 1-layer model with the header's largest context, where the batches only fill the cache."""
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=8, n_layers=1, n_heads=1, vocab_size=Tokenizer(tokenizer_files[0]).n_words,
+                                  max_seq_len=1 << 20))
+    path = export_model(model, workdir / "long_context.bin", version=1)
+    turn = "1234567890" * 54000  # digits are split: a token each
+    result = run_binary(built / "runsan", path, "-z", tokenizer_files[1], "-m", "chat", "-t", "0", "-n", "2",
+                        "-T", "2", stdin=turn + "\n", timeout=240)
+    stderr = result.stderr.decode(errors="replace")
+    assert result.returncode == 0 and "Sanitizer" not in stderr and "runtime error" not in stderr, stderr[-2000:]
+    assert "does not fit" not in stderr
+
+
+def test_tokenizer_pieces_cannot_send_terminal_escapes(built, workdir):
+    """A tokenizer whose pieces hold ESC sequences and C1 controls (CSI as U+009B), and a prompt that encodes to
+    them: ./run writes the text around them, valid UTF-8 without a control character but newline and tab."""
+    pieces = [b"<unk>", b"\n<s>\n", b"\n</s>\n"] + [b"<0x%02X>" % b for b in range(256)]
+    pieces += [b" ", b"A", b"B", b"\x1b", b"[", b"2", b"J", b"\x1b[", b"\x1b[2", b"\x1b[2J", b"\xc2\x9b", b"\xc2\x9b2J",
+               b"\x07", b" B"]
+    tok = workdir / "hostile_tok.bin"
+    tok.write_bytes(struct.pack("<i", 16) + b"".join(struct.pack("<fi", float(i), len(p)) + p
+                                                   for i, p in enumerate(pieces)))
+    torch.manual_seed(0)
+    model = export_model(Transformer(ModelArgs(dim=8, n_layers=1, n_heads=1, vocab_size=len(pieces), max_seq_len=64)),
+                         workdir / "hostile.bin", version=1)
+    prompt = "A\x1b[2J B\u009b2J\x07B\x1b[2"
+    for mode in ("generate", "chat"):
+        result = run_binary(built / "runsan", model, "-z", tok, "-i", prompt, "-m", mode, "-t", "1", "-s", "3",
+                            "-n", "40", stdin="")
+        assert result.returncode == 0, result.stderr.decode()
+        text = result.stdout.decode("utf-8")  # valid UTF-8
+        assert not [ch for ch in text if ch not in "\n\t" and unicodedata.category(ch) == "Cc"], repr(text)
+        if mode == "generate":
+            assert text.startswith("A[2J B2JB[2"), repr(text)  # the controls alone are dropped
 
 
 def test_bench_prints_a_row_per_setting(built):

@@ -43,17 +43,14 @@ import numpy as np
 import sentencepiece as spm
 
 from config import add_config_arguments
+from formats import atomic_write, find_markdown_files, read_markdown
 from tokenizer import llama2_tokenizer_path
 
 CORPUS_NAME = "arianna_corpus.txt"
 DOCUMENT_SEPARATOR = "\x1e"  # ASCII record separator, alone on its line after every document
 SEPARATOR_LINE = (DOCUMENT_SEPARATOR + "\n").encode("utf-8")
-MARKDOWN_SUFFIXES = (".md", ".markdown")
 MAX_UINT16_VOCAB = 1 << 16  # ids 0..65535
 LLAMA2_DATA_NAME = "arianna_data"
-# Front matter: an opening fence line at the very top, anything, then the closing fence line.
-FRONT_MATTER = re.compile(r"\A(?:---[ \t]*\n(?:.*?\n)?(?:---|\.\.\.)|\+\+\+[ \t]*\n(?:.*?\n)?\+\+\+)[ \t]*(?:\n|\Z)",
-                          re.DOTALL)
 
 
 def fail(message: str) -> typing.NoReturn:
@@ -95,34 +92,12 @@ class PretokenizeConfig:
 
 # ----------------------------------------------------------------------------- prepare
 
-def find_markdown_files(doc_dir: Path) -> list[Path]:
-    """Every .md/.markdown path under doc_dir (not folders), ordered by relative path so output is stable."""
-    found = [path for path in doc_dir.rglob("*")
-             if path.suffix.lower() in MARKDOWN_SUFFIXES and not path.is_dir()]
-    return sorted(found, key=lambda path: path.relative_to(doc_dir).parts)
-
-
-def strip_front_matter(text: str) -> str:
-    """Drop a YAML (--- ... ---) or TOML (+++ ... +++) block at the very top, and the blank lines after it."""
-    match = FRONT_MATTER.match(text)
-    return text[match.end():].lstrip("\n") if match else text
-
-
 def read_document(path: Path) -> tuple[Optional[str], str]:
-    """(document text, "") or (None, why it is skipped). Text has LF line endings and ends with a newline."""
-    try:
-        raw = path.read_bytes()
-    except OSError as error:
-        return None, f"cannot read it ({error.strerror or error}); check that it exists and is readable"
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        return None, (f"not UTF-8 (byte 0x{raw[error.start]:02x} at offset {error.start}); re-save it as UTF-8")
-    if DOCUMENT_SEPARATOR in text:
-        offset = len(text[:text.index(DOCUMENT_SEPARATOR)].encode("utf-8"))
-        return None, (f"contains the control character U+001E (at byte {offset}), which {CORPUS_NAME} uses "
-                      "to separate documents; remove it")
-    text = strip_front_matter(text.replace("\r\n", "\n").replace("\r", "\n"))
+    """(document text, "") or (None, why it is skipped). Text as formats.read_markdown gives it, ending with a
+    newline."""
+    text, reason = read_markdown(path, warn, reserved=(DOCUMENT_SEPARATOR, f"{CORPUS_NAME} uses to separate documents"))
+    if text is None:
+        return None, reason
     if not text.strip():
         return None, "no text (empty, or front matter only)"
     return (text if text.endswith("\n") else text + "\n"), ""
@@ -137,33 +112,38 @@ def prepare(config: PrepareConfig) -> Path:
     if not paths:
         fail(f"no markdown files (.md, .markdown) in {doc_dir}; put your documents there, "
              "or point to yours with --doc_dir=PATH")
-    data_dir.mkdir(parents=True, exist_ok=True)
+    make_data_dir(data_dir)
     corpus_path = data_dir / CORPUS_NAME
-    tmp_path = corpus_path.with_name(corpus_path.name + ".tmp")
     n_files = n_chars = n_bytes = 0
-    try:
-        with open(tmp_path, "wb") as corpus:
-            for path in paths:
-                text, reason = read_document(path)
-                if text is None:
-                    warn(f"skipping {path}: {reason}")
-                    continue
-                encoded = text.encode("utf-8")
-                corpus.write(encoded)
-                corpus.write(SEPARATOR_LINE)
-                n_files += 1
-                n_chars += len(text)
-                n_bytes += len(encoded)
+    with atomic_write(corpus_path) as corpus:
+        for path in paths:
+            text, reason = read_document(path)
+            if text is None:
+                warn(f"skipping {path}: {reason}")
+                continue
+            encoded = text.encode("utf-8")
+            corpus.write(encoded)
+            corpus.write(SEPARATOR_LINE)
+            n_files += 1
+            n_chars += len(text)
+            n_bytes += len(encoded)
         if n_files == 0:
             fail(f"none of the {len(paths)} markdown files in {doc_dir} could be used (see the warnings above); "
                  "fix them and run prepare again")
-        os.replace(tmp_path, corpus_path)
-    finally:
-        tmp_path.unlink(missing_ok=True)
     skipped = len(paths) - n_files
     print(f"gathered {n_files} files, {n_chars} characters, {n_bytes} bytes from {doc_dir} into {corpus_path}"
           + (f" ({skipped} skipped)" if skipped else ""))
     return corpus_path
+
+
+def make_data_dir(data_dir: Path) -> None:
+    if data_dir.exists() and not data_dir.is_dir():
+        fail(f"--data_dir={data_dir} is a file, not a folder; pass a folder (it is created if missing)")
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        fail(f"cannot create the folder --data_dir={data_dir} ({error.strerror or error}); pass a folder you can "
+             "write to")
 
 
 # ----------------------------------------------------------------------------- reading the corpus
@@ -248,18 +228,13 @@ def train_vocab(config: TrainVocabConfig) -> Path:
     sp = spm.SentencePieceProcessor(model_proto=model_writer.getvalue())
     # The .vocab file as SentencePiece writes it: piece, tab, score; for people to read.
     vocab_lines = "".join(f"{sp.id_to_piece(index)}\t{sp.get_score(index):g}\n" for index in range(sp.vocab_size()))
-    write_atomically(model_path, model_writer.getvalue())
-    write_atomically(vocab_path, vocab_lines.encode("utf-8"))
+    for path, data in ((model_path, model_writer.getvalue()), (vocab_path, vocab_lines.encode("utf-8"))):
+        with atomic_write(path) as out:
+            out.write(data)
     print(f"wrote {model_path} and {vocab_path} ({config.vocab_size} tokens); next: "
           f"`python tokenizer.py --tokenizer-model={model_path}` and "
           f"`python arianna_data.py pretokenize --vocab_size={config.vocab_size}`")
     return model_path
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    tmp_path = path.with_name(path.name + ".tmp")
-    tmp_path.write_bytes(data)
-    os.replace(tmp_path, path)
 
 
 def explain_training_error(message: str, vocab_size: int, corpus_path: Path) -> str:

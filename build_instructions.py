@@ -21,6 +21,7 @@ from typing import Optional
 import yaml
 
 from config import parse_config
+from formats import atomic_write
 
 DEFAULT_TEMPLATE = "Сгенерируй {language} код из спецификации:\n{spec}"
 LANGUAGES = {
@@ -122,11 +123,9 @@ def main(argv: Optional[list[str]] = None) -> None:
                  "(user_service.vibee + user_service.zig)")
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as lines:
+    with atomic_write(out, "w", encoding="utf-8") as lines:
         for example in report.examples:
             lines.write(json.dumps(example, ensure_ascii=False) + "\n")
-    os.replace(tmp, out)
     print(f"wrote {len(report.examples)} examples to {out}" + (f"; {len(report.problems)} files skipped (listed above)"
                                                                if report.problems else ""))
 

@@ -28,9 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
+from formats import FormatError, atomic_write, read_model_header, read_regular_file
+
 REPO_DIR = Path(__file__).resolve().parent
 LIBRARY_NAME = "librun.so"
-MODEL_MAGIC = 0x616B3432
 HISTORY_FILE = ".arianna_history"
 PROMPT, CONTINUATION_PROMPT = ">>> ", "... "
 ERR_SIZE = 512
@@ -153,22 +154,11 @@ class Engine:
 
 # ----------------------------------------------------------------------------- finding the tokenizer
 
-def model_vocab_size(path: Path) -> int:
-    """vocab_size from a model .bin header: v0 starts with seven int32 (vocab negative when the classifier is
-    not shared); v1 and v2 put the magic and the version before them."""
-    with open(path, "rb") as f:
-        head = f.read(36)
-    offset = 8 if len(head) >= 4 and struct.unpack_from("<I", head)[0] == MODEL_MAGIC else 0
-    if len(head) < offset + 28:
-        raise SystemExit(f"error: {path} is too short to be a model .bin; export one with `python export.py`")
-    return abs(struct.unpack_from("<7i", head, offset)[5])
-
-
 def tokenizer_token_count(path: Path) -> Optional[int]:
     """How many tokens a tokenizer .bin holds (int32 max length, then per token float32 score, int32 length,
     bytes), or None when it is not such a file."""
     try:
-        data = path.read_bytes()
+        data = read_regular_file(path)
     except OSError:
         return None
     offset, count = 4, 0
@@ -183,7 +173,10 @@ def tokenizer_token_count(path: Path) -> Optional[int]:
 
 def find_tokenizer(model_path: Path) -> Path:
     """The tokenizer .bin beside the model or in data/ whose token count equals the model's vocab size."""
-    vocab_size = model_vocab_size(model_path)
+    try:
+        vocab_size = read_model_header(model_path).vocab_size
+    except FormatError as e:
+        raise SystemExit(f"error: {e}") from None
     folders = [model_path.parent, Path("data"), REPO_DIR / "data"]
     seen: set[Path] = set()
     for folder in folders:
@@ -390,21 +383,24 @@ class Conversation:
 
 def save_conversation(conversation: Conversation, path: Path) -> None:
     data = {"system": conversation.system, "messages": conversation.messages()}
-    tmp_path = path.with_name(path.name + ".tmp")
     try:
-        tmp_path.write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp_path, path)
+        with atomic_write(path, "w", encoding="utf-8") as f:
+            f.write(json.dumps(data, ensure_ascii=False, indent=2) + "\n")
     except OSError as e:
         raise ChatError(f"cannot write {path}: {e.strerror}") from None
 
 
 def read_conversation(path: Path, encode: Callable[[str], list[int]], eos: int) -> tuple[str, list[Exchange]]:
-    """A conversation from JSON {"system": ..., "messages": [...]} (a leading system message works too)."""
+    """A conversation from JSON {"system": ..., "messages": [...]} (a leading system message works too).
+    Any problem with the file is a ChatError, raised before anything of the current conversation changes."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_regular_file(path).decode("utf-8"))
     except OSError as e:
-        raise ChatError(f"cannot read {path}: {e.strerror}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ChatError(f"cannot read {path}: {e.strerror or e}") from None
+    except RecursionError:
+        raise ChatError(f"{path} nests too deeply to be a saved conversation; /save writes the format /load reads") \
+            from None
+    except ValueError as e:  # not UTF-8, not JSON, or an integer too long to convert
         raise ChatError(f"{path} is not JSON ({e}); /save writes the format /load reads") from None
     shape = f'{path}: expected {{"system": TEXT, "messages": [{{"role": "user"|"assistant", "content": TEXT}}, ...]}}'
     if not isinstance(data, dict) or not isinstance(data.get("messages", []), list):
@@ -415,6 +411,13 @@ def read_conversation(path: Path, encode: Callable[[str], list[int]], eos: int) 
         raise ChatError(shape)
     if messages and messages[0].get("role") == "system":
         system = messages.pop(0)["content"]
+    for index, text in enumerate([system] + [m["content"] for m in messages]):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            where = "the system prompt" if index == 0 else f"message {index}"
+            raise ChatError(f"{path}: {where} holds a lone surrogate ({text[e.start]!r}), which is not text") \
+                from None
     roles = [m.get("role") for m in messages]
     if len(messages) % 2 or roles != ["user", "assistant"] * (len(messages) // 2):
         raise ChatError(f"{path}: messages must alternate user, assistant and end with an assistant answer")
@@ -598,17 +601,22 @@ class ChatSession:
                     self.note(f"error: {e}")
 
 
+def missing(path: Path) -> str:
+    """Why path, which is not a regular file, cannot be read (the engine refuses FIFOs and devices too)."""
+    return "not found" if not path.exists() else "is not a regular file"
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     config = parse_args(argv)
     for stream in (sys.stdin, sys.stdout, sys.stderr):
         stream.reconfigure(encoding="utf-8", errors="replace")
     model_path = Path(config.model)
     if not model_path.is_file():
-        raise SystemExit(f"error: model {model_path} not found; export one with "
+        raise SystemExit(f"error: model {model_path} {missing(model_path)}; export one with "
                          f"`python export.py {model_path} --checkpoint=out/ckpt.pt`")
     tokenizer_path = Path(config.tokenizer) if config.tokenizer else find_tokenizer(model_path)
     if not tokenizer_path.is_file():
-        raise SystemExit(f"error: tokenizer {tokenizer_path} not found; export one with "
+        raise SystemExit(f"error: tokenizer {tokenizer_path} {missing(tokenizer_path)}; export one with "
                          "`python tokenizer.py --tokenizer-model=data/tok4096.model`")
     interactive = sys.stdin.isatty()
     engine = Engine(load_library(library_path()), model_path, tokenizer_path, config.threads)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import struct
 import sys
 from pathlib import Path
 from typing import BinaryIO
@@ -27,11 +26,9 @@ from typing import BinaryIO
 import numpy as np
 import torch
 
+from formats import (HEADER_BYTES, VERSIONS, FormatError, ModelHeader, atomic_write, check_model_size,
+                     parse_model_header, read_regular_file)
 from model import ModelArgs, Transformer
-
-MAGIC = 0x616B3432
-HEADER_BYTES = 256
-VERSIONS = (0, 1, 2)
 
 
 def _write_fp32(out: BinaryIO, tensor: torch.Tensor) -> None:
@@ -77,11 +74,6 @@ def _norms(model: Transformer) -> list[torch.Tensor]:
             + [layer.ffn_norm.weight for layer in model.layers] + [model.norm.weight])
 
 
-def _header_ints(args: ModelArgs, vocab_size: int) -> bytes:
-    return struct.pack("<7i", args.dim, args.hidden_dim, args.n_layers, args.n_heads, args.n_kv_heads,
-                       vocab_size, args.max_seq_len)
-
-
 def export_model(model: Transformer, path: str | os.PathLike, version: int = 0, group_size: int = 64) -> Path:
     """Write model as a llama2.c .bin of the given version; atomic (temp file, then rename)."""
     if version not in VERSIONS:
@@ -89,13 +81,16 @@ def export_model(model: Transformer, path: str | os.PathLike, version: int = 0, 
     args = model.args
     shared_classifier = model.output.weight.data_ptr() == model.tok_embeddings.weight.data_ptr() or torch.equal(
         model.output.weight, model.tok_embeddings.weight)
+    if version == 2:
+        group_size = q80_group_size(args, group_size)
+    header = ModelHeader(version, args.dim, args.hidden_dim, args.n_layers, args.n_heads, args.n_kv_heads,
+                         args.vocab_size, args.max_seq_len, shared_classifier, group_size if version == 2 else 0)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_path = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with torch.no_grad(), open(tmp_path, "wb") as out:
+    with torch.no_grad(), atomic_write(path) as out:
+        out.write(header.pack())
         if version == 0:
             layers = model.layers
-            out.write(_header_ints(args, args.vocab_size if shared_classifier else -args.vocab_size))
             tensors = [model.tok_embeddings.weight]
             tensors += [layer.attention_norm.weight for layer in layers]
             for name in ("wq", "wk", "wv", "wo"):
@@ -109,12 +104,6 @@ def export_model(model: Transformer, path: str | os.PathLike, version: int = 0, 
             for tensor in tensors:
                 _write_fp32(out, tensor)
         else:
-            header = struct.pack("<Ii", MAGIC, version) + _header_ints(args, args.vocab_size)
-            header += struct.pack("<B", int(shared_classifier))
-            if version == 2:
-                group_size = q80_group_size(args, group_size)
-                header += struct.pack("<i", group_size)
-            out.write(header + b"\0" * (HEADER_BYTES - len(header)))
             for norm in _norms(model):
                 _write_fp32(out, norm)
             for matrix in _matrices(model, shared_classifier):
@@ -124,28 +113,25 @@ def export_model(model: Transformer, path: str | os.PathLike, version: int = 0, 
                     values, scale = quantize_q80(matrix, group_size)
                     out.write(values.numpy().tobytes())
                     _write_fp32(out, scale)
-    os.replace(tmp_path, path)
     return path
 
 
 def read_model_bin(path: str | os.PathLike) -> tuple[int, ModelArgs, dict[str, torch.Tensor]]:
-    """Read a .bin back: (version, ModelArgs, state dict loadable by Transformer). Version 2 comes back dequantized."""
-    data = Path(path).read_bytes()
-    magic, version = struct.unpack_from("<Ii", data, 0)
-    if magic == MAGIC:
-        dims = struct.unpack_from("<7i", data, 8)
-        shared_classifier = bool(data[36])
-        group_size = struct.unpack_from("<i", data, 37)[0] if version == 2 else 0
-        offset = HEADER_BYTES
-    else:
-        version, dims = 0, struct.unpack_from("<7i", data, 0)
-        shared_classifier = dims[5] > 0
-        offset = 28
-    dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, max_seq_len = dims
-    args = ModelArgs(dim=dim, hidden_dim=hidden_dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
-                     vocab_size=abs(vocab_size), max_seq_len=max_seq_len)
-    head_dim = dim // n_heads
-    kv_dim = n_kv_heads * head_dim
+    """Read a .bin back: (version, ModelArgs, state dict loadable by Transformer). Version 2 comes back dequantized.
+    A file run.c would refuse raises FormatError (a ValueError) with a one-line message."""
+    try:
+        data = read_regular_file(path)
+    except OSError as e:
+        raise FormatError(f"cannot read model {path}: {e.strerror or e}") from None
+    header = parse_model_header(data[:HEADER_BYTES], path)
+    check_model_size(header, len(data), path)
+    version, shared_classifier, group_size, offset = (header.version, header.shared_classifier, header.group_size,
+                                                      header.header_bytes)
+    dim, hidden_dim, n_layers, n_heads, vocab_size = (header.dim, header.hidden_dim, header.n_layers, header.n_heads,
+                                                      header.vocab_size)
+    args = ModelArgs(dim=dim, hidden_dim=hidden_dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=header.n_kv_heads,
+                     vocab_size=vocab_size, max_seq_len=header.seq_len)
+    kv_dim = header.kv_dim
     shapes = {"wq": (dim, dim), "wk": (kv_dim, dim), "wv": (kv_dim, dim), "wo": (dim, dim),
               "w1": (hidden_dim, dim), "w2": (dim, hidden_dim), "w3": (hidden_dim, dim)}
     block = {"wq": "attention", "wk": "attention", "wv": "attention", "wo": "attention",
@@ -171,7 +157,7 @@ def read_model_bin(path: str | os.PathLike) -> tuple[int, ModelArgs, dict[str, t
         return [f"layers.{i}.{block[name]}.{name}.weight" for i in range(n_layers)]
 
     if version == 0:
-        state["tok_embeddings.weight"] = fp32((abs(vocab_size), dim))
+        state["tok_embeddings.weight"] = fp32((vocab_size, dim))
         state.update({f"layers.{i}.attention_norm.weight": fp32((dim,)) for i in range(n_layers)})
         for name in ("wq", "wk", "wv", "wo"):
             state.update({key: fp32(shapes[name]) for key in layer_names(name)})
@@ -179,18 +165,15 @@ def read_model_bin(path: str | os.PathLike) -> tuple[int, ModelArgs, dict[str, t
         for name in ("w1", "w2", "w3"):
             state.update({key: fp32(shapes[name]) for key in layer_names(name)})
         state["norm.weight"] = fp32((dim,))
-        take(2 * max_seq_len * head_dim // 2, "<f4")  # RoPE tables: recomputed by the model
+        take(header.seq_len * header.head_size, "<f4")  # RoPE tables: recomputed by the model
     else:
         state.update({f"layers.{i}.attention_norm.weight": fp32((dim,)) for i in range(n_layers)})
         state.update({f"layers.{i}.ffn_norm.weight": fp32((dim,)) for i in range(n_layers)})
         state["norm.weight"] = fp32((dim,))
-        state["tok_embeddings.weight"] = matrix((abs(vocab_size), dim))
+        state["tok_embeddings.weight"] = matrix((vocab_size, dim))
         for name in ("wq", "wk", "wv", "wo", "w1", "w2", "w3"):
             state.update({key: matrix(shapes[name]) for key in layer_names(name)})
-    state["output.weight"] = state["tok_embeddings.weight"] if shared_classifier else matrix((abs(vocab_size), dim))
-    if offset != len(data):
-        raise ValueError(f"{path}: {len(data) - offset} bytes left over after the weights; the file is not a "
-                         f"version {version} model of these dimensions")
+    state["output.weight"] = state["tok_embeddings.weight"] if shared_classifier else matrix((vocab_size, dim))
     return version, args, state
 
 

@@ -16,7 +16,6 @@ only on the files and the flags: the same --seed gives a byte-identical file.
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import sys
@@ -25,8 +24,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from config import parse_config
-
-MARKDOWN_SUFFIXES = (".md", ".markdown")
+from formats import atomic_write, find_markdown_files, read_markdown
 
 RUSSIAN_TOPIC_TEMPLATES = (
     "Что такое {topic}?",
@@ -84,7 +82,6 @@ DEFINITION_PREFIX = re.compile(r"^(что\s+так(ое|ие)|what\s+(is|are))\s
 
 FENCE = re.compile(r"^ {0,3}(?P<fence>`{3,}|~{3,})")
 ATX_HEADING = re.compile(r"^ {0,3}(?P<hashes>#{1,6})(?:[ \t]+(?P<text>.*?))?(?:[ \t]+#+)?[ \t]*$")
-FRONT_MATTER_END = re.compile(r"^(---|\.\.\.)\s*$")
 SENTENCE_END = re.compile(r"(?<=[.!?…])\s+")
 CYRILLIC = re.compile(r"[\u0400-\u04FF]")
 LATIN = re.compile(r"[A-Za-z]")
@@ -122,29 +119,21 @@ class Section:
 
 
 def read_markdown_files(doc_dir: Path) -> list[tuple[Path, str]]:
-    """All markdown files under doc_dir, sorted, as (path, text); non-UTF-8 files are skipped with a note."""
+    """All markdown files under doc_dir, sorted, as (path, text without front matter) (formats.read_markdown);
+    files that cannot be used are skipped with a note."""
     if not doc_dir.is_dir():
         sys.exit(f"error: doc dir {doc_dir} not found; put your markdown there or pass --doc_dir=PATH")
-    paths = sorted(p for p in doc_dir.rglob("*") if p.is_file() and p.suffix.lower() in MARKDOWN_SUFFIXES)
+    paths = find_markdown_files(doc_dir)
     if not paths:
         sys.exit(f"error: no .md or .markdown files under {doc_dir}; put your markdown there or pass --doc_dir=PATH")
     files = []
     for path in paths:
-        try:
-            files.append((path, path.read_text(encoding="utf-8")))
-        except UnicodeDecodeError:
-            print(f"skip: {path} (not UTF-8; convert it with `iconv -t UTF-8`)", file=sys.stderr)
+        text, reason = read_markdown(path, lambda message: print(f"warning: {message}", file=sys.stderr))
+        if text is None:
+            print(f"skip: {path} ({reason})", file=sys.stderr)
+        else:
+            files.append((path, text))
     return files
-
-
-def strip_front_matter(lines: list[str]) -> list[str]:
-    """Drop a YAML front matter block (--- ... --- at the very top); it is metadata, not prose."""
-    if not lines or lines[0].strip() != "---":
-        return lines
-    for i in range(1, len(lines)):
-        if FRONT_MATTER_END.match(lines[i]):
-            return lines[i + 1:]
-    return lines
 
 
 def clean_heading(text: str) -> str:
@@ -174,7 +163,7 @@ def split_sections(path: Path, text: str) -> list[Section]:
         if current is not None:
             sections.append(Section(path, current[0], current[1], "\n".join(body).strip("\n")))
 
-    for line in strip_front_matter(text.splitlines()):
+    for line in text.splitlines():
         fence = FENCE.match(line)
         if open_fence is not None:
             if fence and fence.group("fence")[0] == open_fence[0] and len(fence.group("fence")) >= len(open_fence):
@@ -390,11 +379,9 @@ def build_dialogs(config: ConversationConfig) -> tuple[list[dict], int, int]:
 def write_jsonl_atomically(path: Path, records: list[dict]) -> None:
     """Write JSON lines to a temporary file beside path, then rename: readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_path = path.with_name(path.name + ".tmp")
-    with open(tmp_path, "w", encoding="utf-8", newline="\n") as f:
+    with atomic_write(path, "w", encoding="utf-8", newline="\n") as f:
         for record in records:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    os.replace(tmp_path, path)
 
 
 def main(argv: Optional[list[str]] = None) -> None:

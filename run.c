@@ -619,7 +619,7 @@ typedef struct Engine {
 } Engine;
 
 static void *map_file(const char *path, size_t *size, const char *what, char *err, int err_size) {
-    int fd = open(path, O_RDONLY);
+    int fd = open(path, O_RDONLY | O_NONBLOCK); /* a FIFO would block here until a writer came: refused below */
     if (fd < 0) {
         fail(err, err_size, "%s %s: %s", what, path, strerror(errno));
         return NULL;

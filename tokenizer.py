@@ -23,6 +23,8 @@ from typing import Callable, Iterable, Optional
 
 from sentencepiece import SentencePieceProcessor
 
+from formats import atomic_write
+
 LLAMA2_TOKENIZER_ENV = "ARIANNA_LLAMA2_TOKENIZER"
 LLAMA2_TOKENIZER_HELP = (
     "the Llama 2 tokenizer.model is Meta's file (Llama 2 Community License): download it from "
@@ -77,13 +79,11 @@ class Tokenizer:
             pieces.append(piece.replace("\u2581", " ").encode("utf-8"))
             scores.append(self.sp.get_score(token_id))
         bin_path = Path(bin_path)
-        tmp_path = bin_path.with_name(bin_path.name + ".tmp")
-        with open(tmp_path, "wb") as f:
+        with atomic_write(bin_path) as f:
             f.write(struct.pack("<i", max(len(p) for p in pieces)))
             for piece, score in zip(pieces, scores):
                 f.write(struct.pack("<fi", score, len(piece)))
                 f.write(piece)
-        os.replace(tmp_path, bin_path)
         return bin_path
 
 

@@ -27,7 +27,7 @@ from export import export_model
 from model import ModelArgs, Transformer
 from schedules import BATCH_SCHEDULES, LR_SCHEDULES, accumulation_steps, batch_boundaries, learning_rate
 from training import (Runtime, StopFlag, ProgressLog, bits_per_byte, clean_state_dict, load_checkpoint,
-                      make_optimizer, model_from_checkpoint, oom_guard, save_checkpoint, setup_runtime)
+                      make_optimizer, model_from_checkpoint, oom_guard, rolling_nll, save_checkpoint, setup_runtime)
 
 
 def _option(default, help: str, **extra):
@@ -166,25 +166,25 @@ def auto_max_iters(train_tokens: int, tokens_per_step: int) -> int:
 @torch.no_grad()
 def estimate_losses(model: torch.nn.Module, train: TokenShards, val: TokenShards, cfg: TrainConfig,
                     runtime: Runtime) -> dict[str, float]:
-    """Mean loss on the validation set (consecutive windows from its start, the same every time) and on
-    train windows drawn with a fixed seed, so successive estimates compare like with like."""
+    """Mean loss per token on the validation stream (rolling_windows from its start, disjoint, the same every time:
+    what `evaluate.py text` scores) and on train windows drawn with a fixed seed, so successive estimates compare
+    like with like."""
     model.eval()
-    losses = {}
-    window = min(cfg.max_seq_len, len(val) - 1)
-    val_starts = list(range(0, len(val) - window, window))[: cfg.eval_iters * cfg.batch_size]
+    val_stream = torch.from_numpy(val.window(0, len(val)).astype(np.int64))
+    nll, count = rolling_nll(model, val_stream, cfg.max_seq_len, cfg.max_seq_len, cfg.batch_size, runtime.device,
+                             runtime.autocast, max_windows=cfg.eval_iters * cfg.batch_size)
+    losses = {"val": nll / count}
     generator = torch.Generator().manual_seed(cfg.seed)
     train_starts = torch.randint(len(train) - cfg.max_seq_len - 1, (cfg.eval_iters * cfg.batch_size,),
                                  generator=generator).tolist()
-    for split, shards, starts, length in (("val", val, val_starts, window),
-                                          ("train", train, train_starts, cfg.max_seq_len)):
-        total = 0.0
-        for first in range(0, len(starts), cfg.batch_size):
-            chunk = starts[first:first + cfg.batch_size]
-            inputs, targets = stack_windows(shards, chunk, length, runtime.device)
-            with runtime.autocast():
-                _, loss = model(inputs, targets)
-            total += loss.item() * len(chunk)
-        losses[split] = total / len(starts)
+    total = 0.0
+    for first in range(0, len(train_starts), cfg.batch_size):
+        chunk = train_starts[first:first + cfg.batch_size]
+        inputs, targets = stack_windows(train, chunk, cfg.max_seq_len, runtime.device)
+        with runtime.autocast():
+            _, loss = model(inputs, targets)
+        total += loss.item() * len(chunk)
+    losses["train"] = total / len(train_starts)
     model.train()
     return losses
 
@@ -310,7 +310,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                 progress.record(dict(
                     iter=step, train_loss=losses["train"], val_loss=losses["val"],
                     train_bpb=bits_per_byte(losses["train"], meta["train_tokens"], meta["train_bytes"]),
-                    val_bpb=bits_per_byte(losses["val"], meta["val_tokens"], meta["val_bytes"]),
+                    val_bpb=bits_per_byte(losses["val"], meta["val_tokens"] - 1, meta["val_bytes"]),  # all but the first scored
                     best_val_loss=best_val_loss, lr=lr, batch=effective_batch, tokens=tokens_seen,
                     elapsed_s=round(time.perf_counter() - started, 1)))
                 save_latest(step)

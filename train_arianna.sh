@@ -11,7 +11,7 @@
 #   ARIANNA_PYTHON              Python to use; set it to skip creating .venv and installing requirements.txt
 #   ARIANNA_DOC_DIR             markdown folder (default doc)
 #   ARIANNA_OUT_DIR             pretraining output (default out; the chat model goes to $ARIANNA_OUT_DIR/chat)
-#   ARIANNA_LLAMA2_TOKENIZER    Meta's tokenizer.model, for VOCAB=0 (default ../shared/llama2/tokenizer.model)
+#   ARIANNA_LLAMA2_TOKENIZER    Meta's tokenizer.model, needed for VOCAB=0 (no default)
 #   ARIANNA_DEVICE              auto | cpu | cuda | cuda:N | mps  (pretraining and fine-tuning)
 #   ARIANNA_DTYPE               auto | float32 | bfloat16 | float16  (use float32 on mps)
 #   ARIANNA_BATCH_SIZE          sequences per step (pretraining and fine-tuning)
@@ -46,10 +46,13 @@ QUESTION="${ARIANNA_QUESTION:-Что такое резонанс?}"
 DIALOGS=data/dialogs.jsonl
 
 if (( VOCAB == 0 )); then
-    LLAMA2_TOKENIZER="${ARIANNA_LLAMA2_TOKENIZER:-../shared/llama2/tokenizer.model}"
-    [[ -f "$LLAMA2_TOKENIZER" ]] || fail "VOCAB=0 needs the Llama 2 tokenizer.model (Meta's file, Llama 2 Community License):" \
-        "download it from https://huggingface.co/meta-llama/Llama-2-7b-hf and set ARIANNA_LLAMA2_TOKENIZER=PATH"
-    export ARIANNA_LLAMA2_TOKENIZER="$LLAMA2_TOKENIZER"
+    LLAMA2_TOKENIZER="${ARIANNA_LLAMA2_TOKENIZER:-}"   # no default: the file is Meta's, under its own license
+    if [[ ! -f "$LLAMA2_TOKENIZER" ]]; then
+        WHY="ARIANNA_LLAMA2_TOKENIZER is not set"
+        [[ -z "$LLAMA2_TOKENIZER" ]] || WHY="$LLAMA2_TOKENIZER not found"
+        fail "VOCAB=0 needs the Llama 2 tokenizer.model ($WHY), Meta's file (Llama 2 Community License):" \
+            "download it from https://huggingface.co/meta-llama/Llama-2-7b-hf and set ARIANNA_LLAMA2_TOKENIZER=PATH"
+    fi
     VOCAB_SOURCE=llama2; VOCAB_SIZE=32000
     TOKENIZER_MODEL=data/llama2/tokenizer.model   # a copy, so the exported .bin lands in data/, not beside Meta's file
     SHARDS=data/arianna_data
@@ -151,15 +154,8 @@ CURRENT_STEP="dialogs"
 if [[ -n "${ARIANNA_MAX_ANSWER_TOKENS:-}" ]]; then
     MAX_ANSWER_TOKENS="$ARIANNA_MAX_ANSWER_TOKENS"
 else
-    MAX_ANSWER_TOKENS="$("$PYTHON" - "$OUT_DIR/model.bin" <<'EOF'
-import struct, sys
-with open(sys.argv[1], "rb") as f:
-    header = f.read(36)
-fields = struct.unpack("<9i", header)
-seq_len = fields[8] if fields[0] == 0x616B3432 else fields[6]   # v1/v2 start with magic 'ak42' and a version
-print(seq_len - min(64, seq_len // 2))
-EOF
-)"
+    SEQ_LEN="$("$PYTHON" formats.py "$OUT_DIR/model.bin" seq_len)"
+    MAX_ANSWER_TOKENS=$(( SEQ_LEN - (SEQ_LEN / 2 < 64 ? SEQ_LEN / 2 : 64) ))
 fi
 run_step dialogs "$DIALOGS" "$DOC_DIR" "$TOKENIZER_MODEL" markdown_to_conversations.py -- \
     "$PYTHON" markdown_to_conversations.py --doc_dir="$DOC_DIR" --out="$DIALOGS" --seed=1337 \

@@ -21,6 +21,7 @@ from typing import Any, Iterator
 import torch
 from tqdm import tqdm
 
+from formats import atomic_write
 from model import ModelArgs, Transformer
 
 # ----------------------------------------------------------------------------- device, dtype, DDP
@@ -121,9 +122,8 @@ def save_checkpoint(path: str | os.PathLike, payload: dict) -> None:
     """torch.save to a temp file beside path, then rename: a crash never leaves a half-written checkpoint."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_path = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(payload, tmp_path)
-    os.replace(tmp_path, path)
+    with atomic_write(path) as f:
+        torch.save(payload, f)
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
@@ -170,6 +170,49 @@ def bits_per_byte(loss_nats: float, tokens: int, text_bytes: int) -> float:
     if text_bytes <= 0:
         return float("nan")
     return loss_nats * tokens / (text_bytes * math.log(2))
+
+
+def rolling_windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, int]]:
+    """lm-evaluation-harness's rolling windows over a stream of n_tokens whose first token is only context:
+    (start, end, scored) with inputs tokens[start:end] predicting tokens[start+1:end+1], of which the last `scored`
+    count. The first window scores all it sees; each later one scores the next `stride` tokens with up to `window`
+    tokens of context. stride == window: disjoint windows, as training sees text; every token but the first is
+    scored exactly once."""
+    if not 0 < stride <= window:
+        raise ValueError(f"stride must be in 1..window ({window}), got {stride}")
+    windows, done = [], min(window, n_tokens - 1)
+    if done > 0:
+        windows.append((0, done, done))
+    while done < n_tokens - 1:
+        end = min(done + stride, n_tokens - 1)
+        windows.append((max(0, end - window), end, end - done))
+        done = end
+    return windows
+
+
+@torch.no_grad()
+def rolling_nll(model: torch.nn.Module, tokens: torch.Tensor, window: int, stride: int, batch_size: int,
+                device: torch.device, autocast: Any = contextlib.nullcontext, max_windows: int = 0,
+                on_batch: Any = None) -> tuple[float, int]:
+    """(summed negative log-likelihood in nats, tokens scored) of a 1-D token stream over rolling_windows, at most
+    max_windows of them (0: all); windows of one length go through the model in batches of batch_size."""
+    windows = rolling_windows(len(tokens), window, stride)[:max_windows or None]
+    total, count = 0.0, 0
+    for first in range(0, len(windows), batch_size):
+        for length in sorted({end - start for start, end, _ in windows[first:first + batch_size]}):
+            group = [w for w in windows[first:first + batch_size] if w[1] - w[0] == length]
+            rows = torch.stack([tokens[start:end + 1] for start, end, _ in group]).to(device)
+            targets = rows[:, 1:].clone()
+            for row, (_, _, scored) in enumerate(group):
+                targets[row, :length - scored] = -1
+            with autocast():
+                logits, _ = model(rows[:, :-1])
+            total += torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
+                                                       ignore_index=-1, reduction="sum").item()
+            count += sum(scored for _, _, scored in group)
+        if on_batch is not None:
+            on_batch(min(batch_size, len(windows) - first))
+    return total, count
 
 
 # ----------------------------------------------------------------------------- progress and log

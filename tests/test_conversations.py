@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -197,3 +198,23 @@ def test_shipped_doc_builds_bilingual_dialogs(tmp_path: Path) -> None:
     questions = [m[0]["content"] for m in read_dialogs(out)]
     assert "Что такое резонанс?" in questions and "What is a checkpoint?" in questions
     assert len(questions) > 200
+
+
+def test_reads_markdown_as_prepare_does(tmp_path: Path) -> None:
+    """The one markdown reader (formats.read_markdown): TOML front matter, a BOM, CRLF, control characters removed
+    with a warning, a FIFO skipped at once rather than waited on."""
+    folder = tmp_path / "doc"
+    folder.mkdir()
+    (folder / "toml.md").write_text('+++\ntitle = "x"\n+++\n# TOML heading\n\nBody one.\n', encoding="utf-8")
+    (folder / "bom.md").write_bytes("\ufeff# BOM heading\r\n\r\nBody\x00 two.\x1b[2J\r\n".encode("utf-8"))
+    os.mkfifo(folder / "fifo.md")
+    out = tmp_path / "dialogs.jsonl"
+    result = run_builder(f"--doc_dir={folder}", f"--out={out}", "--questions_per_section=1", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    dialogs = read_dialogs(out)
+    assert [m[-1]["content"] for m in dialogs] == ["Body two.[2J", "Body one."]
+    assert "BOM heading" in dialogs[0][0]["content"] and "TOML heading" in dialogs[1][0]["content"]
+    assert result.stderr.splitlines() == [
+        f"warning: {folder / 'bom.md'}: removed 2 control characters (the first U+0000 at byte 21); they are not text",
+        f"skip: {folder / 'fifo.md'} (cannot read it (not a regular file but a FIFO, socket or device); "
+        "check that it exists and is readable)"]

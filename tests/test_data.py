@@ -151,6 +151,47 @@ def test_prepare_errors(tmp_path: Path):
     assert not (tmp_path / "data" / "arianna_corpus.txt").exists()
 
 
+def test_prepare_cleans_control_characters_and_refuses_non_files(tmp_path: Path):
+    """NUL and other control characters are removed with a warning naming the file; a FIFO is skipped at once (not
+    waited on); TOML front matter goes like YAML's; a --data_dir that is a file is a one-line error."""
+    doc = tmp_path / "doc"
+    doc.mkdir()
+    (doc / "a.md").write_bytes(b"+++\ntitle = 'x'\n+++\n\n# A\x00\n\nBell\x07 and form\x0cfeed, tab\tkept.\r\n")
+    os.mkfifo(doc / "b.md")
+    result = run_ok(tmp_path, "prepare")
+    assert (tmp_path / "data" / "arianna_corpus.txt").read_text(encoding="utf-8") == (
+        "# A\n\nBell and formfeed, tab\tkept.\n" + SEP)
+    assert result.stderr.strip().splitlines() == [
+        "warning: doc/a.md: removed 3 control characters (the first U+0000 at byte 24); they are not text",
+        "warning: skipping doc/b.md: cannot read it (not a regular file but a FIFO, socket or device); "
+        "check that it exists and is readable"]
+    (tmp_path / "taken").write_text("a file", encoding="utf-8")
+    assert run_fails(tmp_path, "prepare", "--data_dir=taken") == (
+        "error: --data_dir=taken is a file, not a folder; pass a folder (it is created if missing)")
+    assert run_fails(tmp_path, "prepare", "--data_dir=taken/data").startswith(
+        "error: cannot create the folder --data_dir=taken/data (Not a directory)")
+    assert (tmp_path / "taken").read_text(encoding="utf-8") == "a file"
+
+
+def test_train_arianna_sh_has_no_default_llama2_tokenizer(tmp_path: Path):
+    """VOCAB=0 without ARIANNA_LLAMA2_TOKENIZER is a one-line error saying where Meta's file comes from, even where
+    the development set-up's ../shared/llama2/tokenizer.model exists."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    shutil.copy(REPO / "train_arianna.sh", repo)
+    (tmp_path / "shared" / "llama2").mkdir(parents=True)
+    shutil.copy(REPO / "fuzz" / "seeds" / "tokenizer", tmp_path / "shared" / "llama2" / "tokenizer.model")
+    environment = {key: value for key, value in os.environ.items() if key != "ARIANNA_LLAMA2_TOKENIZER"}
+    for extra, why in (({}, "ARIANNA_LLAMA2_TOKENIZER is not set"), ({"ARIANNA_LLAMA2_TOKENIZER": "x.model"},
+                                                                     "x.model not found")):
+        result = subprocess.run(["bash", str(repo / "train_arianna.sh"), "0"], cwd=repo, env={**environment, **extra},
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2 and result.stdout == "" and not (repo / ".venv").exists()
+        assert result.stderr == (f"error: VOCAB=0 needs the Llama 2 tokenizer.model ({why}), Meta's file (Llama 2 "
+                                 "Community License): download it from https://huggingface.co/meta-llama/Llama-2-7b-hf "
+                                 "and set ARIANNA_LLAMA2_TOKENIZER=PATH\n")
+
+
 # ----------------------------------------------------------------------------- train_vocab
 
 def test_tokenizer_round_trips_text_exactly(workdir: Path):

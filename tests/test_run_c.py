@@ -224,14 +224,14 @@ def dequantized_model(path: Path) -> Transformer:
     return model.eval()
 
 
-def int8_reference_logits(path: Path, tokens: list[int], flip: tuple[int, int] | None = None
-                          ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """The last token's logits of the version 2 file's dequantized weights applied to inputs rounded to Q8_0 first,
-    as run.c rounds them, and each product's inputs over their scales (the values rounded). flip = (product call,
-    flat index): that value is rounded the other way."""
+def q80_reference_model(path: Path, flip: tuple[int, int] | None = None,
+                        scaled: list[torch.Tensor] | None = None) -> Transformer:
+    """The version 2 file's dequantized weights, each Linear's input rounded to Q8_0 first, as run.c rounds it: the
+    engine's arithmetic in PyTorch. Each product's inputs over their scales (the values rounded) are appended to
+    scaled; flip = (product call, flat index): that value is rounded the other way."""
     model = dequantized_model(path)
     group_size = q80_group_size(model.args, 64)  # what export_model chose
-    scaled: list[torch.Tensor] = []
+    calls: list[torch.Tensor] = [] if scaled is None else scaled
 
     def round_to_q80(module: torch.nn.Module, inputs: tuple[torch.Tensor]) -> tuple[torch.Tensor]:
         groups = inputs[0].unflatten(-1, (-1, group_size))
@@ -239,15 +239,23 @@ def int8_reference_logits(path: Path, tokens: list[int], flip: tuple[int, int] |
         inverse = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
         values = groups * inverse
         rounded = values.round()  # half to even, as lrintf
-        if flip is not None and flip[0] == len(scaled):
+        if flip is not None and flip[0] == len(calls):
             value = values.reshape(-1)[flip[1]]
             rounded.view(-1)[flip[1]] = value.floor() if rounded.view(-1)[flip[1]] > value else value.ceil()
-        scaled.append(values)
+        calls.append(values)
         return (rounded * scale).flatten(-2),
 
     for module in model.modules():
         if isinstance(module, torch.nn.Linear):
             module.register_forward_pre_hook(round_to_q80)
+    return model
+
+
+def int8_reference_logits(path: Path, tokens: list[int], flip: tuple[int, int] | None = None
+                          ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The last token's logits of q80_reference_model, and each product's scaled inputs."""
+    scaled: list[torch.Tensor] = []
+    model = q80_reference_model(path, flip, scaled)
     with torch.no_grad():
         return model(torch.tensor([tokens]))[0][0, -1], scaled
 
@@ -404,7 +412,9 @@ def test_logits_match_pytorch_for_batches_and_threads(shape, kernels, kernel_bui
 @pytest.mark.parametrize("version", [0, 1, 2])
 def test_greedy_matches_pytorch(version, built, lib, tiny_model, model_files, tokenizer_files):
     tokenizer = Tokenizer(tokenizer_files[0])
-    reference = tiny_model if version < 2 else dequantized_model(model_files[2])
+    # int8: the reference rounds activations to Q8_0 as the engine does, so a near-tie between two tokens cannot
+    # flip the comparison on CPUs whose PyTorch kernels train slightly different weights.
+    reference = tiny_model if version < 2 else q80_reference_model(model_files[2])
     for text in ["Модель учится", "<|user|>\nWho are you?\n<|assistant|>\n def train(steps"]:
         prompt = tokenizer.encode(text, bos=True, eos=False)
         steps = 32

@@ -17,7 +17,8 @@ import torch
 from sentencepiece import SentencePieceProcessor
 
 from conftest import REPO, TINY_MODEL_FLAGS, TINY_VOCAB, run_script
-from export import MAGIC, dequantize_q80, export_model, quantize_q80, read_model_bin
+from export import dequantize_q80, export_model, quantize_q80, read_model_bin
+from formats import MAGIC
 from model import LayerKV, ModelArgs, Transformer, apply_rope, rope_tables
 from training import load_checkpoint, model_from_checkpoint, oom_guard, setup_runtime
 

@@ -26,6 +26,7 @@ class ModelArgs:
     norm_eps: float = 1e-5
     max_seq_len: int = 256
     dropout: float = 0.0
+    rope_theta: float = 10000.0
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -168,7 +169,7 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         self.output.weight = self.tok_embeddings.weight  # weight tying
-        cos, sin = rope_tables(args.dim // args.n_heads, args.max_seq_len)
+        cos, sin = rope_tables(args.dim // args.n_heads, args.max_seq_len, args.rope_theta)
         self.register_buffer("freqs_cos", cos, persistent=False)
         self.register_buffer("freqs_sin", sin, persistent=False)
         self.apply(self._init_weights)

@@ -1,17 +1,22 @@
 /* run.c: inference for InnerArianna / llama2.c model files, in one compile unit (libc + libm, OpenMP optional).
 
-   ./run model.bin -z tokenizer.bin [-i prompt] [-t temperature] [-p top_p] [-s seed] [-n steps]
-                                    [-m generate|chat] [-y system_prompt] [-T threads]
+   ./run model.bin -z tokenizer.bin [-i prompt] [-t temperature] [-p top_p] [-k top_k] [-s seed] [-n steps]
+                                    [-m generate|chat] [-y system_prompt] [-T threads] [--min-p p]
+                                    [--repeat-penalty r] [--repeat-last-n n] [--presence-penalty a]
+                                    [--frequency-penalty b]
 
    Model files: llama2.c's legacy version 0 (7-int header, fp32), version 1 ("ak42" header, fp32) and
-   version 2 ("ak42" header, Q8_0: int8 weights with one fp32 scale per group). The tokenizer file is
+   version 2 ("ak42" header, Q8_0: int8 weights with one fp32 scale per group); versions 1 and 2 keep a RoPE base
+   and an RMSNorm epsilon other than Llama 2's in their header's padding. The tokenizer file is
    llama2.c's tokenizer .bin (tokenizer.py writes it). Both are memory-mapped and checked against the
    file length before anything is read.
 
    Built with -DARIANNA_LIBRARY this file is a shared library without main(), the API chat.py uses:
    arianna_open/close, arianna_encode, arianna_chat_turn (the chat template), arianna_feed (tokens at a
-   position into the KV cache), arianna_logits, arianna_sample, arianna_decode. The ./run binary's chat mode
-   goes through the very same functions.
+   position into the KV cache), arianna_logits, arianna_sample_with (the sampler, with per-call settings and the
+   token history its penalties look at), arianna_distribution (what it would draw from), arianna_sample
+   (llama2.c's temperature and top-p), arianna_decode. The ./run binary's chat mode goes through the very same
+   functions.
 
    This file reads top to bottom: model file, tokenizer, the forward pass, sampler, text API, generate, chat,
    command line. The SIMD kernels behind the forward pass (run_kernels.h), attention over the KV cache
@@ -41,6 +46,10 @@
 
 #define MODEL_MAGIC 0x616b3432u /* "ak42" */
 #define V1_HEADER_BYTES 256
+#define ROPE_THETA_AT 44 /* float32 in the padding of versions 1 and 2, 0 for the default */
+#define NORM_EPS_AT 48
+#define DEFAULT_ROPE_THETA 10000.0f
+#define DEFAULT_NORM_EPS 1e-5f
 #define MAX_BATCH 128 /* prompt tokens per matrix-matrix pass (each a pass over the weights); bounds the buffers */
 #define ATT_TILE 4   /* prompt tokens that share each pass over a head's keys and values */
 
@@ -63,6 +72,7 @@ static int fail(char *err, int err_size, const char *fmt, ...) {
 typedef struct {
     int dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len;
     int shared_classifier, version, group_size; /* group_size: version 2 only */
+    float rope_theta, norm_eps;                 /* RoPE's base, RMSNorm's epsilon */
 } Config;
 
 /* Values per attention head, and per token in each of the key and value caches (n_kv_heads heads). Valid once
@@ -195,9 +205,18 @@ static int weights_parse(Weights *w, const unsigned char *data, size_t size, con
         if (c->shared_classifier > 1)
             return fail(err, err_size, "%s: corrupt header (shared_classifier byte is %d)", path, c->shared_classifier);
         c->group_size = c->version == 2 ? read_i32(data + 37) : 0;
+        /* In the padding, float32 where they differ from Llama 2's (zero there: the default), so llama2.c, which
+           skips the padding, still loads the files of default models. */
+        memcpy(&c->rope_theta, data + ROPE_THETA_AT, 4), memcpy(&c->norm_eps, data + NORM_EPS_AT, 4);
+        if (c->rope_theta == 0.0f) c->rope_theta = DEFAULT_ROPE_THETA;
+        if (c->norm_eps == 0.0f) c->norm_eps = DEFAULT_NORM_EPS;
+        if (!(c->rope_theta > 0.0f && c->rope_theta < INFINITY && c->norm_eps > 0.0f && c->norm_eps < 1.0f))
+            return fail(err, err_size, "%s: corrupt header (rope_theta=%g, norm_eps=%g); re-export it", path,
+                        (double)c->rope_theta, (double)c->norm_eps);
         cur.offset = V1_HEADER_BYTES;
     } else {
         c->version = 0;
+        c->rope_theta = DEFAULT_ROPE_THETA, c->norm_eps = DEFAULT_NORM_EPS;
         int *fields[] = {&c->dim, &c->hidden_dim, &c->n_layers, &c->n_heads, &c->n_kv_heads, &c->vocab_size,
                          &c->seq_len};
         for (int i = 0; i < 7; i++) *fields[i] = read_i32(data + 4 * i);
@@ -605,8 +624,10 @@ typedef struct {
                                            thread's own for one token ([1][...]), the last a batch's
                                            ([MAX_BATCH][...]) */
     Share *shares;                      /* [n_layers][PHASES][n_threads]: a batch's work */
-    int *prob_index;
-    float *probs;
+    float *probs;                       /* [vocab]: the softmax the sampler draws from */
+    int *prob_index;                    /* [vocab]: the tokens it keeps, most probable first */
+    float *penalized;                   /* [vocab]: the logits with the sampler's penalties */
+    int *token_count;                   /* [vocab]: times each token was seen in the penalties' window (else 0) */
 } RunState;
 
 typedef struct Engine {
@@ -675,6 +696,8 @@ static int runstate_alloc(Engine *e) {
     s->logits = zalloc((size_t)c->vocab_size, 4, &failed);
     s->probs = zalloc((size_t)c->vocab_size, 4, &failed);
     s->prob_index = zalloc((size_t)c->vocab_size, sizeof(int), &failed);
+    s->penalized = zalloc((size_t)c->vocab_size, 4, &failed);
+    s->token_count = zalloc((size_t)c->vocab_size, sizeof(int), &failed);
     s->rope_cos = zalloc((size_t)c->seq_len * head, 4, &failed);
     s->rope_sin = zalloc((size_t)c->seq_len * head, 4, &failed);
     s->xn = zalloc((MAX_BATCH + (size_t)e->n_threads) * (size_t)c->dim, 4, &failed);
@@ -693,7 +716,7 @@ static int runstate_alloc(Engine *e) {
     /* Same angles as model.py: float32 frequency times float32 position. */
     for (int pos = 0; pos < c->seq_len; pos++)
         for (size_t i = 0; i < head / 2; i++) {
-            float freq = (float)(1.0 / pow(10000.0, (double)(2 * i) / (double)head));
+            float freq = (float)(1.0 / pow((double)c->rope_theta, (double)(2 * i) / (double)head));
             float angle = (float)pos * freq;
             float *cs = s->rope_cos + pos * head + 2 * i, *sn = s->rope_sin + pos * head + 2 * i;
             cs[0] = cs[1] = cosf(angle);
@@ -708,7 +731,8 @@ static void runstate_free(RunState *s, int n_threads) {
         free(xq->q), free(xq->s), free(xq->start);
     }
     void *all[] = {s->x, s->xb, s->xb2, s->q, s->k, s->hb, s->hb2, s->att, s->key_cache, s->value_cache, s->logits,
-                   s->probs, s->prob_index, s->rope_cos, s->rope_sin, s->xn, s->xq, s->shares};
+                   s->probs, s->prob_index, s->penalized, s->token_count, s->rope_cos, s->rope_sin, s->xn, s->xq,
+                   s->shares};
     for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++) free(all[i]);
     memset(s, 0, sizeof(*s));
 }
@@ -813,7 +837,7 @@ static Input prepare_input(const Engine *e, const float *x, const float *norm, i
     for (int t = batch ? n_tok * tid / nth : 0; t < (batch ? n_tok * (tid + 1) / nth : n_tok); t++) {
         const float *row = x + (size_t)t * cols;
         if (norm) {
-            rmsnorm(normed + (size_t)t * cols, row, norm, cols, 1e-5f);
+            rmsnorm(normed + (size_t)t * cols, row, norm, cols, e->w.cfg.norm_eps);
             row = normed + (size_t)t * cols;
         }
         if (xq)
@@ -988,7 +1012,25 @@ int arianna_feed(Engine *e, const int *tokens, int n, int pos) {
 const float *arianna_logits(const Engine *e) { return e->s.logits; }
 
 /* ------------------------------------------------------------------------------------------------ */
-/* Sampling                                                                                        */
+/* Sampler                                                                                         */
+
+/* How the next token is drawn from the logits, with the meanings llama.cpp gives these settings. In this order:
+   the penalties change the logits of the tokens among the last repeat_last_n of the history given; then the
+   most probable token is the greedy choice, or, with a temperature, the softmax of logits / temperature is cut
+   to the top_k most probable tokens, then to the most probable of those whose mass (within them) reaches top_p,
+   then to those at least min_p times as probable as the most probable one, and a token is drawn from what is
+   left. (llama.cpp applies the temperature after its filters, Hugging Face and ollama before: this is the
+   latter, so top_p and min_p see the distribution that is sampled.) A zeroed struct is plain greedy decoding. */
+typedef struct {
+    float temperature;       /* 0: greedy */
+    float top_p;             /* in (0, 1); 0 or 1: off */
+    int top_k;               /* > 0; 0: off */
+    float min_p;             /* in (0, 1]; 0: off */
+    float repeat_penalty;    /* > 0: a seen token's logit divided by it when positive, multiplied when not; 1 or 0: off */
+    int repeat_last_n;       /* how many of the history's last tokens the three penalties look at; -1: all of it */
+    float presence_penalty;  /* subtracted from the logit of each seen token */
+    float frequency_penalty; /* subtracted from a seen token's logit once per time it was seen */
+} AriannaSampling;
 
 static uint32_t rng_u32(unsigned long long *state) { /* xorshift64* */
     *state ^= *state >> 12;
@@ -999,7 +1041,7 @@ static uint32_t rng_u32(unsigned long long *state) { /* xorshift64* */
 
 static float rng_f32(unsigned long long *state) { return (float)(rng_u32(state) >> 8) / 16777216.0f; }
 
-/* Heapsort of token indices by descending probability (qsort cannot see probs without a global). */
+/* Heap of token indices, the least probable on top (its root), for the heapsort and the top-k selection. */
 static void sift_down(int *idx, int root, int n, const float *probs) {
     for (;;) {
         int child = 2 * root + 1;
@@ -1011,8 +1053,9 @@ static void sift_down(int *idx, int root, int n, const float *probs) {
     }
 }
 
+/* Heapsort of token indices by descending probability (qsort cannot see probs without a global). */
 static void sort_indices_by_prob(int *idx, int n, const float *probs) {
-    for (int root = n / 2 - 1; root >= 0; root--) sift_down(idx, root, n, probs); /* min-heap */
+    for (int root = n / 2 - 1; root >= 0; root--) sift_down(idx, root, n, probs);
     for (int end = n - 1; end > 0; end--) { /* the smallest goes last: descending order */
         int tmp = idx[0];
         idx[0] = idx[end], idx[end] = tmp;
@@ -1020,44 +1063,134 @@ static void sort_indices_by_prob(int *idx, int n, const float *probs) {
     }
 }
 
-int arianna_sample(Engine *e, float temperature, float topp, unsigned long long *rng_state) {
+/* The k most probable of n tokens into idx[0..k), in O(n log k): a heap of the best so far, whose least probable
+   member a better token replaces. */
+static void select_top_k(int *idx, int n, int k, const float *probs) {
+    for (int i = 0; i < k; i++) idx[i] = i;
+    for (int root = k / 2 - 1; root >= 0; root--) sift_down(idx, root, k, probs);
+    for (int i = k; i < n; i++)
+        if (probs[i] > probs[idx[0]]) {
+            idx[0] = i;
+            sift_down(idx, 0, k, probs);
+        }
+}
+
+static int penalties_on(const AriannaSampling *p) {
+    return p->repeat_last_n != 0 && ((p->repeat_penalty > 0.0f && p->repeat_penalty != 1.0f) ||
+                                     p->presence_penalty != 0.0f || p->frequency_penalty != 0.0f);
+}
+
+/* The logits with the penalties applied: the engine's own, or a copy in s->penalized. */
+static const float *penalized_logits(Engine *e, const AriannaSampling *p, const int *history, int n_history) {
+    RunState *s = &e->s;
     const int n = e->w.cfg.vocab_size;
-    const float *logits = e->s.logits;
-    int best = 0;
+    if (!history || n_history <= 0 || !penalties_on(p)) return s->logits;
+    const int window = p->repeat_last_n < 0 || p->repeat_last_n > n_history ? n_history : p->repeat_last_n;
+    const int *seen = history + n_history - window;
+    memcpy(s->penalized, s->logits, (size_t)n * sizeof(float));
+    for (int i = 0; i < window; i++)
+        if (seen[i] >= 0 && seen[i] < n) s->token_count[seen[i]]++;
+    for (int i = 0; i < window; i++) { /* each token seen once; its count goes back to 0 for the next call */
+        const int token = seen[i];
+        if (token < 0 || token >= n || !s->token_count[token]) continue;
+        float l = s->penalized[token];
+        if (p->repeat_penalty > 0.0f) l = l > 0.0f ? l / p->repeat_penalty : l * p->repeat_penalty;
+        s->penalized[token] = l - ((float)s->token_count[token] * p->frequency_penalty + p->presence_penalty);
+        s->token_count[token] = 0;
+    }
+    return s->penalized;
+}
+
+/* The distribution the next token is drawn from: s->probs (softmax of logits / temperature over every token)
+   and the kept tokens, most probable first, in s->prob_index[0..kept); *mass is their total probability.
+   Greedy (temperature 0), or logits holding NaN: the one most probable token. */
+static int sampler_candidates(Engine *e, const AriannaSampling *p, const int *history, int n_history, float *mass) {
+    const int n = e->w.cfg.vocab_size;
+    const float *logits = penalized_logits(e, p, history, n_history);
+    float *probs = e->s.probs;
+    int *idx = e->s.prob_index, best = 0;
     for (int i = 1; i < n; i++)
         if (logits[i] > logits[best]) best = i;
-    if (!(temperature > 0.0f) || n == 1) return best;
-    float *probs = e->s.probs, sum = 0.0f;
-    for (int i = 0; i < n; i++) sum += (probs[i] = expf((logits[i] - logits[best]) / temperature));
-    for (int i = 0; i < n; i++) probs[i] /= sum;
-    const float coin = rng_f32(rng_state);
-    if (topp <= 0.0f || topp >= 1.0f) {
-        float cdf = 0.0f;
+    const int top_k = p->top_k > 0 && p->top_k < n ? p->top_k : 0;
+    const int top_p = p->top_p > 0.0f && p->top_p < 1.0f, min_p = p->min_p > 0.0f;
+    float sum = 0.0f;
+    if (p->temperature > 0.0f && n > 1) {
+        for (int i = 0; i < n; i++) sum += (probs[i] = expf((logits[i] - logits[best]) / p->temperature));
+        for (int i = 0; i < n; i++) probs[i] /= sum;
+    }
+    if (!(p->temperature > 0.0f) || n == 1 || !(sum > 0.0f) || isinf(sum)) {
+        idx[0] = best, probs[best] = 1.0f, *mass = 1.0f;
+        return 1;
+    }
+    if (!top_k && !top_p && !min_p) { /* every token, in index order */
+        for (int i = 0; i < n; i++) idx[i] = i;
+        *mass = 1.0f;
+        return n;
+    }
+    int m = 0;
+    float total = 1.0f; /* of the tokens top_p's mass is relative to */
+    if (top_k) {
+        select_top_k(idx, n, top_k, probs);
+        m = top_k;
+        total = 0.0f;
+        for (int i = 0; i < m; i++) total += probs[idx[i]];
+    } else {
+        /* Only a prefix of the sorted tokens can be kept: none below min_p times the best, and (as the mass of all
+           tokens below (1 - top_p) / (n - 1) is less than 1 - top_p) none below that either. */
+        const float floor_p = fmaxf(min_p ? p->min_p * probs[best] : 0.0f, top_p ? (1.0f - p->top_p) / (float)(n - 1) : 0.0f);
         for (int i = 0; i < n; i++)
-            if (coin < (cdf += probs[i])) return i;
-        return n - 1; /* rounding left the cdf just below 1 */
+            if (probs[i] >= floor_p) idx[m++] = i;
     }
-    /* Nucleus: tokens below (1 - topp) / (n - 1) can never be in the smallest set reaching topp, skip them. */
-    const float cutoff = (1.0f - topp) / (float)(n - 1);
-    int *idx = e->s.prob_index, m = 0;
-    for (int i = 0; i < n; i++)
-        if (probs[i] >= cutoff) idx[m++] = i;
-    if (m == 0) return best; /* only when the logits hold NaN: a corrupt model */
     sort_indices_by_prob(idx, m, probs);
-    float mass = 0.0f;
     int keep = m;
-    for (int i = 0; i < m; i++) {
-        mass += probs[idx[i]];
-        if (mass >= topp) {
-            keep = i + 1;
-            break;
-        }
+    if (top_p) {
+        float cum = 0.0f;
+        for (int i = 0; i < m; i++)
+            if ((cum += probs[idx[i]]) >= p->top_p * total) {
+                keep = i + 1;
+                break;
+            }
     }
-    const float r = coin * mass;
+    if (min_p)
+        for (int i = 1; i < keep; i++)
+            if (probs[idx[i]] < p->min_p * probs[idx[0]]) {
+                keep = i;
+                break;
+            }
+    *mass = 0.0f;
+    for (int i = 0; i < keep; i++) *mass += probs[idx[i]];
+    return keep;
+}
+
+/* The next token: greedy, or drawn with the settings p, the penalties looking at history[0..n_history) (the
+   context's tokens, or whichever the caller wants penalized). */
+int arianna_sample_with(Engine *e, const AriannaSampling *p, const int *history, int n_history,
+                        unsigned long long *rng_state) {
+    float mass;
+    const int kept = sampler_candidates(e, p, history, n_history, &mass);
+    const int *idx = e->s.prob_index;
+    if (kept == 1) return idx[0];
+    const float r = rng_f32(rng_state) * mass;
     float cdf = 0.0f;
-    for (int i = 0; i < keep; i++)
-        if (r < (cdf += probs[idx[i]])) return idx[i];
-    return idx[keep - 1];
+    for (int i = 0; i < kept; i++)
+        if (r < (cdf += e->s.probs[idx[i]])) return idx[i];
+    return idx[kept - 1]; /* rounding left the cdf just below r */
+}
+
+/* The probabilities the next token would be drawn with, into out[vocab_size] (zero for the tokens cut); returns
+   how many tokens are kept. For log-probabilities in an API, and for the tests. */
+int arianna_distribution(Engine *e, const AriannaSampling *p, const int *history, int n_history, float *out) {
+    float mass;
+    const int kept = sampler_candidates(e, p, history, n_history, &mass);
+    memset(out, 0, (size_t)e->w.cfg.vocab_size * sizeof(float));
+    for (int i = 0; i < kept; i++) out[e->s.prob_index[i]] = e->s.probs[e->s.prob_index[i]] / mass;
+    return kept;
+}
+
+/* llama2.c's sampler: temperature and top-p only, no penalties. */
+int arianna_sample(Engine *e, float temperature, float topp, unsigned long long *rng_state) {
+    const AriannaSampling p = {.temperature = temperature, .top_p = topp};
+    return arianna_sample_with(e, &p, NULL, 0, rng_state);
 }
 
 /* ------------------------------------------------------------------------------------------------ */
@@ -1188,7 +1321,7 @@ static void text_finish(TextOut *o) {
     o->n_pending = 0;
 }
 
-static int generate(Engine *e, const char *prompt, float temperature, float topp, unsigned long long seed, int steps) {
+static int generate(Engine *e, const char *prompt, const AriannaSampling *sampling, unsigned long long seed, int steps) {
     const int seq_len = arianna_seq_len(e);
     int *tokens;
     int n_prompt = tokenizer_encode(&e->tok, prompt ? prompt : "", 1, 0, &tokens);
@@ -1199,22 +1332,25 @@ static int generate(Engine *e, const char *prompt, float temperature, float topp
         free(tokens);
         return 1;
     }
+    int *context = realloc(tokens, (size_t)steps * sizeof(int)); /* the prompt, then what follows: the penalties' */
+    if (!context) return free(tokens), fprintf(stderr, "error: out of memory\n"), 1;
     TextOut out = {0};
-    for (int i = 1; i < n_prompt; i++) text_put(&out, arianna_decode(e, tokens[i - 1], tokens[i]));
+    for (int i = 1; i < n_prompt; i++) text_put(&out, arianna_decode(e, context[i - 1], context[i]));
     double start = now_seconds();
-    arianna_feed(e, tokens, n_prompt, 0);
+    arianna_feed(e, context, n_prompt, 0);
     double prompt_done = now_seconds();
-    int prev = tokens[n_prompt - 1], pos = n_prompt, generated = 0;
-    free(tokens);
+    int prev = context[n_prompt - 1], pos = n_prompt, generated = 0;
     while (pos < steps) {
-        int next = arianna_sample(e, temperature, topp, &seed);
+        int next = arianna_sample_with(e, sampling, context, pos, &seed);
         if (next == e->tok.eos || next == e->tok.bos) break;
         text_put(&out, arianna_decode(e, prev, next));
         generated++;
         if (pos + 1 >= steps) break;
+        context[pos] = next;
         arianna_feed(e, &next, 1, pos++);
         prev = next;
     }
+    free(context);
     text_finish(&out);
     printf("\n");
     double end = now_seconds();
@@ -1245,10 +1381,12 @@ static char *read_line(FILE *f) {
 
 /* Chat: each user line is a turn; the KV cache holds the whole conversation, so a turn only feeds its
    own tokens. When the context fills, the conversation starts over (with the system prompt). */
-static int chat(Engine *e, const char *first_user, const char *system, float temperature, float topp,
+static int chat(Engine *e, const char *first_user, const char *system, const AriannaSampling *sampling,
                 unsigned long long seed, int max_reply) {
     const int seq_len = arianna_seq_len(e), eos = arianna_eos(e), interactive = isatty(0);
     int pos = 0, pending[2], n_pending = 0; /* tokens of the last reply not fed yet: its last token, EOS */
+    int *context = malloc((size_t)seq_len * sizeof(int)); /* the tokens at positions 0..pos-1: the penalties' */
+    if (!context) return fprintf(stderr, "error: out of memory\n"), 1;
     char *user = first_user && *first_user ? strdup(first_user) : NULL;
     for (;;) {
         if (!user) {
@@ -1258,7 +1396,7 @@ static int chat(Engine *e, const char *first_user, const char *system, float tem
         int *turn, n_turn;
         for (int attempt = 0;; attempt++) {
             n_turn = chat_turn_tokens(e, pos == 0 ? system : NULL, user, pos == 0, &turn);
-            if (n_turn < 0) return free(user), fprintf(stderr, "error: out of memory\n"), 1;
+            if (n_turn < 0) return free(user), free(context), fprintf(stderr, "error: out of memory\n"), 1;
             if (pos + n_pending + n_turn < seq_len) break;
             free(turn);
             if (pos == 0 || attempt) {
@@ -1274,19 +1412,17 @@ static int chat(Engine *e, const char *first_user, const char *system, float tem
             fprintf(stderr, "[this turn does not fit in the context of %d tokens: skipped]\n", seq_len);
             continue;
         }
-        int *feed = malloc(((size_t)n_turn + 2) * sizeof(int));
-        if (!feed) return free(turn), fprintf(stderr, "error: out of memory\n"), 1;
-        memcpy(feed, pending, (size_t)n_pending * sizeof(int));
-        memcpy(feed + n_pending, turn, (size_t)n_turn * sizeof(int));
-        arianna_feed(e, feed, n_pending + n_turn, pos);
+        memcpy(context + pos, pending, (size_t)n_pending * sizeof(int));
+        memcpy(context + pos + n_pending, turn, (size_t)n_turn * sizeof(int));
+        free(turn);
+        arianna_feed(e, context + pos, n_pending + n_turn, pos);
         pos += n_pending + n_turn;
-        int prev = feed[n_pending + n_turn - 1];
-        free(feed), free(turn);
+        int prev = context[pos - 1];
         n_pending = 0;
         if (interactive) fputs("Assistant: ", stdout);
         TextOut out = {0};
         for (int produced = 0;; produced++) {
-            int next = arianna_sample(e, temperature, topp, &seed);
+            int next = arianna_sample_with(e, sampling, context, pos, &seed);
             if (next == eos) {
                 pending[n_pending++] = eos;
                 break;
@@ -1301,6 +1437,7 @@ static int chat(Engine *e, const char *first_user, const char *system, float tem
                 pending[n_pending++] = next, pending[n_pending++] = eos; /* close the cut-off reply */
                 break;
             }
+            context[pos] = next;
             arianna_feed(e, &next, 1, pos++);
             prev = next;
         }
@@ -1308,6 +1445,7 @@ static int chat(Engine *e, const char *first_user, const char *system, float tem
         printf("\n");
         fflush(stdout);
     }
+    free(context);
     return 0;
 }
 
@@ -1316,16 +1454,24 @@ static void usage(void) {
             "Usage:   run <model.bin> [options]\n"
             "Example: run out/model.bin -z data/tok4096.bin -i \"Once upon a time\"\n"
             "Options:\n"
-            "  -t <float>  temperature in [0, inf), default 1.0 (0 = greedy)\n"
-            "  -p <float>  top-p (nucleus) in [0, 1], default 0.9 (1 = off)\n"
-            "  -s <int>    random seed, default time(NULL)\n"
-            "  -n <int>    generate: positions in total, prompt included (default: the context length);\n"
-            "              chat: most tokens per reply (default 0 = until EOS or the context is full)\n"
-            "  -i <string> prompt (chat: the first user message)\n"
-            "  -z <string> tokenizer .bin, default tokenizer.bin\n"
-            "  -m <string> mode: generate|chat, default generate\n"
-            "  -y <string> system prompt (chat mode)\n"
-            "  -T <int>    threads, default: OMP_NUM_THREADS, else the CPUs not busy with other processes\n");
+            "  -t <float>   temperature in [0, inf), default 1.0 (0 = greedy)\n"
+            "  -p <float>   top-p (nucleus) in [0, 1], default 0.9 (1 = off)\n"
+            "  -k <int>     top-k: only the k most probable tokens, default 0 (off); also --top-k\n"
+            "  -s <int>     random seed, default time(NULL)\n"
+            "  -n <int>     generate: positions in total, prompt included (default: the context length);\n"
+            "               chat: most tokens per reply (default 0 = until EOS or the context is full)\n"
+            "  -i <string>  prompt (chat: the first user message)\n"
+            "  -z <string>  tokenizer .bin, default tokenizer.bin\n"
+            "  -m <string>  mode: generate|chat, default generate\n"
+            "  -y <string>  system prompt (chat mode)\n"
+            "  -T <int>     threads, default: OMP_NUM_THREADS, else the CPUs not busy with other processes\n"
+            "  --min-p <float>              only tokens at least this times as probable as the most probable one,\n"
+            "                               in [0, 1], default 0 (off)\n"
+            "  --repeat-penalty <float>     > 0: the logit of a token among the last --repeat-last-n is divided by\n"
+            "                               it (multiplied when negative), default 1 (off)\n"
+            "  --repeat-last-n <int>        how many of the last tokens the penalties look at, default 64 (-1: all)\n"
+            "  --presence-penalty <float>   subtracted from the logit of each token among them, default 0\n"
+            "  --frequency-penalty <float>  subtracted once per time a token is among them, default 0\n");
 }
 
 static int parse_int(const char *s, const char *flag, int *out) {
@@ -1351,33 +1497,44 @@ static int parse_float(const char *s, const char *flag, float *out) {
 int main(int argc, char **argv) {
     const char *model_path = NULL, *tokenizer_path = "tokenizer.bin", *prompt = NULL, *mode = "generate",
                *system = NULL;
-    float temperature = 1.0f, topp = 0.9f;
-    int steps = 0, threads = 0, seed_given = 0;
+    AriannaSampling sampling = {.temperature = 1.0f, .top_p = 0.9f, .repeat_penalty = 1.0f, .repeat_last_n = 64};
+    int steps = 0, threads = 0, seed_int = 0, seed_given = 0;
     unsigned long long seed = 0;
+    const struct {
+        const char *name;
+        float *f; /* a number, */
+        int *i;   /* an integer, */
+        const char **s; /* or a string */
+    } options[] = {{"-t", &sampling.temperature, NULL, NULL}, {"-p", &sampling.top_p, NULL, NULL},
+                   {"-k", NULL, &sampling.top_k, NULL}, {"--top-k", NULL, &sampling.top_k, NULL},
+                   {"--min-p", &sampling.min_p, NULL, NULL}, {"--repeat-penalty", &sampling.repeat_penalty, NULL, NULL},
+                   {"--repeat-last-n", NULL, &sampling.repeat_last_n, NULL},
+                   {"--presence-penalty", &sampling.presence_penalty, NULL, NULL},
+                   {"--frequency-penalty", &sampling.frequency_penalty, NULL, NULL}, {"-s", NULL, &seed_int, NULL},
+                   {"-n", NULL, &steps, NULL}, {"-T", NULL, &threads, NULL}, {"-i", NULL, NULL, &prompt},
+                   {"-z", NULL, NULL, &tokenizer_path}, {"-m", NULL, NULL, &mode}, {"-y", NULL, NULL, &system}};
     if (argc < 2 || argv[1][0] == '-') return usage(), 1;
     model_path = argv[1];
     for (int i = 2; i < argc; i += 2) {
-        if (argv[i][0] != '-' || strlen(argv[i]) != 2 || i + 1 >= argc) {
-            fprintf(stderr, "error: bad option \"%s\"%s\n", argv[i], i + 1 >= argc ? " (missing value)" : "");
-            return usage(), 1;
+        size_t o = 0;
+        while (o < sizeof(options) / sizeof(options[0]) && strcmp(argv[i], options[o].name)) o++;
+        if (o == sizeof(options) / sizeof(options[0]) || i + 1 >= argc) {
+            fprintf(stderr, "error: %s option \"%s\" (./run alone lists the options)\n",
+                    o < sizeof(options) / sizeof(options[0]) ? "no value for" : "unknown", argv[i]);
+            return 1;
         }
-        const char *v = argv[i + 1];
-        int s_int;
-        switch (argv[i][1]) {
-        case 't': if (parse_float(v, "-t", &temperature)) return 1; break;
-        case 'p': if (parse_float(v, "-p", &topp)) return 1; break;
-        case 's': if (parse_int(v, "-s", &s_int)) return 1; seed = (unsigned long long)(unsigned)s_int, seed_given = 1; break;
-        case 'n': if (parse_int(v, "-n", &steps)) return 1; break;
-        case 'T': if (parse_int(v, "-T", &threads)) return 1; break;
-        case 'i': prompt = v; break;
-        case 'z': tokenizer_path = v; break;
-        case 'm': mode = v; break;
-        case 'y': system = v; break;
-        default: fprintf(stderr, "error: unknown option %s\n", argv[i]); return usage(), 1;
-        }
+        if (options[o].f && parse_float(argv[i + 1], argv[i], options[o].f)) return 1;
+        if (options[o].i && parse_int(argv[i + 1], argv[i], options[o].i)) return 1;
+        if (options[o].s) *options[o].s = argv[i + 1];
+        if (options[o].i == &seed_int) seed = (unsigned long long)(unsigned)seed_int, seed_given = 1;
     }
-    if (temperature < 0.0f) return fprintf(stderr, "error: -t must be >= 0\n"), 1;
-    if (topp < 0.0f || topp > 1.0f) return fprintf(stderr, "error: -p must be in [0, 1]\n"), 1;
+    const AriannaSampling *p = &sampling;
+    if (p->temperature < 0.0f) return fprintf(stderr, "error: -t must be >= 0\n"), 1;
+    if (p->top_p < 0.0f || p->top_p > 1.0f) return fprintf(stderr, "error: -p must be in [0, 1]\n"), 1;
+    if (p->top_k < 0) return fprintf(stderr, "error: -k must be >= 0\n"), 1;
+    if (p->min_p < 0.0f || p->min_p > 1.0f) return fprintf(stderr, "error: --min-p must be in [0, 1]\n"), 1;
+    if (p->repeat_penalty <= 0.0f) return fprintf(stderr, "error: --repeat-penalty must be > 0 (1 = off)\n"), 1;
+    if (p->repeat_last_n < -1) return fprintf(stderr, "error: --repeat-last-n must be >= -1 (-1 = all)\n"), 1;
     if (steps < 0) return fprintf(stderr, "error: -n must be >= 0\n"), 1;
     if (threads < 0) return fprintf(stderr, "error: -T must be >= 0\n"), 1;
     if (strcmp(mode, "generate") && strcmp(mode, "chat"))
@@ -1396,9 +1553,9 @@ int main(int argc, char **argv) {
             arianna_close(e);
             return 1;
         }
-        rc = generate(e, prompt, temperature, topp, seed, steps ? steps : seq_len);
+        rc = generate(e, prompt, &sampling, seed, steps ? steps : seq_len);
     } else {
-        rc = chat(e, prompt, system, temperature, topp, seed, steps);
+        rc = chat(e, prompt, system, &sampling, seed, steps);
     }
     arianna_close(e);
     return rc;

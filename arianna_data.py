@@ -43,7 +43,7 @@ import numpy as np
 import sentencepiece as spm
 
 from config import add_config_arguments
-from formats import atomic_write, find_markdown_files, read_markdown
+from formats import atomic_write, find_markdown_files, read_markdown, write_atomically
 from tokenizer import llama2_tokenizer_path
 
 CORPUS_NAME = "arianna_corpus.txt"
@@ -228,9 +228,8 @@ def train_vocab(config: TrainVocabConfig) -> Path:
     sp = spm.SentencePieceProcessor(model_proto=model_writer.getvalue())
     # The .vocab file as SentencePiece writes it: piece, tab, score; for people to read.
     vocab_lines = "".join(f"{sp.id_to_piece(index)}\t{sp.get_score(index):g}\n" for index in range(sp.vocab_size()))
-    for path, data in ((model_path, model_writer.getvalue()), (vocab_path, vocab_lines.encode("utf-8"))):
-        with atomic_write(path) as out:
-            out.write(data)
+    write_atomically(model_path, model_writer.getvalue())
+    write_atomically(vocab_path, vocab_lines.encode("utf-8"))
     print(f"wrote {model_path} and {vocab_path} ({config.vocab_size} tokens); next: "
           f"`python tokenizer.py --tokenizer-model={model_path}` and "
           f"`python arianna_data.py pretokenize --vocab_size={config.vocab_size}`")

@@ -35,8 +35,8 @@ from typing import Any, Callable, Iterable, Optional
 
 from tqdm import tqdm
 
-from arianna_data import write_atomically
 from config import add_config_arguments
+from formats import write_atomically
 
 REPEATS = 3            # a phrase this many times in a row makes an answer degenerate
 LONGEST_REPEAT = 3     # ... for phrases of one to this many words
@@ -252,7 +252,7 @@ def text_documents(options: TextEval, vocab_size: int) -> tuple[list[Any], int, 
 
     data = Path(options.data)
     if data.is_dir():
-        from train_arianna import TokenShards
+        from training import TokenShards
 
         meta_path = data / "meta.json"
         shards = TokenShards(data, options.split)
@@ -320,7 +320,7 @@ def evaluate_text(model_name: str, options: TextEval) -> tuple[dict[str, Any], s
 # ----------------------------------------------------------------------------- code
 
 STOP_SEQUENCES = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#")  # Codex's, for a function body
-LANGUAGES = {"python": "main.py", "c": "main.c", "javascript": "main.js"}
+LANGUAGES = ("python", "c", "javascript")
 
 
 @dataclass

@@ -83,6 +83,12 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", encoding: Optional[s
     _fsync_folder(path.parent)
 
 
+def write_atomically(path: str | os.PathLike, data: bytes) -> None:
+    """atomic_write for bytes already in memory."""
+    with atomic_write(path) as f:
+        f.write(data)
+
+
 def _fsync_folder(folder: Path) -> None:
     """Make the rename itself durable where the system allows it (POSIX; not Windows)."""
     try:

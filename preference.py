@@ -1,20 +1,26 @@
-"""Preference training: DPO, a Bradley-Terry reward model, and PPO from human (or computed) feedback.
+"""Preference training: DPO, KTO, a Bradley-Terry reward model, and PPO from human (or computed) feedback.
 
     python finetune.py --method=dpo    --init_from=out/sft/ckpt.pt --data=prefs.jsonl --beta=0.1
+    python finetune.py --method=kto    --init_from=out/sft/ckpt.pt --data=answers.jsonl
     python finetune.py --method=reward --init_from=out/sft/ckpt.pt --data=prefs.jsonl --out_dir=out/rm
     python finetune.py --method=ppo    --init_from=out/sft/ckpt.pt --prompts=prompts.jsonl \\
                        --reward_model=out/rm/ckpt.pt          (or --reward_fn=my_rewards:contains_yes)
 
-finetune.py parses the flags and calls run_dpo / run_reward / run_ppo here. Every text goes through
-the toolkit's one chat template (tokenizer.encode_dialog). Preference lines are either
-{"prompt": str, "chosen": str, "rejected": str} or the messages form, where "chosen" and "rejected"
-are whole conversations (lists of {"role", "content"}) that share their opening messages (a "prompt"
-list of messages may also be given separately, as TRL's conversational format does).
+finetune.py parses the flags (PreferenceConfig: tuning.FinetuneConfig plus this file's PreferenceFlags) and
+calls run_dpo / run_kto / run_reward / run_ppo here; the loop, checkpoints and model loading are tuning.py's
+and training.py's. Every text goes through the toolkit's one chat template (tokenizer.encode_dialog).
+Preference lines are either {"prompt": str, "chosen": str, "rejected": str} or the messages form, where
+"chosen" and "rejected" are whole conversations (lists of {"role", "content"}) that share their opening
+messages (a "prompt" list of messages may also be given separately, as TRL's conversational format does).
+KTO lines are unpaired: {"prompt", "completion", "label": true|false}, prompt and completion strings or messages.
 
 Conventions follow TRL, so numbers read the same as there:
 - DPO: loss = -log sigmoid(beta * ((log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x)))),
   with the implicit rewards beta * (log pi - log ref) logged as rewards/chosen, rewards/rejected,
   their difference as rewards/margins and how often chosen beats rejected as rewards/accuracies.
+- KTO (Ethayarajh et al. 2024): 1 - sigmoid(beta * (log pi/ref - z)) for desirable answers and
+  1 - sigmoid(beta * (z - log pi/ref)) for undesirable ones, weighted, with the reference point z the batch's
+  KL estimate on mismatched prompt/answer pairs; logged as kl, rewards/chosen, rewards/rejected, logps/...
 - PPO: per-token reward -kl_coef * (log pi - log ref), with the score added on the last response
   token; GAE(gamma, lam) on a value head over the policy's hidden states; advantages whitened;
   clipped policy and value losses. Logged as env/reward_mean, objective/kl, objective/entropy,
@@ -26,9 +32,10 @@ import contextlib
 import copy
 import importlib
 import importlib.util
+import json
 import math
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
@@ -36,19 +43,61 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from finetune import (FinetuneConfig, LineWarnings, Trainer, context_length, export_finetuned, fail, load_base_model,
-                      planned_steps, read_jsonl, start_method, tokenizer_path)
 from lora import adapters_disabled, lora_layers, merge_lora
 from model import Transformer
 from tokenizer import Tokenizer, encode_dialog
-from training import (ProgressLog, Runtime, StopFlag, clean_state_dict, load_checkpoint, model_from_checkpoint,
-                      save_checkpoint)
+from training import (Runtime, Shuffled, clean_state_dict, load_checkpoint, model_from_checkpoint, save_checkpoint,
+                      split_validation)
+from tuning import (ROLES, BaseCheckpoint, FinetuneConfig, FinetuneTrainer, context_length, export_finetuned, fail,
+                    load_base_model, load_lines, planned_steps, segment_encoder, start_method, tokenizer_path)
 
 Messages = list[dict]
-ROLES = ("system", "user", "assistant")
 REWARD_MODEL_KIND = "reward_model"
 REWARD_HEAD = "reward_head"  # the head's name in a reward run's ckpt.pt ("extra")
 VALUE_HEAD = "value_head"    # the value head's name in a PPO run's ckpt.pt ("extra")
+
+
+# ----------------------------------------------------------------------------- flags
+
+@dataclass
+class PreferenceFlags:
+    """The preference methods' own flags (TRL's names and defaults where TRL has them)."""
+    beta: float = field(default=0.1, metadata={"help": "dpo, kto: strength of the implicit KL to the reference"})
+    desirable_weight: float = field(default=1.0, metadata={
+        "help": "kto: weight of the desirable (label true) answers' losses"})
+    undesirable_weight: float = field(default=1.0, metadata={
+        "help": "kto: weight of the undesirable (label false) answers' losses"})
+    reward_model: str = field(default="", metadata={"help": "ppo: reward model checkpoint (--method=reward's ckpt.pt)"})
+    reward_fn: str = field(default="", metadata={
+        "help": "ppo: a Python reward function as module:function or file.py:function, instead of a reward model. "
+                "It is imported and run as it is, with your rights: pass only code you trust"})
+    prompts: str = field(default="", metadata={"help": "ppo: JSONL of prompts"})
+    kl_coef: float = field(default=0.05, metadata={"help": "ppo: per-token penalty on log pi - log ref (the start value "
+                                                           "with --target_kl)"})
+    target_kl: float = field(default=0.0, metadata={
+        "help": "ppo: adapt kl_coef towards this KL per answer (Ziegler et al. 2019, TRL's adap_kl_ctrl); 0: fixed"})
+    kl_horizon: int = field(default=10000, metadata={"help": "ppo: answers over which kl_coef may change by about e^0.2"})
+    cliprange: float = field(default=0.2, metadata={"help": "ppo: clip of the policy ratio and of the value change"})
+    vf_coef: float = field(default=0.1, metadata={"help": "ppo: weight of the value loss"})
+    gamma: float = field(default=1.0, metadata={"help": "ppo: discount of later rewards"})
+    lam: float = field(default=0.95, metadata={"help": "ppo: GAE lambda (bias against variance of advantages)"})
+    ppo_epochs: int = field(default=4, metadata={"help": "ppo: passes over each batch of sampled answers"})
+    ppo_minibatches: int = field(default=4, metadata={"help": "ppo: minibatches per PPO epoch"})
+    max_new_tokens: int = field(default=64, metadata={"help": "ppo: longest sampled answer"})
+    temperature: float = field(default=1.0, metadata={"help": "ppo: sampling temperature of the answers"})
+
+
+
+@dataclass
+class PreferenceConfig(FinetuneConfig, PreferenceFlags):
+    """FinetuneConfig plus the preference methods' flags: what run_dpo, run_kto, run_reward and run_ppo take."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.target_kl < 0 or self.kl_horizon < 1:
+            fail(f"--target_kl={self.target_kl} must be >= 0 (0: fixed kl_coef) and --kl_horizon={self.kl_horizon} >= 1")
+        if self.desirable_weight < 0 or self.undesirable_weight < 0:
+            fail("--desirable_weight and --undesirable_weight must be >= 0")
 
 
 # ----------------------------------------------------------------------------- data
@@ -193,6 +242,116 @@ def dpo_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) ->
         "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean().item(),
         "rewards/margins": (chosen_rewards - rejected_rewards).mean().item(),
     }
+
+
+# ----------------------------------------------------------------------------- KTO
+
+@dataclass
+class KTOExample:
+    """One unpaired answer through the chat template, split where the answer starts (the segments of the template
+    simply follow each other, so prompt + any answer is a valid conversation: that builds the KL rows)."""
+    prompt: list[int]       # the conversation up to the assistant header
+    answer: list[int]       # the answer's tokens
+    answer_mask: list[int]  # 1 on the answer's trained (assistant) tokens
+    desirable: bool
+
+
+def kto_messages(record: object) -> tuple[Messages, Messages, bool]:
+    """(prompt, completion, label) from one {"prompt", "completion", "label": true|false} line (strings or messages)."""
+    if not isinstance(record, dict) or not {"prompt", "completion", "label"} <= set(record):
+        raise ValueError('expected {"prompt": ..., "completion": ..., "label": true|false}')
+    if not isinstance(record["label"], bool):
+        raise ValueError(f'"label" must be true or false, not {json.dumps(record["label"])[:40]}')
+    prompt = _as_messages(record["prompt"], "prompt", "user")
+    completion = _as_messages(record["completion"], "completion", "assistant")
+    _check_prompt(prompt, '"prompt"')
+    _check_answer(completion, "completion")
+    return prompt, completion, record["label"]
+
+
+def load_kto_examples(path: str | Path, tokenizer: Tokenizer, longest: int) -> list[KTOExample]:
+    """KTO lines of a JSONL file; malformed lines reported as FILE:LINE and skipped, overlong answers counted."""
+    encode = segment_encoder(tokenizer)
+
+    def tokenize(record: dict) -> KTOExample:
+        prompt, completion, label = kto_messages(record)
+        prompt_tokens, _ = encode_dialog(encode, prompt, tokenizer.bos_id, tokenizer.eos_id)
+        tokens, mask = encode_dialog(encode, prompt + completion, tokenizer.bos_id, tokenizer.eos_id)
+        return KTOExample(prompt_tokens, tokens[len(prompt_tokens):], mask[len(prompt_tokens):], label)
+
+    examples = load_lines(path, tokenize, lambda example: len(example.prompt) + len(example.answer), longest,
+                          "answers", '{"prompt": ..., "completion": ..., "label": true}')
+    desirable = sum(example.desirable for example in examples)
+    print(f"{path}: {len(examples)} answers ({desirable} desirable, {len(examples) - desirable} undesirable)")
+    return examples
+
+
+def kto_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor, policy_kl_logps: torch.Tensor,
+             ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor, ref_kl_logps: torch.Tensor,
+             beta: float, desirable_weight: float = 1.0, undesirable_weight: float = 1.0
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean KTO loss, chosen rewards, rejected rewards, kl) as Ethayarajh et al. (2024) and TRL define them.
+
+    The reference point z = max(0, mean(log pi - log ref) over the KL rows), detached: the rows pair each prompt
+    with another example's answer, an estimate of KL(pi || ref) on answers not chosen for that prompt. Then
+    desirable answers lose 1 - sigmoid(beta * (log pi/ref - z)) and undesirable ones 1 - sigmoid(beta * (z - log
+    pi/ref)), weighted by desirable_weight and undesirable_weight, averaged over all answers of the batch.
+    """
+    kl = (policy_kl_logps - ref_kl_logps).mean().clamp(min=0).detach()
+    chosen_logratios = policy_chosen_logps - ref_chosen_logps
+    rejected_logratios = policy_rejected_logps - ref_rejected_logps
+    chosen_losses = 1 - torch.sigmoid(beta * (chosen_logratios - kl))
+    rejected_losses = 1 - torch.sigmoid(beta * (kl - rejected_logratios))
+    losses = torch.cat((desirable_weight * chosen_losses, undesirable_weight * rejected_losses))
+    return losses.mean(), beta * chosen_logratios.detach(), beta * rejected_logratios.detach(), kl
+
+
+KTO_SUMS = ("rewards/chosen", "logps/chosen", "rewards/rejected", "logps/rejected")
+
+
+def kto_batch_loss(policy: Transformer, reference: Reference, examples: Sequence[KTOExample], pad_id: int,
+                   longest: int, cfg: PreferenceConfig) -> tuple[torch.Tensor, dict[str, float]]:
+    """KTO loss of a batch and TRL's statistics as sums and counts (kto_summary turns them into means), so they
+    average correctly over micro-batches and processes whatever each one's mix of labels. The KL estimate is the
+    micro-batch's own (TRL gathers it over processes; per micro-batch keeps W processes equal to one with W times
+    the accumulation)."""
+    device = policy.tok_embeddings.weight.device
+    rows = [ex.prompt + ex.answer for ex in examples]
+    masks = [[0] * len(ex.prompt) + ex.answer_mask for ex in examples]
+    # KL rows: prompt i with the answer of example i-1 (TRL's shift), cut to the context.
+    shifted = [examples[i - 1] for i in range(len(examples))]
+    kl_rows = [(ex.prompt + other.answer)[:longest] for ex, other in zip(examples, shifted)]
+    kl_masks = [([0] * len(ex.prompt) + other.answer_mask)[:longest] for ex, other in zip(examples, shifted)]
+    tokens, mask = pad_right(rows, pad_id, device), pad_right(masks, 0, device)
+    kl_tokens, kl_mask = pad_right(kl_rows, pad_id, device), pad_right(kl_masks, 0, device)
+    policy_logps = sequence_logps(policy, tokens, mask)
+    with torch.no_grad():
+        policy_kl_logps = sequence_logps(policy, kl_tokens, kl_mask)
+        with reference.model() as ref:
+            ref_logps = sequence_logps(ref, tokens, mask)
+            ref_kl_logps = sequence_logps(ref, kl_tokens, kl_mask)
+    chosen = torch.tensor([ex.desirable for ex in examples], device=device)
+    loss, chosen_rewards, rejected_rewards, kl = kto_loss(
+        policy_logps[chosen], policy_logps[~chosen], policy_kl_logps, ref_logps[chosen], ref_logps[~chosen],
+        ref_kl_logps, cfg.beta, cfg.desirable_weight, cfg.undesirable_weight)
+    metrics = {"kl": kl.item(), "count/chosen": float(chosen.sum()), "count/rejected": float((~chosen).sum()),
+               "rewards/chosen_sum": chosen_rewards.sum().item(), "rewards/rejected_sum": rejected_rewards.sum().item(),
+               "logps/chosen_sum": policy_logps[chosen].detach().sum().item(),
+               "logps/rejected_sum": policy_logps[~chosen].detach().sum().item()}
+    return loss, metrics
+
+
+def kto_summary(metrics: dict[str, float]) -> dict[str, float]:
+    """TRL's logged KTO metrics from kto_batch_loss's sums and counts: rewards/chosen, rewards/rejected,
+    rewards/margins, logps/chosen, logps/rejected (means over the answers of that label), kl, count/*."""
+    summary = {key: value for key, value in metrics.items() if not key.endswith("_sum")}
+    for name in KTO_SUMS:
+        count = metrics.get(f"count/{name.split('/')[1]}", 0.0)
+        if f"{name}_sum" in metrics and count > 0:
+            summary[name] = metrics[f"{name}_sum"] / count
+    if "rewards/chosen" in summary and "rewards/rejected" in summary:
+        summary["rewards/margins"] = summary["rewards/chosen"] - summary["rewards/rejected"]
+    return summary
 
 
 # ----------------------------------------------------------------------------- reward model and value head
@@ -439,42 +598,34 @@ def make_rollout(policy: Transformer, value_head: ScalarHead, reference: Referen
                    masked_whiten(advantages, mask) * mask, returns)
 
 
-def ppo_update(trainer: Trainer, value_head: ScalarHead, rollout: Rollout, ppo_epochs: int, minibatch_size: int,
-               cliprange: float, vf_coef: float, temperature: float, grad_clip: float,
+def ppo_update(trainer: FinetuneTrainer, value_head: ScalarHead, rollout: Rollout, ppo_epochs: int,
+               minibatch_size: int, cliprange: float, vf_coef: float, temperature: float,
                generator: Optional[torch.Generator] = None) -> dict[str, float]:
-    """ppo_epochs passes over the rollout in shuffled minibatches, an optimizer update each (through
-    trainer.forward, so under torchrun the processes average their gradients); the means of the losses and
+    """ppo_epochs passes over the rollout in shuffled minibatches, an optimizer update each (trainer.optimizer_step
+    through trainer.forward, so under torchrun the processes average their gradients); the means of the losses and
     clip fraction."""
-    policy, optimizer, runtime = trainer.model, trainer.optimizer, trainer.runtime
+    policy = trainer.model
     policy.train()
     batch, width = rollout.mask.shape
-    totals = {"loss/policy": 0.0, "loss/value": 0.0, "policy/clipfrac": 0.0, "policy/approxkl": 0.0}
+    totals: dict[str, float] = {}
     updates = 0
-    parameters = [p for group in optimizer.param_groups for p in group["params"]]
 
-    def minibatch_losses(rows: torch.Tensor) -> PPOLosses:
+    def minibatch_losses(rows: torch.Tensor) -> tuple[torch.Tensor, int, dict[str, float]]:
         logps, values = answer_outputs(policy, rollout.tokens[rows], rollout.prompt_lengths[rows], width,
                                        temperature, value_head)
         # TRL clips the value with cliprange_value, whose default equals cliprange's 0.2.
-        return ppo_losses(logps, rollout.logps[rows], values, rollout.values[rows], rollout.advantages[rows],
-                          rollout.returns[rows], rollout.mask[rows], cliprange, cliprange, vf_coef)
+        losses = ppo_losses(logps, rollout.logps[rows], values, rollout.values[rows], rollout.advantages[rows],
+                            rollout.returns[rows], rollout.mask[rows], cliprange, cliprange, vf_coef)
+        return losses.loss, 0, {"loss/policy": losses.policy_loss.item(), "loss/value": losses.value_loss.item(),
+                                "policy/clipfrac": losses.clipfrac.item(), "policy/approxkl": losses.approx_kl.item()}
 
     for _ in range(ppo_epochs):
         order = torch.randperm(batch, generator=generator).tolist()
         for start in range(0, batch, minibatch_size):
             rows = torch.tensor(order[start:start + minibatch_size], device=rollout.tokens.device)
-            with runtime.autocast():
-                losses = trainer.forward(minibatch_losses, rows)
-            runtime.scaler.scale(losses.loss).backward()
-            if grad_clip > 0:
-                runtime.scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(parameters, grad_clip)
-            runtime.scaler.step(optimizer)
-            runtime.scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            for key, value in (("loss/policy", losses.policy_loss), ("loss/value", losses.value_loss),
-                               ("policy/clipfrac", losses.clipfrac), ("policy/approxkl", losses.approx_kl)):
-                totals[key] += value.item()
+            _, _, metrics = trainer.optimizer_step(1, lambda _: trainer.forward(minibatch_losses, rows))
+            for key, value in metrics.items():
+                totals[key] = totals.get(key, 0.0) + value
             updates += 1
     return {key: total / updates for key, total in totals.items()}
 
@@ -539,81 +690,57 @@ def evaluate_pairs(batch_loss: Callable[[torch.Tensor, torch.Tensor, torch.Tenso
 
 # ----------------------------------------------------------------------------- files
 
-def valid_records(path: str | Path, parse: Callable[[dict], list[dict]]) -> Iterator[list[dict]]:
-    """parse() of each JSON line of path; lines it rejects with ValueError are reported as FILE:LINE and skipped."""
-    warnings = LineWarnings(path)
-    for line_number, record in read_jsonl(path):
-        try:
-            yield parse(record)
-        except ValueError as exc:
-            warnings(line_number, str(exc))
-    warnings.summary()
-
-
 def load_pairs(path: str | Path, tokenizer: Tokenizer, longest: int) -> list[TokenizedPair]:
     """Preference pairs of a JSONL file; malformed lines reported as FILE:LINE and skipped, overlong pairs counted."""
-    pairs: list[TokenizedPair] = []
-    too_long = 0
-    for messages in valid_records(path, preference_messages):
-        pair = tokenize_pair(tokenizer_encode(tokenizer), messages, tokenizer.bos_id, tokenizer.eos_id)
-        if max(len(pair.chosen), len(pair.rejected)) > longest:
-            too_long += 1
-            continue
-        pairs.append(pair)
-    if too_long:
-        print(f"{path}: {too_long} pairs longer than {longest} tokens dropped", file=sys.stderr)
-    if not pairs:
-        fail(f'{path} has no usable preference pair; expected lines like {{"prompt": ..., "chosen": ..., "rejected": ...}} '
-             'or {"chosen": [messages], "rejected": [messages]}')
+    encode = segment_encoder(tokenizer)
+    pairs = load_lines(path, lambda record: tokenize_pair(encode, preference_messages(record), tokenizer.bos_id,
+                                                          tokenizer.eos_id),
+                       lambda pair: max(len(pair.chosen), len(pair.rejected)), longest, "pairs",
+                       '{"prompt": ..., "chosen": ..., "rejected": ...} or {"chosen": [messages], "rejected": [messages]}')
     print(f"{path}: {len(pairs)} preference pairs")
     return pairs
 
 
 def load_prompts(path: str | Path, tokenizer: Tokenizer, longest: int) -> list[PromptItem]:
     """Prompts of a JSONL file ({"prompt": str} or {"messages": [...]}) that leave room for longest answer tokens."""
-    prompts: list[PromptItem] = []
-    too_long = 0
-    for messages in valid_records(path, prompt_messages):
-        tokens, _ = encode_dialog(tokenizer_encode(tokenizer), messages, tokenizer.bos_id, tokenizer.eos_id)
-        if len(tokens) > longest:
-            too_long += 1
-            continue
-        prompts.append(PromptItem(tokens, messages[-1]["content"]))
-    if too_long:
-        print(f"{path}: {too_long} prompts dropped: longer than {longest} tokens, which leaves no room for "
-              "--max_new_tokens in the context", file=sys.stderr)
-    if not prompts:
-        fail(f'{path} has no usable prompt; expected lines like {{"prompt": "..."}} or {{"messages": [...]}}')
+    encode = segment_encoder(tokenizer)
+
+    def tokenize(record: dict) -> PromptItem:
+        messages = prompt_messages(record)
+        tokens, _ = encode_dialog(encode, messages, tokenizer.bos_id, tokenizer.eos_id)
+        return PromptItem(tokens, messages[-1]["content"])
+
+    prompts = load_lines(path, tokenize, lambda prompt: len(prompt.tokens), longest, "prompts",
+                         '{"prompt": "..."} or {"messages": [...]}',
+                         hint=", which leaves no room for --max_new_tokens in the context")
     print(f"{path}: {len(prompts)} prompts")
     return prompts
 
 
-def tokenizer_encode(tokenizer: Tokenizer) -> Callable[[str], list[int]]:
-    """The chat template's encode(): SentencePiece without BOS/EOS of its own."""
-    return lambda text: tokenizer.encode(text, bos=False, eos=False)
+@dataclass
+class DataRun:
+    """What a method trained on JSON lines starts from: start_method's four, plus the data and the plan."""
+    runtime: Runtime
+    model: Transformer
+    base: BaseCheckpoint
+    tokenizer: Tokenizer
+    longest: int  # tokens a line may take
+    train: list
+    val: list
+    total_steps: int
 
 
-def split_pairs(pairs: list[TokenizedPair], cfg: FinetuneConfig, tokenizer: Tokenizer,
-                longest: int) -> tuple[list[TokenizedPair], list[TokenizedPair]]:
-    """(train, validation): --val_data's pairs, else a seeded --val_fraction of --data held out."""
-    if cfg.val_data:
-        return pairs, load_pairs(cfg.val_data, tokenizer, longest)
-    if cfg.val_fraction <= 0 or len(pairs) < 2:
-        return pairs, []
-    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-    n_val = max(1, round(len(pairs) * cfg.val_fraction))
-    return [pairs[i] for i in order[n_val:]], [pairs[i] for i in order[:n_val]]
-
-
-def shuffled_batch(items: Sequence, batch_index: int, batch_size: int, seed: int) -> list:
-    """Batch number batch_index of items visited epoch after epoch in a seeded shuffle: a pure function of the
-    index, so a resumed run sees exactly the batches it would have seen."""
-    batch = []
-    for position in range(batch_index * batch_size, (batch_index + 1) * batch_size):
-        epoch, index = divmod(position, len(items))
-        order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed + epoch))
-        batch.append(items[order[index]])
-    return batch
+def start_on_data(cfg: FinetuneConfig, load: Callable[[str, Tokenizer, int], list], scores_last_token: bool) -> DataRun:
+    """start_method, then --data read by load(path, tokenizer, longest) and split for validation (--val_data, else
+    a seeded --val_fraction held out), and the planned steps. A method scoring every token of a line (DPO, KTO)
+    takes lines of context + 1 tokens: the last one is scored, never fed."""
+    runtime, model, base, tokenizer = start_method(cfg)
+    longest = context_length(cfg, model) + int(scores_last_token)
+    items = load(cfg.data, tokenizer, longest)
+    train, val = (items, load(cfg.val_data, tokenizer, longest)) if cfg.val_data else \
+        split_validation(items, cfg.val_fraction, cfg.seed)
+    total_steps = planned_steps(cfg, lambda micro: cfg.batch_size, len(train), runtime.world_size)
+    return DataRun(runtime, model, base, tokenizer, longest, train, val, total_steps)
 
 
 # ----------------------------------------------------------------------------- reward model files and functions
@@ -645,14 +772,18 @@ def load_reward_model(path: str | Path) -> RewardModel:
 
 
 def load_reward_fn(spec: str) -> Callable[[str, str], float]:
-    """The function named by "module:function" (an importable module) or "path/to/file.py:function"."""
+    """The function named by "module:function" (an importable module) or "path/to/file.py:function".
+
+    This imports and runs that code as it is, with the user's rights (as TRL's reward functions do): only code
+    the user trusts belongs here. Whatever goes wrong while importing it is a one-line error naming it.
+    """
     module_name, _, function_name = spec.rpartition(":")
     if not module_name or not function_name:
         fail(f"--reward_fn={spec} must be module:function or path/to/file.py:function")
+    if module_name.endswith(".py") and not Path(module_name).is_file():
+        fail(f"--reward_fn={spec}: {module_name} not found")
     try:
         if module_name.endswith(".py"):
-            if not Path(module_name).is_file():
-                fail(f"--reward_fn: {module_name} not found")
             module_spec = importlib.util.spec_from_file_location(Path(module_name).stem, module_name)
             module = importlib.util.module_from_spec(module_spec)
             module_spec.loader.exec_module(module)
@@ -660,10 +791,16 @@ def load_reward_fn(spec: str) -> Callable[[str, str], float]:
             module = importlib.import_module(module_name)
     except ImportError as exc:
         fail(f"--reward_fn={spec}: cannot import {module_name} ({exc}); give a module on PYTHONPATH or a .py file path")
+    except BaseException as exc:  # the module's own code failed (SyntaxError, an exception, even sys.exit)
+        fail(f"--reward_fn={spec}: importing {module_name} failed ({type(exc).__name__}: {one_line(exc)})")
     function = getattr(module, function_name, None)
     if not callable(function):
         fail(f"--reward_fn={spec}: {module_name} has no function {function_name}")
     return function
+
+
+def one_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [""])[0][:200]
 
 
 def reward_model_scorer(reward_model: RewardModel, pad_id: int) -> ScoreAnswers:
@@ -676,23 +813,38 @@ def reward_model_scorer(reward_model: RewardModel, pad_id: int) -> ScoreAnswers:
     return score
 
 
-def function_scorer(reward_fn: Callable[[str, str], float], tokenizer: Tokenizer) -> ScoreAnswers:
+def function_scorer(reward_fn: Callable[[str, str], float], tokenizer: Tokenizer, name: str = "") -> ScoreAnswers:
+    """Scores from reward_fn(prompt text, answer text); an exception or a result that is not a finite number is a
+    one-line error naming the function (name: its --reward_fn spelling)."""
+    name = name or getattr(reward_fn, "__qualname__", repr(reward_fn))
+
+    def call(prompt: str, answer: str) -> float:
+        try:
+            value = reward_fn(prompt, answer)
+        except Exception as exc:
+            fail(f"--reward_fn={name} raised {type(exc).__name__}: {one_line(exc)} (answer {answer[:60]!r})")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            fail(f"--reward_fn={name} returned {str(value)[:60]!r} ({type(value).__name__}); it must return a finite "
+                 "number (int or float)")
+        return float(value)
+
     def score(prompts: Sequence[PromptItem], answers: Sequence[list[int]]) -> torch.Tensor:
         texts = [tokenizer.decode([t for t in answer if t != tokenizer.eos_id]) for answer in answers]
-        return torch.tensor([float(reward_fn(prompt.text, text)) for prompt, text in zip(prompts, texts)])
+        return torch.tensor([call(prompt.text, text) for prompt, text in zip(prompts, texts)])
     return score
 
 
-# ----------------------------------------------------------------------------- the three methods
+# ----------------------------------------------------------------------------- the methods
 
-def train_on_pairs(trainer: Trainer, batch_loss: Callable[..., tuple[torch.Tensor, dict]], train_pairs: list[TokenizedPair],
+def train_on_pairs(trainer: FinetuneTrainer, batch_loss: Callable[..., tuple[torch.Tensor, dict]], train_pairs: list[TokenizedPair],
                    val_pairs: list[TokenizedPair], pad_id: int, eval_prefix: str) -> bool:
-    """Trainer.run over shuffled batches of pairs, evaluating on val_pairs (else the training pairs); the evaluation's
+    """trainer.run over shuffled batches of pairs, evaluating on val_pairs (else the training pairs); the evaluation's
     metrics are logged as val_loss and eval_prefix + name. False if Ctrl-C stopped it."""
     cfg, runtime = trainer.cfg, trainer.runtime
+    shuffled = Shuffled(train_pairs, cfg.seed)
 
     def micro_step(step: int, micro: int) -> tuple[torch.Tensor, int, dict]:
-        batch = pair_batch(shuffled_batch(train_pairs, micro, cfg.batch_size, cfg.seed), pad_id, runtime.device)
+        batch = pair_batch(shuffled.batch(micro, cfg.batch_size), pad_id, runtime.device)
         loss, metrics = batch_loss(*batch)
         return loss, batch[0].numel(), metrics
 
@@ -704,51 +856,85 @@ def train_on_pairs(trainer: Trainer, batch_loss: Callable[..., tuple[torch.Tenso
     return trainer.run(micro_step, evaluate)
 
 
-def run_dpo(cfg: FinetuneConfig) -> None:
+def run_dpo(cfg: PreferenceConfig) -> None:
     """Direct preference optimisation of the policy against the starting model."""
     if not cfg.data:
         fail("--method=dpo needs --data=prefs.jsonl with {\"prompt\", \"chosen\", \"rejected\"} lines")
-    runtime, policy, base, tokenizer = start_method(cfg)
-    longest = context_length(cfg, policy) + 1  # the last token is scored, never fed
-    train_pairs, val_pairs = split_pairs(load_pairs(cfg.data, tokenizer, longest), cfg, tokenizer, longest)
-    total_steps = planned_steps(cfg, lambda micro: cfg.batch_size, len(train_pairs), runtime.world_size)
-    print(f"DPO on {len(train_pairs)} pairs, evaluating on {len(val_pairs) or 'the training'} pairs; {total_steps} steps")
+    run = start_on_data(cfg, load_pairs, scores_last_token=True)
+    policy = run.model
+    print(f"DPO on {len(run.train)} pairs, evaluating on {len(run.val) or 'the training'} pairs; {run.total_steps} steps")
     reference = Reference(policy)  # before the trainer resumes: the reference is the starting model
-    trainer = Trainer(cfg, runtime, policy, base, total_steps)
-    pad_id = tokenizer.eos_id
+    trainer = FinetuneTrainer(cfg, run.runtime, policy, run.base, run.total_steps)
 
     def batch_loss(tokens: torch.Tensor, answer_mask: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, dict]:
         return dpo_batch_loss(policy, reference, tokens, answer_mask, cfg.beta)
 
-    if train_on_pairs(trainer, batch_loss, train_pairs, val_pairs, pad_id, eval_prefix="") and runtime.is_master:
-        export_finetuned(cfg, policy, base)
+    pad_id = run.tokenizer.eos_id
+    if train_on_pairs(trainer, batch_loss, run.train, run.val, pad_id, eval_prefix="") and run.runtime.is_master:
+        export_finetuned(cfg, policy, run.base)
+    run.runtime.shutdown()
+
+
+def run_kto(cfg: PreferenceConfig) -> None:
+    """Kahneman-Tversky optimisation of the policy against the starting model, on answers labelled good or bad."""
+    if not cfg.data:
+        fail('--method=kto needs --data=answers.jsonl with {"prompt", "completion", "label": true|false} lines')
+    run = start_on_data(cfg, load_kto_examples, scores_last_token=True)
+    policy, runtime, train = run.model, run.runtime, run.train
+    desirable = sum(example.desirable for example in train)
+    if desirable in (0, len(train)):
+        print(f"warning: {cfg.data} has only {'desirable' if desirable else 'undesirable'} answers; KTO learns from both",
+              file=sys.stderr)
+    print(f"KTO on {len(train)} answers, evaluating on {len(run.val) or 'the training'} answers; {run.total_steps} steps")
+    reference = Reference(policy)  # before the trainer resumes: the reference is the starting model
+    trainer = FinetuneTrainer(cfg, runtime, policy, run.base, run.total_steps)
+    shuffled = Shuffled(train, cfg.seed)
+    pad_id = run.tokenizer.eos_id
+
+    def micro_step(step: int, micro: int) -> tuple[torch.Tensor, int, dict]:
+        batch = shuffled.batch(micro, cfg.batch_size)
+        loss, metrics = kto_batch_loss(policy, reference, batch, pad_id, run.longest, cfg)
+        return loss, sum(len(ex.prompt) + len(ex.answer) for ex in batch), metrics
+
+    @torch.no_grad()
+    def evaluate() -> dict:
+        examples, totals = run.val or train, {}
+        for start in range(0, len(examples), cfg.batch_size):
+            chunk = examples[start:start + cfg.batch_size]
+            with runtime.autocast():
+                loss, metrics = kto_batch_loss(policy, reference, chunk, pad_id, run.longest, cfg)
+            for key, value in {"loss": loss.item() * len(chunk), "kl": metrics.pop("kl") * len(chunk), **metrics}.items():
+                totals[key] = totals.get(key, 0.0) + value
+        summary = kto_summary({**totals, "kl": totals["kl"] / len(examples)})
+        return {"val_loss": summary.pop("loss") / len(examples), **{"eval/" + k: v for k, v in summary.items()}}
+
+    if trainer.run(micro_step, evaluate, summarize=kto_summary) and runtime.is_master:
+        export_finetuned(cfg, policy, run.base)
     runtime.shutdown()
 
 
-def run_reward(cfg: FinetuneConfig) -> None:
+def run_reward(cfg: PreferenceConfig) -> None:
     """A Bradley-Terry reward model: the backbone (full or LoRA) plus a scalar head, on chosen/rejected pairs."""
     if not cfg.data:
         fail("--method=reward needs --data=prefs.jsonl with {\"prompt\", \"chosen\", \"rejected\"} lines")
-    runtime, backbone, base, tokenizer = start_method(cfg)
-    longest = context_length(cfg, backbone)
-    train_pairs, val_pairs = split_pairs(load_pairs(cfg.data, tokenizer, longest), cfg, tokenizer, longest)
-    total_steps = planned_steps(cfg, lambda micro: cfg.batch_size, len(train_pairs), runtime.world_size)
-    print(f"reward model on {len(train_pairs)} pairs, held out {len(val_pairs)}; {total_steps} steps")
-    reward_model = RewardModel(backbone).to(runtime.device)
-    trainer = Trainer(cfg, runtime, backbone, base, total_steps, extra_modules={REWARD_HEAD: reward_model.head})
-    pad_id = tokenizer.eos_id
+    run = start_on_data(cfg, load_pairs, scores_last_token=False)
+    print(f"reward model on {len(run.train)} pairs, held out {len(run.val)}; {run.total_steps} steps")
+    reward_model = RewardModel(run.model).to(run.runtime.device)
+    trainer = FinetuneTrainer(cfg, run.runtime, run.model, run.base, run.total_steps,
+                              extra_modules={REWARD_HEAD: reward_model.head})
 
     def batch_loss(tokens: torch.Tensor, answer_mask: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, dict]:
         return reward_batch_loss(reward_model, tokens, lengths)
 
-    if train_on_pairs(trainer, batch_loss, train_pairs, val_pairs, pad_id, eval_prefix="eval/") and runtime.is_master:
+    if train_on_pairs(trainer, batch_loss, run.train, run.val, run.tokenizer.eos_id, eval_prefix="eval/") \
+            and run.runtime.is_master:
         path = Path(cfg.out_dir) / "reward_model.pt"
-        save_reward_model(path, reward_model, str(tokenizer_path(cfg, base)), asdict(cfg))
+        save_reward_model(path, reward_model, str(tokenizer_path(cfg, run.base)), asdict(cfg))
         print(f"wrote {path} (use it with --method=ppo --reward_model={path})")
-    runtime.shutdown()
+    run.runtime.shutdown()
 
 
-def run_ppo(cfg: FinetuneConfig) -> None:
+def run_ppo(cfg: PreferenceConfig) -> None:
     """PPO: sample answers to prompts, score them, and update the policy and its value head (TRL's recipe)."""
     if not cfg.prompts:
         fail("--method=ppo needs --prompts=prompts.jsonl with {\"prompt\": ...} or {\"messages\": [...]} lines")
@@ -771,57 +957,36 @@ def run_ppo(cfg: FinetuneConfig) -> None:
                  f"the policy's {context}; lower --max_seq_len")
         score_answers = reward_model_scorer(reward_model, tokenizer.eos_id)
     else:
-        score_answers = function_scorer(load_reward_fn(cfg.reward_fn), tokenizer)
+        score_answers = function_scorer(load_reward_fn(cfg.reward_fn), tokenizer, cfg.reward_fn)
     total_steps = cfg.max_iters or max(1, math.ceil(cfg.epochs * len(prompts) / cfg.batch_size))
     print(f"PPO on {len(prompts)} prompts, {cfg.batch_size} answers per step; {total_steps} steps")
     value_head = ScalarHead(policy.args.dim).to(runtime.device)
     reference = Reference(policy)  # before the trainer resumes: the reference is the starting model
-    trainer = Trainer(cfg, runtime, policy, base, total_steps, extra_modules={VALUE_HEAD: value_head})
-    finished = ppo_loop(cfg, runtime, trainer, value_head, reference, prompts, score_answers, tokenizer.eos_id)
-    if finished and runtime.is_master:
+    trainer = FinetuneTrainer(cfg, runtime, policy, base, total_steps, extra_modules={VALUE_HEAD: value_head})
+    trainer.state.setdefault("kl_coef", cfg.kl_coef)  # a resumed run carries on with its adapted value
+    minibatch = max(1, cfg.batch_size // cfg.ppo_minibatches)
+
+    def ppo_step(step: int) -> tuple[float, int, dict]:
+        """One step = one batch of sampled answers and its --ppo_epochs of minibatch updates."""
+        # Seeded by step: a resumed run samples and shuffles exactly as the uninterrupted one would. Under
+        # torchrun, process r of W answers batch step * W + r of the prompts, with its own sampling seed.
+        index = step * runtime.world_size + runtime.rank
+        generator = torch.Generator(device=runtime.device).manual_seed(cfg.seed * 1_000_003 + index)
+        shuffle = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        with runtime.autocast():
+            rollout = make_rollout(policy, value_head, reference, shuffled_prompts.batch(index, cfg.batch_size),
+                                   score_answers, cfg.max_new_tokens, cfg.temperature, tokenizer.eos_id,
+                                   trainer.state["kl_coef"], cfg.gamma, cfg.lam, generator)
+        stats = ppo_update(trainer, value_head, rollout, cfg.ppo_epochs, minibatch, cfg.cliprange, cfg.vf_coef,
+                           cfg.temperature, shuffle)
+        metrics = {**rollout_metrics(rollout), **stats, "objective/kl_coef": trainer.state["kl_coef"]}
+        if cfg.target_kl > 0:  # the controller follows the KL of all processes' answers
+            kl = trainer.agree({"kl": metrics["objective/kl"]}, False)[0]["kl"]
+            trainer.state["kl_coef"] = adapted_kl_coef(trainer.state["kl_coef"], kl, cfg.target_kl,
+                                                       cfg.batch_size * runtime.world_size, cfg.kl_horizon)
+        return stats["loss/policy"] + cfg.vf_coef * stats["loss/value"], int(rollout.mask.sum()), metrics
+
+    shuffled_prompts = Shuffled(prompts, cfg.seed)
+    if trainer.run(whole_step=ppo_step) and runtime.is_master:
         export_finetuned(cfg, policy, base)
     runtime.shutdown()
-
-
-def ppo_loop(cfg: FinetuneConfig, runtime: Runtime, trainer: Trainer, value_head: ScalarHead, reference: Reference,
-             prompts: Sequence[PromptItem], score_answers: ScoreAnswers, eos_id: int) -> bool:
-    """One step = one batch of sampled answers and its --ppo_epochs of minibatch updates. The Trainer supplies the
-    optimizer, lr schedule, checkpoints and resume; the loop is PPO's own, since a step holds many optimizer updates.
-    Returns False if Ctrl-C stopped it (ckpt.pt saved)."""
-    policy, out_dir = trainer.model, Path(cfg.out_dir)
-    trainer.state.setdefault("kl_coef", cfg.kl_coef)  # a resumed run carries on with its adapted value
-    out_dir.mkdir(parents=True, exist_ok=True)
-    minibatch = max(1, cfg.batch_size // cfg.ppo_minibatches)
-    progress = ProgressLog(out_dir, trainer.total_steps, trainer.step, runtime.is_master)
-    stop = StopFlag()
-    try:
-        while trainer.step < trainer.total_steps:
-            step = trainer.step
-            step_lr = trainer.start_step()
-            # Seeded by step: a resumed run samples and shuffles exactly as the uninterrupted one would. Under
-            # torchrun, process r of W answers batch step * W + r of the prompts, with its own sampling seed.
-            index = step * runtime.world_size + runtime.rank
-            generator = torch.Generator(device=runtime.device).manual_seed(cfg.seed * 1_000_003 + index)
-            shuffle = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-            batch = shuffled_batch(prompts, index, cfg.batch_size, cfg.seed)
-            with runtime.autocast():
-                rollout = make_rollout(policy, value_head, reference, batch, score_answers, cfg.max_new_tokens,
-                                       cfg.temperature, eos_id, trainer.state["kl_coef"], cfg.gamma, cfg.lam, generator)
-            stats = ppo_update(trainer, value_head, rollout, cfg.ppo_epochs, minibatch, cfg.cliprange, cfg.vf_coef,
-                               cfg.temperature, cfg.grad_clip, shuffle)
-            trainer.step += 1
-            metrics, stop_now = trainer.agree({**rollout_metrics(rollout), **stats, "tokens": float(rollout.mask.sum())},
-                                              stop.requested)
-            tokens = round(metrics.pop("tokens") * runtime.world_size)
-            metrics["objective/kl_coef"] = trainer.state["kl_coef"]
-            if cfg.target_kl > 0:
-                trainer.state["kl_coef"] = adapted_kl_coef(trainer.state["kl_coef"], metrics["objective/kl"], cfg.target_kl,
-                                                           cfg.batch_size * runtime.world_size, cfg.kl_horizon)
-            progress.update(trainer.step, metrics["loss/policy"] + cfg.vf_coef * metrics["loss/value"],
-                            tokens, step_lr, reward=metrics["env/reward_mean"], kl=metrics["objective/kl"])
-            if not trainer.finish_step(progress, {"step": trainer.step, "lr": step_lr, **metrics}, stop_now):
-                return False
-    finally:
-        stop.restore()
-        progress.close()
-    return True

@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
+from formats import atomic_write
+
 STEP_KEYS = ("iter", "step")
 GROUPS = (  # (file stem, title, which keys)
     ("loss", "loss", lambda key: key.endswith("loss") and "best" not in key),
@@ -86,10 +88,9 @@ def plot(path: Path, title: str, curves: dict[str, dict[int, float]], x_of: Opti
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
     figure.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    figure.savefig(tmp)
+    with atomic_write(path) as png:
+        figure.savefig(png, format="png")
     plt.close(figure)
-    os.replace(tmp, path)
     return points
 
 
@@ -121,9 +122,8 @@ def draw(run_dir: Path, out_dir: Optional[Path] = None) -> dict[str, Any]:
                 figures.append({"png": png.name, "title": title, "x": x_label, "points": points})
         sections.append({"log": str(log), "name": name, "settings": run_settings(log.parent), "figures": figures})
     page = out_dir / "report.html"
-    tmp = page.with_name(page.name + ".tmp")
-    tmp.write_text(render(run_dir, sections), encoding="utf-8")
-    os.replace(tmp, page)
+    with atomic_write(page, "w", encoding="utf-8") as f:
+        f.write(render(run_dir, sections))
     return {"report": str(page), "sections": sections}
 
 

@@ -11,7 +11,6 @@ and, at the end, model.bin exported from best.pt.
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -20,14 +19,13 @@ from typing import Optional
 
 import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
 from config import parse_config
 from export import export_model
 from model import ModelArgs, Transformer
-from schedules import BATCH_SCHEDULES, LR_SCHEDULES, accumulation_steps, batch_boundaries, learning_rate
-from training import (Runtime, StopFlag, ProgressLog, bits_per_byte, clean_state_dict, load_checkpoint,
-                      make_optimizer, model_from_checkpoint, oom_guard, rolling_nll, save_checkpoint, setup_runtime)
+from schedules import BATCH_SCHEDULES, LR_SCHEDULES, batch_boundaries
+from training import (LoopSettings, Runtime, Schedule, TokenShards, Trainer, bits_per_byte, clean_state_dict,
+                      load_checkpoint, model_from_checkpoint, rolling_nll, save_checkpoint, setup_runtime)
 
 
 def _option(default, help: str, **extra):
@@ -83,32 +81,6 @@ class TrainConfig:
 
 # ----------------------------------------------------------------------------- data
 
-class TokenShards:
-    """The train or val shards of a pretokenized corpus, memory-mapped and read as one token stream."""
-
-    def __init__(self, directory: Path, split: str):
-        self.paths = sorted(directory.glob(f"{split}_*.bin"))
-        self.shards = [np.memmap(path, dtype=np.uint16, mode="r") for path in self.paths]
-        self.lengths = np.array([len(shard) for shard in self.shards], dtype=np.int64)
-        self.starts = np.concatenate(([0], np.cumsum(self.lengths)))
-
-    def __len__(self) -> int:
-        return int(self.starts[-1])
-
-    def window(self, start: int, length: int) -> np.ndarray:
-        """length tokens from position start of the whole stream, crossing shard boundaries as needed."""
-        pieces, position, remaining = [], start, length
-        shard = int(np.searchsorted(self.starts, position, side="right") - 1)
-        while remaining > 0:
-            offset = position - self.starts[shard]
-            piece = self.shards[shard][offset:offset + remaining]
-            pieces.append(piece)
-            remaining -= len(piece)
-            position += len(piece)
-            shard += 1
-        return np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
-
-
 def stack_windows(shards: TokenShards, starts: list[int], length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs and next-token targets [len(starts), length] from windows of length + 1 tokens."""
     rows = np.stack([shards.window(start, length + 1) for start in starts]).astype(np.int64)
@@ -120,11 +92,10 @@ def stack_windows(shards: TokenShards, starts: list[int], length: int, device: t
     return batch[:, :-1], batch[:, 1:]
 
 
-def train_batch(shards: TokenShards, step: int, micro_step: int, cfg: TrainConfig, runtime: Runtime):
-    """The micro-batch for (step, micro_step, rank): a pure function of them, so a resumed run sees the same data."""
-    seed = ((cfg.seed * 1_000_003 + step) * 1009 + micro_step) * 131 + runtime.rank
-    generator = torch.Generator().manual_seed(seed % 2**63)
-    starts = torch.randint(len(shards) - cfg.max_seq_len - 1, (cfg.batch_size,), generator=generator).tolist()
+def train_batch(shards: TokenShards, micro: int, cfg: TrainConfig, runtime: Runtime):
+    """Micro-batch number micro (counted over all processes, training.MicroStep): a pure function of it, so a
+    resumed run sees the same data, and 2 processes the micro-batches 1 process with twice the accumulation sees."""
+    starts = shards.random_starts(cfg.max_seq_len + 1, cfg.batch_size, cfg.seed * 1_000_003 + micro)
     return stack_windows(shards, starts, cfg.max_seq_len, runtime.device)
 
 
@@ -174,9 +145,7 @@ def estimate_losses(model: torch.nn.Module, train: TokenShards, val: TokenShards
     nll, count = rolling_nll(model, val_stream, cfg.max_seq_len, cfg.max_seq_len, cfg.batch_size, runtime.device,
                              runtime.autocast, max_windows=cfg.eval_iters * cfg.batch_size)
     losses = {"val": nll / count}
-    generator = torch.Generator().manual_seed(cfg.seed)
-    train_starts = torch.randint(len(train) - cfg.max_seq_len - 1, (cfg.eval_iters * cfg.batch_size,),
-                                 generator=generator).tolist()
+    train_starts = train.random_starts(cfg.max_seq_len + 1, cfg.eval_iters * cfg.batch_size, cfg.seed)
     total = 0.0
     for first in range(0, len(train_starts), cfg.batch_size):
         chunk = train_starts[first:first + cfg.batch_size]
@@ -190,6 +159,37 @@ def estimate_losses(model: torch.nn.Module, train: TokenShards, val: TokenShards
 
 
 # ----------------------------------------------------------------------------- training
+
+class Pretrainer(Trainer):
+    """training.Trainer with pretraining's checkpoints: ckpt.pt (the whole state), best.pt (the weights with the
+    lowest validation loss so far) and log.jsonl lines per evaluation with bits per byte."""
+
+    def __init__(self, cfg: TrainConfig, runtime: Runtime, model: Transformer, schedule: Schedule, meta: dict):
+        self.cfg, self.model, self.meta = cfg, model, meta
+        self.started = time.perf_counter()
+        settings = LoopSettings(Path(cfg.out_dir), cfg.batch_size, cfg.grad_clip, eval_interval=cfg.eval_interval,
+                                early_stop_patience=cfg.early_stop_patience)
+        super().__init__(runtime, model, schedule, settings, cfg.weight_decay, (cfg.beta1, cfg.beta2))
+
+    def weights(self) -> dict:
+        return dict(model=clean_state_dict(self.model), model_args=self.model.args.to_dict(), config=asdict(self.cfg),
+                    meta=self.meta)
+
+    def payload(self) -> dict:
+        return {**self.weights(), **super().payload()}
+
+    def on_best(self, results: dict) -> None:
+        if self.runtime.is_master:
+            save_checkpoint(self.out_dir / "best.pt", {**self.weights(), "iter_num": self.step, "val_loss": self.best_val_loss})
+
+    def eval_record(self, results: dict, step_record: dict) -> dict:
+        meta = self.meta
+        return dict(iter=self.step, train_loss=results["train_loss"], val_loss=results["val_loss"],
+                    train_bpb=bits_per_byte(results["train_loss"], meta["train_tokens"], meta["train_bytes"]),
+                    val_bpb=bits_per_byte(results["val_loss"], meta["val_tokens"] - 1, meta["val_bytes"]),  # all but the first scored
+                    best_val_loss=self.best_val_loss, lr=step_record["lr"], batch=step_record["batch"],
+                    tokens=int(self.state["tokens_seen"]), elapsed_s=round(time.perf_counter() - self.started, 1))
+
 
 def main(argv: Optional[list[str]] = None) -> None:
     cfg = parse_config(TrainConfig, argv, description=__doc__.split("\n\n")[0])
@@ -214,13 +214,14 @@ def main(argv: Optional[list[str]] = None) -> None:
     tokens_per_step = cfg.batch_size * cfg.max_seq_len * accumulation * runtime.world_size
 
     checkpoint = None
+    requested_iters = cfg.max_iters
     if cfg.init_from == "resume":
         checkpoint = load_checkpoint(out_dir / "ckpt.pt")
         model_args = ModelArgs(**checkpoint["model_args"])
         if model_args.vocab_size != cfg.vocab_size:
             sys.exit(f"error: {out_dir / 'ckpt.pt'} was trained with a {model_args.vocab_size}-token vocab, "
                      f"the data has {cfg.vocab_size}; pass the matching --vocab_size/--vocab_source")
-        # The schedule and sizes decided at the start stay fixed, whatever this command line says.
+        # The sizes and schedule decided at the start stay; a new --max_iters re-plans the schedule's tail.
         for name in ("max_iters", "warmup_iters", "min_lr", "dropout", "eval_interval"):
             setattr(cfg, name, checkpoint["config"][name])
     else:
@@ -241,96 +242,38 @@ def main(argv: Optional[list[str]] = None) -> None:
         cfg.min_lr = cfg.learning_rate / 10
 
     model = Transformer(model_args).to(runtime.device)
-    optimizer = make_optimizer(model, cfg.learning_rate, cfg.weight_decay, (cfg.beta1, cfg.beta2), runtime)
-    step, best_val_loss, evals_since_best, tokens_seen = 0, math.inf, 0, 0
+    schedule = Schedule(cfg.learning_rate, cfg.min_lr, cfg.lr_schedule, cfg.warmup_iters, cfg.max_iters, accumulation,
+                        cfg.batch_schedule, trinity_boundaries)
+    trainer = Pretrainer(cfg, runtime, model, schedule, meta)
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        step, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
-        evals_since_best, tokens_seen = checkpoint["evals_since_best"], checkpoint["tokens_seen"]
-        torch.set_rng_state(checkpoint["rng_state"])
+        if "total_steps" not in checkpoint:  # written before the loop was shared: the plan was config["max_iters"]
+            checkpoint = {**checkpoint, "total_steps": cfg.max_iters, "state": {"tokens_seen": checkpoint["tokens_seen"]}}
+        trainer.restore(checkpoint, out_dir / "ckpt.pt", requested_iters or 0)
+        cfg.max_iters = trainer.total_steps
         checkpoint = None  # free the memory before training
     n_params = sum(p.numel() for p in model.parameters())
     train_model = torch.compile(model) if cfg.compile else model
-    if runtime.ddp:
-        train_model = DistributedDataParallel(train_model, device_ids=[runtime.local_rank] if runtime.device_type == "cuda" else None)
+    if trainer.step == 0 and runtime.is_master:
+        print(f"model: dim {model_args.dim}, {model_args.n_layers} layers, {model_args.n_heads} heads "
+              f"({model_args.n_kv_heads} kv), {n_params / 1e6:.2f}M parameters, dropout {model_args.dropout}; "
+              f"{len(train):,} train / {len(val):,} val tokens; {cfg.max_iters} steps of {tokens_per_step:,} "
+              f"tokens on {runtime.device} in {str(runtime.dtype).removeprefix('torch.')}", file=sys.stderr)
 
-    def state(iter_num: int) -> dict:
-        return dict(model=clean_state_dict(model), model_args=model_args.to_dict(), config=asdict(cfg),
-                    iter_num=iter_num, best_val_loss=best_val_loss, evals_since_best=evals_since_best,
-                    tokens_seen=tokens_seen, optimizer=optimizer.state_dict(), rng_state=torch.get_rng_state(), meta=meta)
+    def micro_step(step: int, micro: int) -> tuple[torch.Tensor, int, dict]:
+        inputs, targets = train_batch(train, micro, cfg, runtime)
+        _, loss = train_model(inputs, targets)
+        return loss, inputs.numel(), {}
 
-    def save_latest(iter_num: int) -> None:
-        if runtime.is_master:
-            save_checkpoint(out_dir / "ckpt.pt", state(iter_num))
+    def evaluate() -> dict:
+        losses = estimate_losses(model, train, val, cfg, runtime)
+        return {"train_loss": losses["train"], "val_loss": losses["val"]}
 
-    progress = ProgressLog(out_dir, cfg.max_iters, step, runtime.is_master)
-    if step == 0:
-        progress.write(f"model: dim {model_args.dim}, {model_args.n_layers} layers, {model_args.n_heads} heads "
-                       f"({model_args.n_kv_heads} kv), {n_params / 1e6:.2f}M parameters, dropout {model_args.dropout}; "
-                       f"{len(train):,} train / {len(val):,} val tokens; {cfg.max_iters} steps of {tokens_per_step:,} "
-                       f"tokens on {runtime.device} in {str(runtime.dtype).removeprefix('torch.')}")
-    stop = StopFlag()
-    started = time.perf_counter()
-    with oom_guard(runtime, lambda: save_latest(step)):
-        while step < cfg.max_iters and not stop.requested:
-            lr = learning_rate(step, cfg.lr_schedule, cfg.learning_rate, cfg.min_lr, cfg.warmup_iters, cfg.max_iters)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            step_accumulation = accumulation_steps(step, accumulation, cfg.batch_schedule, trinity_boundaries)
-            for micro_step in range(step_accumulation):
-                inputs, targets = train_batch(train, step, micro_step, cfg, runtime)
-                if runtime.ddp:  # all-reduce the gradients only on the last micro-step
-                    train_model.require_backward_grad_sync = micro_step == step_accumulation - 1
-                with runtime.autocast():
-                    _, loss = train_model(inputs, targets)
-                runtime.scaler.scale(loss / step_accumulation).backward()
-            if cfg.grad_clip > 0:
-                runtime.scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            runtime.scaler.step(optimizer)
-            runtime.scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            effective_batch = cfg.batch_size * step_accumulation * runtime.world_size
-            tokens_seen += effective_batch * cfg.max_seq_len  # counted per step: trinity changes the batch
-            progress.update(step, loss.item(), effective_batch * cfg.max_seq_len, lr, batch=effective_batch)
-
-            if step % cfg.eval_interval == 0 or step == cfg.max_iters:
-                losses = estimate_losses(model, train, val, cfg, runtime)
-                improved = losses["val"] < best_val_loss
-                if improved:
-                    best_val_loss, evals_since_best = losses["val"], 0
-                    if runtime.is_master:
-                        save_checkpoint(out_dir / "best.pt", dict(model=clean_state_dict(model),
-                                        model_args=model_args.to_dict(), config=asdict(cfg), iter_num=step,
-                                        val_loss=best_val_loss, meta=meta))
-                else:
-                    evals_since_best += 1
-                progress.record(dict(
-                    iter=step, train_loss=losses["train"], val_loss=losses["val"],
-                    train_bpb=bits_per_byte(losses["train"], meta["train_tokens"], meta["train_bytes"]),
-                    val_bpb=bits_per_byte(losses["val"], meta["val_tokens"] - 1, meta["val_bytes"]),  # all but the first scored
-                    best_val_loss=best_val_loss, lr=lr, batch=effective_batch, tokens=tokens_seen,
-                    elapsed_s=round(time.perf_counter() - started, 1)))
-                save_latest(step)
-                if cfg.early_stop_patience and evals_since_best >= cfg.early_stop_patience:
-                    progress.write(f"early stop: val loss has not improved for {evals_since_best} evaluations")
-                    break
-    progress.close()
-    stop.restore()
-    if stop.requested:
-        save_latest(step)
-        if runtime.is_master:
-            print(f"interrupted at step {step}; saved {out_dir / 'ckpt.pt'}. Continue with --init_from=resume",
-                  file=sys.stderr)
-        runtime.shutdown()
-        return
-    if runtime.is_master:
+    if trainer.run(micro_step, evaluate) and runtime.is_master:
         best_path = out_dir / "best.pt"
         best = model_from_checkpoint(load_checkpoint(best_path)) if best_path.exists() else model.cpu()
         bin_path = export_model(best, out_dir / "model.bin", cfg.export_version)
-        print(f"best val loss {best_val_loss:.4f}; wrote {bin_path} from {best_path}")
+        print(f"best val loss {trainer.best_val_loss:.4f}; wrote {bin_path} from {best_path}")
     runtime.shutdown()
 
 

@@ -167,7 +167,7 @@ SFT_COMMAND=("$PYTHON" finetune.py --method=sft --init_from="$PRETRAINED" --data
 if [[ -n "${ARIANNA_SFT_ITERS:-}" ]]; then SFT_COMMAND+=(--max_iters="$ARIANNA_SFT_ITERS"); fi
 read -r -a EXTRA_ARGS <<< "${ARIANNA_EXTRA_SFT_ARGS:-}"
 SFT_COMMAND+=(${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"})
-run_step chat_finetune "$CHAT_DIR/ckpt.pt" "$DIALOGS" "$PRETRAINED" "$SHARDS/meta.json" finetune.py lora.py training.py model.py -- \
+run_step chat_finetune "$CHAT_DIR/ckpt.pt" "$DIALOGS" "$PRETRAINED" "$SHARDS/meta.json" finetune.py tuning.py lora.py training.py model.py -- \
     "${SFT_COMMAND[@]}"
 
 run_step export "$CHAT_DIR/model.bin" "$CHAT_DIR/ckpt.pt" export.py -- \

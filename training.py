@@ -1,8 +1,9 @@
-"""Runtime and bookkeeping shared by train_arianna.py, finetune.py and preference.py.
+"""The one training loop, and the runtime around it, for train_arianna.py and every fine-tuning method.
 
-Device and dtype choice, DDP set-up under torchrun, config parsing from dataclasses, atomic
-checkpoints, the optimizer, the progress bar with its JSON log, and Ctrl-C handling. The training
-loops themselves stay in their scripts, where they can be read top to bottom.
+Device and dtype choice, DDP set-up under torchrun, atomic checkpoints, the optimizer, the learning-rate
+and batch schedule, the token shards and seeded data order, the progress bar with its JSON log, Ctrl-C
+handling, and Trainer: the optimizer loop (accumulation, DDP gradient sync, clipping, AMP, evaluation,
+early stopping, checkpoints, resume) that pretraining, SFT, DPO, KTO, the reward model and PPO share.
 """
 from __future__ import annotations
 
@@ -16,13 +17,17 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Optional, Sequence
 
+import numpy as np
 import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from formats import atomic_write
 from model import ModelArgs, Transformer
+from schedules import accumulation_steps, learning_rate
 
 # ----------------------------------------------------------------------------- device, dtype, DDP
 
@@ -283,3 +288,352 @@ def oom_guard(runtime: Runtime, save_last: Any) -> Iterator[None]:
         sys.exit(f"error: {runtime.device_type} ran out of memory; lower --batch_size (and raise "
                  "--gradient_accumulation_steps to keep the effective batch) or lower --max_seq_len; "
                  "the last checkpoint was kept, continue with --init_from=resume")
+
+
+# ----------------------------------------------------------------------------- data: token shards and seeded order
+
+class TokenShards:
+    """The train_*.bin or val_*.bin uint16 shards of a pretokenized corpus, memory-mapped and read as one stream."""
+
+    def __init__(self, directory: str | os.PathLike, split: str):
+        self.paths = sorted(Path(directory).glob(f"{split}_*.bin"))
+        self.shards = [np.memmap(path, dtype=np.uint16, mode="r") for path in self.paths]
+        self.lengths = np.array([len(shard) for shard in self.shards], dtype=np.int64)
+        self.starts = np.concatenate(([0], np.cumsum(self.lengths)))
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def window(self, start: int, length: int) -> np.ndarray:
+        """length tokens from position start of the whole stream, crossing shard boundaries as needed."""
+        pieces, position, remaining = [], start, length
+        shard = int(np.searchsorted(self.starts, position, side="right") - 1)
+        while remaining > 0:
+            offset = position - self.starts[shard]
+            piece = self.shards[shard][offset:offset + remaining]
+            pieces.append(piece)
+            remaining -= len(piece)
+            position += len(piece)
+            shard += 1
+        return np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
+
+    def random_starts(self, length: int, count: int, seed: int) -> list[int]:
+        """count window starts drawn uniformly from the stream by a generator seeded with seed (any integer)."""
+        generator = torch.Generator().manual_seed(seed % 2**63)
+        return torch.randint(len(self) - length + 1, (count,), generator=generator).tolist()
+
+
+class Shuffled:
+    """items visited epoch after epoch, each epoch in its own seeded order: item(position) is a pure function of
+    the position, so a resumed run sees exactly what the uninterrupted one would have."""
+
+    def __init__(self, items: Sequence, seed: int):
+        self.items, self.seed = items, seed
+        self._epoch, self._order = -1, []
+
+    def item(self, position: int):
+        epoch, index = divmod(position, len(self.items))
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._order = torch.randperm(len(self.items), generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+        return self.items[self._order[index]]
+
+    def batch(self, index: int, size: int) -> list:
+        """Batch number index of size items."""
+        return [self.item(position) for position in range(index * size, (index + 1) * size)]
+
+
+def split_validation(items: list, fraction: float, seed: int) -> tuple[list, list]:
+    """(train, val): a seeded random `fraction` of the items held out (at least one when fraction > 0)."""
+    if fraction <= 0 or len(items) < 2:
+        return items, []
+    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val = max(1, round(len(items) * fraction))
+    return [items[i] for i in order[n_val:]], [items[i] for i in order[:n_val]]
+
+
+# ----------------------------------------------------------------------------- schedule
+
+@dataclass
+class Schedule:
+    """Learning rate and gradient accumulation at each optimizer step (formulas in schedules.py).
+
+    A resumed run given a new total re-plans the tail: from step tail_from the rate decays along a cosine from
+    tail_lr (the rate the old plan had reached there) to min_lr at the new total_steps.
+    """
+    peak_lr: float
+    min_lr: float
+    lr_schedule: str
+    warmup_iters: int
+    total_steps: int
+    accumulation: int  # micro-batches per process per optimizer step, before the batch schedule
+    batch_schedule: str = "constant"
+    boundaries: Sequence[int] = ()
+    tail_from: int = 0
+    tail_lr: float = 0.0
+
+    def lr(self, step: int) -> float:
+        if self.tail_from and step >= self.tail_from:
+            return learning_rate(step - self.tail_from, "cosine", self.tail_lr, self.min_lr, 0, self.total_steps - self.tail_from)
+        return learning_rate(step, self.lr_schedule, self.peak_lr, self.min_lr, self.warmup_iters, self.total_steps)
+
+    def accumulation_at(self, step: int) -> int:
+        return accumulation_steps(step, self.accumulation, self.batch_schedule, self.boundaries)
+
+    def micro_index(self, step: int) -> int:
+        """Micro-batches one process runs before optimizer step `step`."""
+        return sum(self.accumulation_at(s) for s in range(step))
+
+    def replan(self, step: int, total_steps: int) -> None:
+        """Train to total_steps instead, from step on: the warmup is kept, the decay re-planned after it."""
+        if step > self.warmup_iters:
+            self.tail_lr, self.tail_from = self.lr(step), step
+        self.total_steps = total_steps
+
+    def state(self) -> dict:
+        return {"total_steps": self.total_steps, "tail_from": self.tail_from, "tail_lr": self.tail_lr}
+
+
+# ----------------------------------------------------------------------------- the training loop
+
+MicroStep = Callable[[int, int], tuple[torch.Tensor, int, dict]]
+"""micro_step(step, micro_index) -> (loss to backpropagate, tokens processed, metrics to log); micro_index counts
+micro-batches from the start of training over all processes (process r of W takes micro-batches r, r + W, ...),
+so data order is a pure function of it: resume is exact, and W processes with accumulation A train on the very
+micro-batches one process with accumulation W*A does."""
+
+
+class TrainedModules(nn.Module):
+    """The modules being trained, with any function of them as forward: DistributedDataParallel averages the
+    gradients of what runs inside its forward, and each method calls its models its own way."""
+
+    def __init__(self, trainable: nn.Module):
+        super().__init__()
+        self.trainable = trainable
+        self.function: Optional[Callable] = None
+
+    def forward(self, *args):
+        return self.function(*args)
+
+
+@dataclass
+class LoopSettings:
+    """What the loop does between optimizer steps; every interval 0 means never."""
+    out_dir: Path
+    batch_size: int  # rows per micro-batch, for the logged effective batch
+    grad_clip: float = 1.0
+    log_interval: int = 0          # a {"step", "loss", "lr", "batch", ...} record in log.jsonl
+    eval_interval: int = 0         # evaluate and save ckpt.pt (and always at the end)
+    checkpoint_every: int = 0      # phoenix_{step}.pt, the newest keep_last kept
+    keep_last: int = 0
+    early_stop_patience: int = 0   # stop after this many evaluations without a better val_loss
+
+
+class Trainer:
+    """The optimizer loop of pretraining and every fine-tuning method.
+
+    Each optimizer step runs the schedule's accumulation of micro-steps (loss divided by their number; under
+    torchrun the gradients are averaged over the processes once, in the last micro-step's backward), clips, steps
+    AdamW at the scheduled lr, logs, evaluates and saves out_dir/ckpt.pt every eval_interval steps and at the end,
+    writes phoenix checkpoints, stops early when validation stops improving, and on Ctrl-C saves and stops.
+    Subclasses say what a checkpoint holds (payload) and what an improved model means (on_best).
+    """
+
+    checkpoint_name = "ckpt.pt"
+
+    def __init__(self, runtime: Runtime, trainable: nn.Module, schedule: Schedule, settings: LoopSettings,
+                 weight_decay: float, betas: tuple[float, float]):
+        self.runtime, self.schedule, self.settings = runtime, schedule, settings
+        self.trained = TrainedModules(trainable)
+        # Under torchrun: rank 0's weights to every process now, averaged gradients in every synced backward.
+        self.wrapped = self.trained if not runtime.ddp else DistributedDataParallel(
+            self.trained, device_ids=[runtime.local_rank] if runtime.device_type == "cuda" else None,
+            broadcast_buffers=False)  # the buffers (RoPE tables, NF4 base weights) never change
+        self.optimizer = make_optimizer(trainable, schedule.peak_lr, weight_decay, betas, runtime)
+        self.params = [p for p in trainable.parameters() if p.requires_grad]
+        self.step = 0
+        self.best_val_loss = math.inf
+        self.evals_since_best = 0
+        self.state: dict[str, float] = {}  # numbers a method carries from step to step (PPO's kl_coef), checkpointed
+        self.out_dir = Path(settings.out_dir)
+        self.interrupted = False
+
+    @property
+    def total_steps(self) -> int:
+        return self.schedule.total_steps
+
+    # ------------------------------------------------------------------ one step
+    def forward(self, function: Callable, *args):
+        """function(*args), computing a loss from the trained modules: under torchrun through
+        DistributedDataParallel, so the backward of that loss averages the gradients over the processes."""
+        self.trained.function = function
+        return self.wrapped(*args)
+
+    def optimizer_step(self, accumulation: int, micro_loss: Callable[[int], tuple[torch.Tensor, int, dict]]
+                       ) -> tuple[float, int, dict[str, float]]:
+        """One optimizer update from accumulation micro-batches: micro_loss(i) -> (loss, tokens, metrics) for
+        i = 0 .. accumulation-1, computed under autocast (and by the caller through forward(), so that DDP syncs).
+        Returns their mean loss and metrics and the tokens processed."""
+        runtime = self.runtime
+        total_loss, tokens, metrics = 0.0, 0, {}
+        for index in range(accumulation):
+            # DDP averages the gradients once, in the backward of the last micro-batch.
+            last = index == accumulation - 1
+            with contextlib.nullcontext() if last or not runtime.ddp else self.wrapped.no_sync():
+                with runtime.autocast():
+                    loss, n_tokens, micro_metrics = micro_loss(index)
+                runtime.scaler.scale(loss / accumulation).backward()
+            total_loss += loss.item() / accumulation
+            tokens += n_tokens
+            for key, value in micro_metrics.items():
+                metrics[key] = metrics.get(key, 0.0) + value / accumulation
+        if self.settings.grad_clip > 0:
+            runtime.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.params, self.settings.grad_clip)
+        runtime.scaler.step(self.optimizer)
+        runtime.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total_loss, tokens, metrics
+
+    def agree(self, metrics: dict[str, float], stop: bool) -> tuple[dict[str, float], bool]:
+        """The metrics averaged over the processes, and whether any of them was asked to stop (all must stop at
+        the same step, or the others would wait for it forever). On one process, as given."""
+        if not self.runtime.ddp:
+            return metrics, stop
+        names = sorted(metrics)
+        values = torch.tensor([metrics[name] for name in names] + [float(stop)], dtype=torch.float64,
+                              device=self.runtime.device)  # where the backend wants it: NCCL reduces on the GPU
+        torch.distributed.all_reduce(values)  # gloo has no mean: sum, then divide
+        world = self.runtime.world_size
+        return {name: values[i].item() / world for i, name in enumerate(names)}, values[-1].item() > 0
+
+    def start_step(self) -> float:
+        """The scheduled lr of the coming optimizer step, set on the optimizer."""
+        step_lr = self.schedule.lr(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = step_lr
+        return step_lr
+
+    # ------------------------------------------------------------------ the loop
+    def run(self, micro_step: Optional[MicroStep] = None, evaluate: Optional[Callable[[], dict]] = None,
+            whole_step: Optional[Callable[[int], tuple[float, int, dict]]] = None,
+            summarize: Callable[[dict], dict] = dict) -> bool:
+        """Train to total_steps; False if stopped by Ctrl-C (ckpt.pt saved either way). Each step is either the
+        accumulation of micro_step's losses, or whole_step(step) -> (loss, tokens, metrics) for methods whose
+        step holds updates of its own (PPO). evaluate() -> {"val_loss": ..., ...} runs at every evaluation;
+        summarize turns the step's metrics, averaged over micro-batches and processes, into the logged ones."""
+        runtime, settings = self.runtime, self.settings
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        progress = ProgressLog(self.out_dir, self.total_steps, self.step, runtime.is_master)
+        stop = StopFlag()
+        micro = self.schedule.micro_index(self.step)
+        try:
+            with oom_guard(runtime, lambda: self.save(self.out_dir / self.checkpoint_name)):
+                while self.step < self.total_steps:
+                    step_lr = self.start_step()
+                    if whole_step is not None:
+                        accumulation = 1
+                        loss, tokens, metrics = whole_step(self.step)
+                    else:
+                        accumulation, first = self.schedule.accumulation_at(self.step), micro
+                        loss, tokens, metrics = self.optimizer_step(accumulation, lambda i: self.forward(
+                            micro_step, self.step, (first + i) * runtime.world_size + runtime.rank))
+                        micro += accumulation
+                    self.step += 1
+                    metrics, stop_now = self.agree({**metrics, "loss": loss, "tokens": tokens}, stop.requested)
+                    loss, tokens = metrics.pop("loss"), round(metrics.pop("tokens") * runtime.world_size)
+                    metrics = summarize(metrics)
+                    effective_batch = settings.batch_size * accumulation * runtime.world_size
+                    self.state["tokens_seen"] = self.state.get("tokens_seen", 0) + tokens
+                    progress.update(self.step, loss, tokens, step_lr, batch=effective_batch, **metrics)
+                    record = {"step": self.step, "loss": loss, "lr": step_lr, "batch": effective_batch, **metrics}
+                    if not self.finish_step(progress, record, stop_now, evaluate):
+                        break
+        finally:
+            stop.restore()
+            progress.close()
+        return not self.interrupted
+
+    def finish_step(self, progress: ProgressLog, record: dict, stop_now: bool,
+                    evaluate: Optional[Callable[[], dict]] = None) -> bool:
+        """After an optimizer step: log record every log_interval steps, evaluate and save ckpt.pt every
+        eval_interval, phoenix checkpoints, early stopping, and on a Ctrl-C save and say so. False to stop."""
+        settings = self.settings
+        at_end = self.step == self.total_steps
+        at_eval = at_end or (settings.eval_interval > 0 and self.step % settings.eval_interval == 0)
+        if settings.log_interval > 0 and (at_end or self.step % settings.log_interval == 0):
+            progress.record(record)
+        if evaluate and at_eval:
+            self.trained.eval()
+            results = evaluate()
+            self.trained.train()
+            val_loss = results.get("val_loss", math.inf)
+            if val_loss < self.best_val_loss:
+                self.best_val_loss, self.evals_since_best = val_loss, 0
+                self.on_best(results)
+            else:
+                self.evals_since_best += 1
+            progress.record(self.eval_record(results, record))
+        if at_eval:
+            self.save(self.out_dir / self.checkpoint_name)
+        if settings.checkpoint_every > 0 and self.step % settings.checkpoint_every == 0:
+            self.save_phoenix()
+        if stop_now and not at_end:
+            if not at_eval:
+                self.save(self.out_dir / self.checkpoint_name)
+            progress.write(f"stopped at step {self.step}; saved {self.out_dir / self.checkpoint_name}. "
+                           "Continue with --init_from=resume")
+            self.interrupted = True
+            return False
+        if evaluate and at_eval and settings.early_stop_patience and self.evals_since_best >= settings.early_stop_patience:
+            progress.write(f"early stop: val loss has not improved for {self.evals_since_best} evaluations")
+            return False
+        return True
+
+    def eval_record(self, results: dict, step_record: dict) -> dict:
+        """The log.jsonl line of an evaluation."""
+        return {"step": self.step, **results}
+
+    def on_best(self, results: dict) -> None:
+        """Called when an evaluation's val_loss is the best so far (pretraining keeps best.pt)."""
+
+    # ------------------------------------------------------------------ checkpoints
+    def payload(self) -> dict:
+        """What ckpt.pt holds: the loop's own state here; subclasses add the model and their settings."""
+        return {"iter_num": self.step, **self.schedule.state(), "best_val_loss": self.best_val_loss,
+                "evals_since_best": self.evals_since_best, "optimizer": self.optimizer.state_dict(),
+                "rng_state": torch.get_rng_state(), "state": dict(self.state)}
+
+    def restore(self, saved: dict, path: Path, requested_total: int = 0) -> None:
+        """The loop's state back from a checkpoint written by payload(); a requested_total other than the saved
+        one re-plans the schedule's tail from the saved step (refused if the run is already past it)."""
+        self.optimizer.load_state_dict(saved["optimizer"])
+        torch.set_rng_state(saved.get("rng_state", saved.get("rng")))  # "rng": fine-tunes before the keys were one
+        self.step, self.best_val_loss = saved["iter_num"], saved["best_val_loss"]
+        self.evals_since_best = saved.get("evals_since_best", 0)
+        self.state.update(saved.get("state", {}))
+        self.schedule.total_steps = saved["total_steps"]
+        self.schedule.tail_from, self.schedule.tail_lr = saved.get("tail_from", 0), saved.get("tail_lr", 0.0)
+        if requested_total and requested_total != self.total_steps:
+            if requested_total <= self.step:
+                sys.exit(f"error: --max_iters={requested_total} but {path} is already at step {self.step}; pass a larger "
+                         f"--max_iters to train longer, or leave it out to finish the planned {self.total_steps} steps")
+            old_total = self.total_steps
+            self.schedule.replan(self.step, requested_total)
+            print(f"re-planned the schedule from step {self.step}: {requested_total} steps instead of {old_total}, "
+                  f"the learning rate decaying from {self.schedule.lr(self.step):.2e} to {self.schedule.min_lr:.2e}")
+        print(f"resuming from {path} at step {self.step} of {self.total_steps}")
+
+    def save(self, path: str | Path) -> None:
+        if self.runtime.is_master:
+            save_checkpoint(path, self.payload())
+
+    def save_phoenix(self) -> None:
+        """out_dir/phoenix_{step}.pt, then delete all but the newest keep_last of them (rank 0 only)."""
+        if not self.runtime.is_master:
+            return
+        self.save(self.out_dir / f"phoenix_{self.step}.pt")
+        if self.settings.keep_last > 0:
+            phoenixes = sorted(self.out_dir.glob("phoenix_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
+            for old in phoenixes[: -self.settings.keep_last]:
+                old.unlink()

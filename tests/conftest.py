@@ -82,3 +82,22 @@ def tiny_workspace(tmp_path_factory) -> Path:
 
 TINY_MODEL_FLAGS = ("--dim=48", "--n_layers=2", "--n_heads=4", "--n_kv_heads=2", "--max_seq_len=64",
                     "--batch_size=8", f"--vocab_size={TINY_VOCAB}", "--dropout=0", "--device=cpu")
+
+
+def stop_after(steps: int) -> type:
+    """A stand-in for training.StopFlag (monkeypatch it in) that reports a Ctrl-C at the end of step `steps`:
+    the loop checks the flag once per step."""
+
+    class StopAfterChecks:
+        def __init__(self) -> None:
+            self.checks = 0
+
+        @property
+        def requested(self) -> bool:
+            self.checks += 1
+            return self.checks >= steps
+
+        def restore(self) -> None:
+            pass
+
+    return StopAfterChecks

@@ -145,6 +145,17 @@ def test_text_equals_the_trainers_val_bpb_on_the_same_split(tiny_workspace: Path
                "--dtype=float32", f"--out={out}", cwd=tiny_workspace, env=ONE_THREAD)
     strided = json.loads(out.read_text())
     assert strided["tokens"] == report["tokens"] and strided["bits_per_byte"] < report["bits_per_byte"]
+    # A text file: each RS-separated document scored on its own, BOS first.
+    documents = ["Резонанс возникает, когда частота совпадает.\n", "The model learns from its author's text.\n"]
+    text = tiny_workspace / "held-out.txt"
+    text.write_text("\x1e\n".join(documents), encoding="utf-8")
+    out = short_run / "text-file.json"
+    run_script("evaluate.py", "text", str(short_run / "best.pt"), f"--data={text}", "-z", "data/tok512.model",
+               f"--out={out}", cwd=tiny_workspace, env=ONE_THREAD)
+    scored = json.loads(out.read_text())
+    encode = Tokenizer(tiny_workspace / "data" / "tok512.model").encode
+    assert scored["documents"] == 2 and scored["tokens"] == sum(len(encode(d, bos=False, eos=False)) for d in documents)
+    assert scored["bytes"] == sum(len(d.encode()) for d in documents) and scored["word_perplexity"] > 1
 
 
 @pytest.mark.parametrize("n, window, stride", [(10, 4, 4), (10, 4, 1), (3, 8, 8), (9, 4, 3), (1, 4, 4)])

@@ -11,8 +11,11 @@ import pytest
 import torch
 
 import finetune
-from conftest import TINY_VOCAB, run_script
-from finetune import FinetuneConfig, SFTStream, collate, load_base_model, load_sft_examples, read_jsonl
+import training
+import tuning
+from conftest import TINY_VOCAB, run_script, stop_after
+from finetune import SFTStream, collate, load_sft_examples
+from tuning import FinetuneConfig, load_base_model, read_jsonl
 from model import ModelArgs, Transformer
 from tokenizer import Tokenizer, encode_dialog
 
@@ -141,7 +144,7 @@ def test_pretrain_mix_puts_that_share_of_windows_into_batches(tiny_workspace: Pa
     encode = segment_encoder(tokenizer)
     tokens, mask = encode_dialog(encode, [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
                                  tokenizer.bos_id, tokenizer.eos_id)
-    windows = finetune.PretrainWindows(tiny_workspace / "data" / f"tok{TINY_VOCAB}", TINY_VOCAB)
+    windows = finetune.pretrain_shards(tiny_workspace / "data" / f"tok{TINY_VOCAB}", TINY_VOCAB)
     stream = SFTStream([finetune.SFTExample(tokens, mask)] * 5, batch_size=4, seed=1, pretrain=windows,
                        pretrain_mix=0.25, context=64)
     fully_trained_rows = 0
@@ -253,9 +256,9 @@ def test_torchrun_two_processes_train_as_one_with_twice_the_accumulation(tmp_pat
 def test_ctrl_c_saves_and_stops_then_resume_finishes(tmp_path: Path, base: Path, tokenizer_path: Path) -> None:
     out = tmp_path / "stop"
     cfg = FinetuneConfig(init_from=str(base), out_dir=str(out), lora_r=4, max_iters=5, device="cpu", dtype="float32")
-    runtime = finetune.setup_runtime("cpu", "float32", cfg.seed)
-    model, base_checkpoint = finetune.load_policy(cfg, runtime)
-    trainer = finetune.Trainer(cfg, runtime, model, base_checkpoint, total_steps=5)
+    runtime = training.setup_runtime("cpu", "float32", cfg.seed)
+    model, base_checkpoint = tuning.load_policy(cfg, runtime)
+    trainer = tuning.FinetuneTrainer(cfg, runtime, model, base_checkpoint, total_steps=5)
     inputs = torch.randint(0, TINY_VOCAB, (2, 9))
 
     def micro_step(step: int, micro: int):
@@ -266,23 +269,72 @@ def test_ctrl_c_saves_and_stops_then_resume_finishes(tmp_path: Path, base: Path,
 
     assert trainer.run(micro_step) is False
     assert torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] == 2
-    resumed = finetune.Trainer(FinetuneConfig(**{**vars(cfg), "init": "resume"}), runtime, model, base_checkpoint, 5)
+    resumed = tuning.FinetuneTrainer(FinetuneConfig(**{**vars(cfg), "init": "resume"}), runtime, model, base_checkpoint, 5)
     assert resumed.step == 2
     assert resumed.run(micro_step) is True
     assert torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] == 5
 
 
-def test_qlora_and_pretrain_mix_run_end_to_end(tmp_path: Path, base: Path, tiny_workspace: Path, capsys) -> None:
-    out = tmp_path / "qlora"
-    run(f"--init_from={base}", f"--data={qa_data(tmp_path / 'qa.jsonl')}", f"--out_dir={out}", "--lora_r=4",
-        "--qlora=true", "--lora_targets=wq,wk,wv,wo,w1,w2,w3", "--max_iters=12", "--batch_size=4",
-        "--learning_rate=1e-2", "--pretrain_mix=0.25", f"--pretrain_data={tiny_workspace / 'data' / f'tok{TINY_VOCAB}'}",
-        "--log_interval=1")
+def test_qlora_with_pretrain_mix_lowers_the_loss_feeds_pretraining_windows_and_resumes(
+        tmp_path: Path, base: Path, tiny_workspace: Path, monkeypatch, capsys) -> None:
+    shards = tiny_workspace / "data" / f"tok{TINY_VOCAB}"
+    windows = []
+    read_window = training.TokenShards.window
+
+    def spy(self, start: int, length: int):  # every pretraining row of a batch is read through here
+        window = read_window(self, start, length)
+        windows.append(window)
+        return window
+
+    monkeypatch.setattr(training.TokenShards, "window", spy)
+    flags = [f"--init_from={base}", f"--data={qa_data(tmp_path / 'qa.jsonl')}", "--lora_r=4", "--qlora=true",
+             "--lora_targets=wq,wk,wv,wo,w1,w2,w3", "--max_iters=12", "--batch_size=4", "--learning_rate=1e-2",
+             "--pretrain_mix=0.25", f"--pretrain_data={shards}", "--log_interval=1"]
+    run(*flags, f"--out_dir={tmp_path / 'qlora'}")
     assert "as stored (NF4) vs" in capsys.readouterr().out
-    losses = [json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines() if '"loss"' in line]
-    assert len(losses) == 12 and (out / "model.bin").exists()
-    checkpoint = torch.load(out / "ckpt.pt", weights_only=True)
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "qlora" / "log.jsonl").read_text().splitlines()
+              if '"loss"' in line]
+    assert len(losses) == 12 and (tmp_path / "qlora" / "model.bin").exists()
+    assert sum(losses[-3:]) / 3 < losses[0] - 0.05, losses  # a quarter of the rows are pretraining text, not learned fast
+    # One row in four of the 12 x 4 rows is a window of the pretraining shards, as long as the batch's examples.
+    assert len(windows) == 12 and all(len(window) == len(windows[0]) > 1 for window in windows)
+    checkpoint = torch.load(tmp_path / "qlora" / "ckpt.pt", weights_only=True)
     assert checkpoint["lora_config"]["qlora"] is True
+    # QLoRA stopped at step 6 and resumed: the adapters of the uninterrupted run.
+    monkeypatch.setattr(training, "StopFlag", stop_after(6))
+    run(*flags, f"--out_dir={tmp_path / 'resumed'}")
+    assert torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=True)["iter_num"] == 6
+    monkeypatch.undo()
+    run(*flags[1:], "--init_from=resume", f"--out_dir={tmp_path / 'resumed'}")
+    resumed = torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=True)
+    assert resumed["iter_num"] == 12
+    for key, tensor in checkpoint["lora"].items():
+        torch.testing.assert_close(resumed["lora"][key], tensor, rtol=1e-5, atol=1e-6)
+
+
+def test_malformed_lines_are_warnings_never_tracebacks(tmp_path: Path, tokenizer: Tokenizer, capsys) -> None:
+    good = {"prompt": "2+2?", "completion": "4"}
+    path = write_jsonl(tmp_path / "hostile.jsonl", [
+        good,
+        "[" * 100_000 + "]" * 100_000,                       # deeper than Python's stack
+        '{"prompt": "x", "completion": "y", "n": ' + "9" * 5000 + "}",  # over int's 4300-digit limit
+        '{"prompt": "\\ud800", "completion": "y"}',          # a lone surrogate
+        {"messages": [{"role": ["user"], "content": "x"}, {"role": "assistant", "content": "y"}]},
+        {"messages": [{"role": "user", "content": {"text": "x"}}, {"role": "assistant", "content": "y"}]},
+        {"instruction": "x", "input": 7, "output": "y"},
+        {"prompt": None, "completion": "y"},
+        '"just a string"',
+    ])
+    examples = load_sft_examples(path, tokenizer, context=64, truncate=False)
+    err = capsys.readouterr().err
+    assert len(examples) == 1 and "Traceback" not in err
+    assert f"{path}:2: nested too deeply; skipped" in err
+    assert f"{path}:3: " in err and "digits" in err
+    assert f"{path}:4: holds text that is not valid Unicode" in err
+    for line in (5, 6, 7, 8):
+        assert f"{path}:{line}: " in err, line
+    assert f"{path}:9: a JSON str, not an object; skipped" in err
+    assert len([line for line in err.splitlines() if line.endswith("; skipped")]) == 8
 
 
 def test_config_errors_are_one_line(tmp_path: Path) -> None:
@@ -294,3 +346,5 @@ def test_config_errors_are_one_line(tmp_path: Path) -> None:
         FinetuneConfig(lora_targets="wq,output")
     with pytest.raises(SystemExit, match="not found"):
         run(f"--init_from={tmp_path / 'missing.pt'}", "--data=x.jsonl")
+    with pytest.raises(SystemExit, match="--init_from=resume: .* not found; start the run with --init_from=BASE"):
+        run("--init_from=resume", f"--out_dir={tmp_path / 'never_trained'}", "--data=x.jsonl")

@@ -13,7 +13,9 @@ import torch
 import finetune
 import lora
 import preference
-from conftest import REPO, run_script
+import training
+import tuning
+from conftest import REPO, run_script, stop_after
 from model import ModelArgs, Transformer
 from tokenizer import Tokenizer, encode_dialog
 from training import setup_runtime
@@ -72,6 +74,33 @@ def test_dpo_loss_matches_hand_computation():
     assert metrics["rewards/accuracies"] == pytest.approx(1 / 3)  # only the first pair has chosen > rejected
     assert metrics["rewards/margins"] == pytest.approx(np.mean(np.subtract(expected_chosen, expected_rejected)))
     assert set(metrics) == {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"}
+
+
+def test_kto_loss_matches_hand_computation():
+    """Fixed log-probabilities through the KTO formulas written out, with TRL's batch KL reference point."""
+    pi_w, ref_w = [-3.0, -6.0], [-4.0, -5.5]        # desirable answers
+    pi_l, ref_l = [-2.0, -7.0, -4.0], [-3.0, -6.0, -4.5]  # undesirable answers
+    pi_kl, ref_kl = [-5.0, -4.0, -9.0, -6.0, -3.0], [-5.5, -4.5, -8.0, -6.2, -3.1]
+    beta, dw, uw = 0.5, 1.5, 0.7
+    z = max(0.0, sum(p - r for p, r in zip(pi_kl, ref_kl)) / len(pi_kl))  # 0.26
+    sigmoid = lambda x: 1.0 / (1.0 + math.exp(-x))  # noqa: E731
+    losses = [dw * (1 - sigmoid(beta * ((p - r) - z))) for p, r in zip(pi_w, ref_w)]
+    losses += [uw * (1 - sigmoid(beta * (z - (p - r)))) for p, r in zip(pi_l, ref_l)]
+    t = lambda values: torch.tensor(values, dtype=torch.float64)  # noqa: E731
+    loss, chosen, rejected, kl = preference.kto_loss(t(pi_w), t(pi_l), t(pi_kl), t(ref_w), t(ref_l), t(ref_kl),
+                                                     beta, dw, uw)
+    assert kl.item() == pytest.approx(z, rel=1e-12) and z > 0
+    assert loss.item() == pytest.approx(sum(losses) / 5, rel=1e-12)
+    np.testing.assert_allclose(chosen.numpy(), [beta * (p - r) for p, r in zip(pi_w, ref_w)], rtol=1e-12)
+    np.testing.assert_allclose(rejected.numpy(), [beta * (p - r) for p, r in zip(pi_l, ref_l)], rtol=1e-12)
+    # The reference point is clamped at zero and carries no gradient.
+    _, _, _, kl = preference.kto_loss(t(pi_w), t(pi_l), t([-5.0]), t(ref_w), t(ref_l), t([-4.0]), beta)
+    assert kl.item() == 0.0
+    summary = preference.kto_summary({"kl": 0.3, "count/chosen": 2.0, "count/rejected": 4.0, "rewards/chosen_sum": 1.0,
+                                      "rewards/rejected_sum": -2.0, "logps/chosen_sum": -6.0, "logps/rejected_sum": -8.0})
+    assert summary == pytest.approx({"kl": 0.3, "count/chosen": 2.0, "count/rejected": 4.0, "rewards/chosen": 0.5,
+                                     "rewards/rejected": -0.5, "rewards/margins": 1.0, "logps/chosen": -3.0,
+                                     "logps/rejected": -2.0})
 
 
 def test_sequence_logps_sums_answer_tokens_and_ignores_padding():
@@ -245,7 +274,7 @@ def dpo_setup(tokenizer, tmp_path_factory):
 
 def test_dpo_through_the_cli_prefers_the_chosen_answers(dpo_setup, tokenizer, tmp_path):
     base, prefs = dpo_setup
-    before, _ = finetune.load_base_model(base)
+    before, _ = tuning.load_base_model(base)
     assert greedy_answers(before, tokenizer, DPO_QUESTIONS) == ["it is bad"] * len(DPO_QUESTIONS)
     out_dir = tmp_path / "dpo"
     flags = run_flags(method="dpo", init_from=base, data=prefs, out_dir=out_dir, lora_r=0, max_iters=40,
@@ -255,26 +284,42 @@ def test_dpo_through_the_cli_prefers_the_chosen_answers(dpo_setup, tokenizer, tm
     assert [r["step"] for r in evaluations] == [20, 40]
     assert evaluations[-1]["rewards/accuracies"] > 0.9
     assert evaluations[-1]["rewards/margins"] > evaluations[0]["rewards/margins"] > 0
-    after, _ = finetune.load_base_model(out_dir / "ckpt.pt")
+    after, _ = tuning.load_base_model(out_dir / "ckpt.pt")
     answers = greedy_answers(after, tokenizer, DPO_QUESTIONS)
     assert sum(answer == "it is good" for answer in answers) >= 0.75 * len(answers), answers
     assert (out_dir / "model.bin").stat().st_size > 0
 
 
-class StopAfterChecks:
-    """Stands in for training.StopFlag: reports a Ctrl-C at its n-th check (one check per training step)."""
-    stop_at = 8
-
-    def __init__(self) -> None:
-        self.checks = 0
-
-    @property
-    def requested(self) -> bool:
-        self.checks += 1
-        return self.checks >= self.stop_at
-
-    def restore(self) -> None:
-        pass
+def test_kto_with_lora_lowers_its_loss_prefers_the_desirable_answers_and_resumes(dpo_setup, tokenizer, tmp_path,
+                                                                                 monkeypatch, capsys):
+    base, _ = dpo_setup
+    data = write_jsonl(tmp_path / "kto.jsonl", kto_lines(
+        [{"prompt": f"tell me about the {thing}", "chosen": "it is good", "rejected": "it is bad"} for thing in THINGS]))
+    common = dict(method="kto", init_from=base, data=data, lora_r=4, max_iters=12, batch_size=8, learning_rate=2e-2,
+                  beta=1.0, eval_interval=100)
+    preference.run_kto(finetune.parse_finetune_config(run_flags(out_dir=tmp_path / "straight", **common)))
+    records = [r for r in log_records(tmp_path / "straight") if "loss" in r]
+    assert [r["step"] for r in records] == list(range(1, 13))
+    assert {"kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected",
+            "count/chosen", "count/rejected"} <= set(records[-1])
+    losses = [r["loss"] for r in records]
+    assert np.mean(losses[-3:]) < losses[0] - 0.02, losses
+    evaluation = log_records(tmp_path / "straight")[-1]
+    assert evaluation["eval/rewards/margins"] > 0 and evaluation["val_loss"] < losses[0]
+    assert (tmp_path / "straight" / "model.bin").exists()
+    # Stopped after step 5, resumed with the new spelling: the same adapters as the uninterrupted run.
+    monkeypatch.setattr(training, "StopFlag", stop_after(5))
+    preference.run_kto(finetune.parse_finetune_config(run_flags(out_dir=tmp_path / "resumed", **common)))
+    monkeypatch.undo()
+    assert torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=True)["iter_num"] == 5
+    capsys.readouterr()
+    preference.run_kto(finetune.parse_finetune_config(run_flags(out_dir=tmp_path / "resumed", **{
+        **common, "init_from": "resume"})))
+    assert "resuming from" in capsys.readouterr().out
+    straight = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=True)["lora"]
+    resumed = torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=True)["lora"]
+    for name, tensor in straight.items():
+        torch.testing.assert_close(resumed[name], tensor, rtol=1e-5, atol=1e-6)
 
 
 def test_dpo_with_lora_uses_the_base_as_reference_and_resumes_at_the_same_step(dpo_setup, tmp_path, monkeypatch, capsys):
@@ -286,18 +331,18 @@ def test_dpo_with_lora_uses_the_base_as_reference_and_resumes_at_the_same_step(d
     assert evaluation["rewards/accuracies"] > 0.9 and evaluation["rewards/margins"] > 0
 
     # The reference is the base: with the adapters off the trained policy computes exactly the starting model.
-    policy, saved = finetune.load_policy(finetune.parse_finetune_config(run_flags(**common)), setup_runtime("cpu", "float32"))
+    policy, saved = tuning.load_policy(finetune.parse_finetune_config(run_flags(**common)), setup_runtime("cpu", "float32"))
     lora.load_lora_state_dict(policy, torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=True)["lora"])
     reference = preference.Reference(policy)
     assert reference.frozen is None  # no second copy of the model
-    start, _ = finetune.load_base_model(base)
+    start, _ = tuning.load_base_model(base)
     tokens = torch.tensor([[1, 5, 9, 14, 20, 3]])
     with reference.model() as ref:
         torch.testing.assert_close(ref(tokens)[0], start(tokens)[0])
     assert not torch.allclose(policy(tokens)[0], start(tokens)[0])
 
     # Interrupted after step 8, then resumed: same steps, same adapters as the uninterrupted run.
-    monkeypatch.setattr(finetune, "StopFlag", StopAfterChecks)
+    monkeypatch.setattr(training, "StopFlag", stop_after(8))
     preference.run_dpo(finetune.parse_finetune_config(run_flags(out_dir=tmp_path / "resumed", **common)))
     assert torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=True)["iter_num"] == 8
     assert not (tmp_path / "resumed" / "model.bin").exists()
@@ -360,12 +405,19 @@ def run_finetune(*flags: str, processes: int = 0, timeout: float = 300) -> None:
     run_script("finetune.py", *flags, cwd=REPO, env={"OMP_NUM_THREADS": "1"}, processes=processes, timeout=timeout)
 
 
-@pytest.mark.parametrize("method, lora_r", [("dpo", 4), ("reward", 0)])
+def kto_lines(pairs: list[dict]) -> list[dict]:
+    """Each preference pair as two unpaired KTO lines: the chosen answer desirable, the rejected one not."""
+    return [{"prompt": pair["prompt"], "completion": pair[side], "label": side == "chosen"}
+            for pair in pairs for side in ("chosen", "rejected")]
+
+
+@pytest.mark.parametrize("method, lora_r", [("dpo", 4), ("kto", 4), ("reward", 0)])
 def test_torchrun_two_processes_train_as_one_with_twice_the_accumulation(dpo_setup, tmp_path, method, lora_r):
-    """DPO with LoRA (the reference is the adapters-off base) and the reward model (plus its head) under
+    """DPO and KTO with LoRA (the reference is the adapters-off base) and the reward model (plus its head) under
     DistributedDataParallel: the same weights and logs as one process taking both micro-batches."""
     base, _ = dpo_setup
-    data = write_jsonl(tmp_path / "pairs.jsonl", reward_pairs(2, 16))
+    pairs = reward_pairs(2, 16)
+    data = write_jsonl(tmp_path / "pairs.jsonl", kto_lines(pairs) if method == "kto" else pairs)
     common = dict(method=method, init_from=base, data=data, lora_r=lora_r, lora_dropout=0, max_iters=3, batch_size=4,
                   learning_rate=1e-3, eval_interval=3)
     run_finetune(*run_flags(**common, gradient_accumulation_steps=2, out_dir=tmp_path / "one"))
@@ -383,9 +435,25 @@ def test_torchrun_two_processes_train_as_one_with_twice_the_accumulation(dpo_set
 
 
 def test_ppo_under_torchrun_answers_different_prompts_and_logs_their_mean(ppo_setup, tmp_path):
-    base, prompts, reward_fn = ppo_setup
-    run_finetune(*run_flags(method="ppo", init_from=base, prompts=prompts, reward_fn=reward_fn, out_dir=tmp_path,
-                            lora_r=4, max_iters=3, batch_size=4, max_new_tokens=3, learning_rate=1e-3), processes=2)
+    base, prompts, _ = ppo_setup
+    seen = tmp_path / "seen"
+    seen.mkdir()
+    # The reward function notes which process scored which prompt (then rewards "yes" as ppo_setup's does).
+    (tmp_path / "noting.py").write_text(
+        "import os\n"
+        f"SEEN = {str(seen)!r}\n"
+        "def says_yes(prompt, answer):\n"
+        "    with open(os.path.join(SEEN, os.environ['RANK']), 'a') as notes:\n"
+        "        notes.write(prompt + '\\n')\n"
+        "    return 1.0 if 'yes' in answer.split() else 0.0\n")
+    run_finetune(*run_flags(method="ppo", init_from=base, prompts=prompts, reward_fn=f"{tmp_path / 'noting.py'}:says_yes",
+                            out_dir=tmp_path, lora_r=4, max_iters=3, batch_size=4, max_new_tokens=3, learning_rate=1e-3),
+                 processes=2)
+    by_rank = [(seen / rank).read_text().splitlines() for rank in ("0", "1")]
+    assert [len(lines) for lines in by_rank] == [12, 12]  # 3 steps x 4 prompts each
+    assert len(set(by_rank[0][:4]) | set(by_rank[1][:4])) == 8, by_rank  # step 1: 8 different prompts of the 12
+    for step in range(3):  # (later steps may cross into the next epoch's shuffle, where prompts come round again)
+        assert by_rank[0][4 * step:4 * step + 4] != by_rank[1][4 * step:4 * step + 4], (step, by_rank)
     records = log_records(tmp_path)
     assert [r["step"] for r in records] == [1, 2, 3]
     # 2 processes x 4 answers, each a 0 or 1 reward: the mean over both is a multiple of 1/8.
@@ -418,7 +486,7 @@ def test_ppo_with_a_reward_function_raises_the_mean_reward_with_bounded_kl(ppo_s
     assert (tmp_path / "model.bin").exists()
 
 
-def test_adaptive_kl_coefficient_follows_the_proportional_controller(ppo_setup, tmp_path):
+def test_adaptive_kl_coefficient_follows_the_proportional_controller(ppo_setup, tmp_path, monkeypatch):
     assert preference.adapted_kl_coef(0.2, 9.0, 6.0, 16, 10000) == pytest.approx(0.2 * (1 + 0.2 * 16 / 10000))  # clipped
     assert preference.adapted_kl_coef(0.2, 6.6, 6.0, 16, 10000) == pytest.approx(0.2 * (1 + 0.1 * 16 / 10000))
     assert preference.adapted_kl_coef(0.2, 0.0, 6.0, 16, 10000) == pytest.approx(0.2 * (1 - 0.2 * 16 / 10000))
@@ -433,6 +501,15 @@ def test_adaptive_kl_coefficient_follows_the_proportional_controller(ppo_setup, 
     for record, coef, following in zip(records, coefs, coefs[1:]):
         assert following == pytest.approx(preference.adapted_kl_coef(coef, record["objective/kl"], 0.01, 8, 16))
     assert len(set(coefs)) > 1
+    # Stopped after step 2 and resumed: the adapted kl_coef carries on from the checkpoint, as if never stopped.
+    resumed = tmp_path / "resumed"
+    monkeypatch.setattr(training, "StopFlag", stop_after(2))
+    preference.run_ppo(finetune.parse_finetune_config([*flags, f"--out_dir={resumed}"]))
+    monkeypatch.undo()
+    assert torch.load(resumed / "ckpt.pt", weights_only=True)["state"]["kl_coef"] == pytest.approx(coefs[2])
+    preference.run_ppo(finetune.parse_finetune_config([*flags, f"--out_dir={resumed}", "--init_from=resume"]))
+    assert [r["objective/kl_coef"] for r in log_records(resumed)] == pytest.approx(coefs[:4])
+    assert torch.load(resumed / "ckpt.pt", weights_only=True)["state"]["kl_coef"] == pytest.approx(coefs[4])
 
 
 def test_ppo_with_lora_and_a_reward_model(ppo_setup, reward_run, tmp_path):
@@ -465,3 +542,45 @@ def test_malformed_preference_lines_are_reported_by_line_number(tokenizer, tmp_p
     assert f"{path}:3: missing 'rejected'" in err
     assert f"{path}:5: " in err and "share no opening messages" in err
     assert f"{path}:1:" not in err and f"{path}:6:" not in err
+
+
+def test_hostile_preference_lines_are_warnings_never_tracebacks(tokenizer, tmp_path, capsys):
+    good = {"prompt": "tell me about the sky", "chosen": "the sky is good", "rejected": "the sky is bad"}
+    path = tmp_path / "hostile.jsonl"
+    path.write_text("\n".join([
+        json.dumps(good),
+        '{"prompt": ' + "[" * 50_000 + "]" * 50_000 + "}",
+        '{"prompt": "x", "chosen": "y", "rejected": ' + "7" * 5000 + "}",
+        '{"prompt": "x", "chosen": "\\udfff", "rejected": "z"}',
+        json.dumps({"prompt": "x", "chosen": 5, "rejected": "z"}),
+        json.dumps({"prompt": [{"role": "user", "content": ["x"]}], "chosen": "y", "rejected": "z"}),
+    ]) + "\n")
+    assert len(preference.load_pairs(path, tokenizer, 48)) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    for line in range(2, 7):
+        assert f"{path}:{line}: " in err, (line, err)
+    path.write_text(json.dumps({"prompt": "x", "completion": "y", "label": "yes"}) + "\n" + json.dumps(
+        {"prompt": "tell me about the sky", "completion": "it is good", "label": True}) + "\n")
+    assert len(preference.load_kto_examples(path, tokenizer, 48)) == 1
+    assert f'{path}:1: "label" must be true or false, not "yes"; skipped' in capsys.readouterr().err
+
+
+def test_reward_functions_that_fail_are_one_line_errors_naming_them(tokenizer, tmp_path):
+    (tmp_path / "broken.py").write_text("raise RuntimeError('no GPU here')\n")
+    (tmp_path / "rewards.py").write_text("def crashes(prompt, answer):\n    return 1 / 0\n"
+                                         "def words(prompt, answer):\n    return 'good'\n"
+                                         "def nan(prompt, answer):\n    return float('nan')\n")
+    with pytest.raises(SystemExit, match=r"--reward_fn=.*broken.py:f: importing .*broken.py failed "
+                                         r"\(RuntimeError: no GPU here\)"):
+        preference.load_reward_fn(f"{tmp_path / 'broken.py'}:f")
+    with pytest.raises(SystemExit, match="cannot import no_such_module"):
+        preference.load_reward_fn("no_such_module:f")
+    prompt = preference.PromptItem([1], "question")
+    for name, message in (("crashes", "raised ZeroDivisionError: division by zero"),
+                          ("words", "returned 'good' \\(str\\); it must return a finite number"),
+                          ("nan", "returned 'nan' \\(float\\)")):
+        spec = f"{tmp_path / 'rewards.py'}:{name}"
+        score = preference.function_scorer(preference.load_reward_fn(spec), tokenizer, spec)
+        with pytest.raises(SystemExit, match=f"--reward_fn=.*rewards.py:{name} {message}"):
+            score([prompt], [[tokenizer.eos_id]])

@@ -11,16 +11,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from sentencepiece import SentencePieceProcessor
 
+import train_arianna
 from conftest import REPO, TINY_MODEL_FLAGS, TINY_VOCAB, run_script
 from export import dequantize_q80, export_model, quantize_q80, read_model_bin
 from formats import MAGIC
 from model import LayerKV, ModelArgs, Transformer, apply_rope, rope_tables
-from training import load_checkpoint, model_from_checkpoint, oom_guard, setup_runtime
+from training import (LoopSettings, Schedule, TokenShards, Trainer, load_checkpoint, model_from_checkpoint, oom_guard,
+                      setup_runtime)
 
 
 def read_log(out_dir: Path) -> list[dict]:
@@ -40,7 +41,7 @@ def test_training_loss_falls_and_bits_per_byte_are_logged(trained: Path) -> None
     assert [entry["iter"] for entry in log] == [40, 80, 120]
     meta = json.loads((trained.parent.parent / "data" / f"tok{TINY_VOCAB}" / "meta.json").read_text())
     for entry in log:
-        expected = entry["val_loss"] * meta["val_tokens"] / (meta["val_bytes"] * math.log(2))
+        expected = entry["val_loss"] * (meta["val_tokens"] - 1) / (meta["val_bytes"] * math.log(2))  # the first is context
         assert entry["val_bpb"] == pytest.approx(expected)
         assert entry["tokens"] == entry["iter"] * 8 * 64  # batch_size x max_seq_len per step
     # A uniform guess costs ln(512) = 6.24 nats; the tiny repetitive corpus is learned far below that.
@@ -66,40 +67,57 @@ def test_generation_from_trained_model_speaks_the_corpus(trained: Path, tiny_wor
     assert "текст" in text  # the corpus always continues this sentence with "текст на части"
 
 
-def test_resume_after_ctrl_c_continues_the_same_loss_curve(tiny_workspace: Path) -> None:
+def test_resume_after_ctrl_c_continues_the_same_loss_curve(tiny_workspace: Path, monkeypatch, capsys) -> None:
+    """A real SIGINT during step 9 (sent by the run itself, so it cannot race the run finishing), then
+    --init_from=resume: the same evaluations as an uninterrupted run. In bfloat16, so every CPU runs bf16 training
+    (natively or emulated)."""
     flags = (*TINY_MODEL_FLAGS, "--max_iters=24", "--eval_interval=4", "--eval_iters=2", "--dropout=0.1",
-             "--early_stop_patience=0")
-    run_script("train_arianna.py", *flags, "--out_dir=out/straight", cwd=tiny_workspace)
+             "--early_stop_patience=0", "--dtype=bfloat16")
+    monkeypatch.chdir(tiny_workspace)
+    train_arianna.main([*flags, "--out_dir=out/straight"])
     straight = read_log(tiny_workspace / "out" / "straight")
 
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    process = subprocess.Popen([sys.executable, str(REPO / "train_arianna.py"), *flags, "--out_dir=out/interrupted"],
-                               cwd=tiny_workspace, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
-    output = []
-    for line in process.stderr:
-        output.append(line)
-        if line.startswith("iter 8 "):
-            process.send_signal(signal.SIGINT)
-    assert process.wait(timeout=120) == 0, "".join(output)
-    assert "Continue with --init_from=resume" in "".join(output)
-    stopped_at = load_checkpoint(tiny_workspace / "out" / "interrupted" / "ckpt.pt")["iter_num"]
-    assert 8 <= stopped_at < 24
-    run_script("train_arianna.py", *flags, "--out_dir=out/interrupted", "--init_from=resume", cwd=tiny_workspace)
+    batch = train_arianna.train_batch
+
+    def interrupting_batch(shards, micro, cfg, runtime):
+        if micro == 8:  # the first micro-batch of step 9
+            os.kill(os.getpid(), signal.SIGINT)
+        return batch(shards, micro, cfg, runtime)
+
+    monkeypatch.setattr(train_arianna, "train_batch", interrupting_batch)
+    capsys.readouterr()
+    train_arianna.main([*flags, "--out_dir=out/interrupted"])
+    assert "Continue with --init_from=resume" in capsys.readouterr().err
+    assert load_checkpoint(tiny_workspace / "out" / "interrupted" / "ckpt.pt")["iter_num"] == 9
+    assert not (tiny_workspace / "out" / "interrupted" / "model.bin").exists()
+    monkeypatch.setattr(train_arianna, "train_batch", batch)
+    train_arianna.main([*flags, "--out_dir=out/interrupted", "--init_from=resume"])
     resumed = read_log(tiny_workspace / "out" / "interrupted")
     assert [entry["iter"] for entry in resumed] == [entry["iter"] for entry in straight]
     for ours, theirs in zip(resumed, straight):
         assert ours["train_loss"] == pytest.approx(theirs["train_loss"], abs=1e-5)
         assert ours["val_loss"] == pytest.approx(theirs["val_loss"], abs=1e-5)
+    assert load_checkpoint(tiny_workspace / "out" / "straight" / "best.pt")["model"]["tok_embeddings.weight"].dtype \
+        == torch.float32  # autocast: the weights stay float32
 
 
-def test_torchrun_two_processes_train_and_save(tiny_workspace: Path) -> None:
-    run_script("train_arianna.py", *TINY_MODEL_FLAGS, "--max_iters=6", "--eval_interval=3", "--eval_iters=1",
-               "--gradient_accumulation_steps=2", "--out_dir=out/ddp", cwd=tiny_workspace, env={"OMP_NUM_THREADS": "1"},
+def test_torchrun_two_processes_train_as_one_with_the_same_total_accumulation(tiny_workspace: Path) -> None:
+    """Process r of 2 takes micro-batches r, r + 2, ...: the same batches and averaged gradients as one process
+    accumulating both, so the weights and evaluations agree to float rounding."""
+    flags = (*TINY_MODEL_FLAGS, "--max_iters=6", "--eval_interval=3", "--eval_iters=1", "--gradient_accumulation_steps=2",
+             "--dtype=float32")
+    run_script("train_arianna.py", *flags, "--out_dir=out/ddp", cwd=tiny_workspace, env={"OMP_NUM_THREADS": "1"},
                processes=2)
-    out = tiny_workspace / "out" / "ddp"
+    run_script("train_arianna.py", *flags, "--out_dir=out/one", cwd=tiny_workspace, env={"OMP_NUM_THREADS": "1"})
+    out, one = tiny_workspace / "out" / "ddp", tiny_workspace / "out" / "one"
     assert load_checkpoint(out / "ckpt.pt")["iter_num"] == 6
     assert [entry["iter"] for entry in read_log(out)] == [3, 6]  # only rank 0 writes the log
     assert (out / "model.bin").is_file()
+    for ours, theirs in zip(read_log(out), read_log(one), strict=True):
+        assert ours["val_loss"] == pytest.approx(theirs["val_loss"], rel=1e-4)
+        assert ours["tokens"] == theirs["tokens"] == ours["iter"] * 2 * 8 * 64
+    for name, tensor in load_checkpoint(one / "ckpt.pt")["model"].items():
+        torch.testing.assert_close(load_checkpoint(out / "ckpt.pt")["model"][name], tensor, rtol=1e-4, atol=1e-5)
 
 
 @torch.no_grad()
@@ -262,3 +280,123 @@ def test_out_of_memory_keeps_the_checkpoint_and_names_the_flags() -> None:
     assert saved == [True]
     message = str(exit_info.value)
     assert "lower --batch_size" in message and "--max_seq_len" in message and "--init_from=resume" in message
+
+
+# ----------------------------------------------------------------------------- the shared loop
+
+def tiny_trainer(tmp_path: Path, total_steps: int, **settings) -> tuple[Trainer, Transformer]:
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=16, n_layers=1, n_heads=2, vocab_size=32, max_seq_len=8))
+    schedule = Schedule(1e-3, 1e-4, "cosine", 0, total_steps, accumulation=1)
+    runtime = setup_runtime("cpu", "float32")
+    return Trainer(runtime, model, schedule, LoopSettings(tmp_path, batch_size=2, **settings), 0.0, (0.9, 0.99)), model
+
+
+def test_early_stopping_after_patience_evaluations_without_a_better_val_loss(tmp_path: Path) -> None:
+    trainer, model = tiny_trainer(tmp_path, 20, eval_interval=2, early_stop_patience=2)
+    inputs = torch.randint(0, 32, (2, 9))
+    val_losses = iter([3.0, 2.0, 2.5, 2.1, 1.0])  # best at the 2nd evaluation, then two without improvement
+
+    def micro_step(step: int, micro: int):
+        _, loss = model(inputs[:, :-1], inputs[:, 1:])
+        return loss, inputs.numel(), {}
+
+    assert trainer.run(micro_step, lambda: {"val_loss": next(val_losses)}) is True
+    assert trainer.step == 8 and trainer.best_val_loss == 2.0 and trainer.evals_since_best == 2
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["iter_num"] == 8
+    log = read_log(tmp_path)
+    assert [entry["step"] for entry in log] == [2, 4, 6, 8]
+
+
+def test_a_new_max_iters_on_resume_replans_the_schedule_tail() -> None:
+    schedule = Schedule(1e-3, 1e-4, "cosine", 2, 10, accumulation=1)
+    before = [schedule.lr(step) for step in range(10)]
+    schedule.replan(5, 20)
+    after = [schedule.lr(step) for step in range(21)]
+    assert after[5] == pytest.approx(before[5])  # the rate goes on from where the run is
+    assert after[20] == pytest.approx(1e-4) and all(a > b for a, b in zip(after[5:20], after[6:21]))
+    assert after[9] > before[9]  # the decay is stretched over the longer run
+    during_warmup = Schedule(1e-3, 1e-4, "cosine", 4, 10, accumulation=1)
+    during_warmup.replan(1, 20)  # still warming up: the plan simply becomes 20 steps long
+    assert during_warmup.lr(4) == pytest.approx(1e-3) and during_warmup.tail_from == 0
+
+
+def test_resume_trains_to_a_new_max_iters_or_says_how(tiny_workspace: Path, monkeypatch, capsys) -> None:
+    flags = (*TINY_MODEL_FLAGS, "--eval_interval=4", "--eval_iters=1", "--early_stop_patience=0", "--out_dir=out/longer")
+    monkeypatch.chdir(tiny_workspace)
+    train_arianna.main([*flags, "--max_iters=4"])
+    train_arianna.main([*flags, "--max_iters=8", "--init_from=resume"])
+    assert "re-planned the schedule from step 4: 8 steps instead of 4" in capsys.readouterr().out
+    checkpoint = load_checkpoint(tiny_workspace / "out" / "longer" / "ckpt.pt")
+    assert checkpoint["iter_num"] == 8 and checkpoint["total_steps"] == 8
+    assert [entry["iter"] for entry in read_log(tiny_workspace / "out" / "longer")] == [4, 8]
+    with pytest.raises(SystemExit, match="--max_iters=6 but .* is already at step 8; pass a larger --max_iters"):
+        train_arianna.main([*flags, "--max_iters=6", "--init_from=resume"])
+
+
+def test_model_size_and_step_count_follow_the_corpus(tiny_workspace: Path, monkeypatch, capsys) -> None:
+    """Without --dim/--n_layers/--max_iters the run takes auto_model_size and auto_max_iters of its corpus."""
+    monkeypatch.chdir(tiny_workspace)
+    monkeypatch.setattr(train_arianna.Pretrainer, "run", lambda self, *args, **kwargs: False)  # plan only
+    train_arianna.main([f"--vocab_size={TINY_VOCAB}", "--device=cpu", "--out_dir=out/auto", "--batch_size=4",
+                        "--max_seq_len=32"])
+    line = next(line for line in capsys.readouterr().err.splitlines() if line.startswith("model: "))
+    tokens = len(TokenShards(tiny_workspace / "data" / f"tok{TINY_VOCAB}", "train"))
+    size = train_arianna.auto_model_size(tokens)
+    assert f"model: dim {size['dim']}, {size['n_layers']} layers, {size['n_heads']} heads" in line
+    assert f"dropout {size['dropout']};" in line
+    assert f"; {train_arianna.auto_max_iters(tokens, 4 * 32)} steps of 128 tokens" in line
+
+
+def test_compiled_training_runs_and_lowers_the_loss(tiny_workspace: Path) -> None:
+    run_script("train_arianna.py", f"--vocab_size={TINY_VOCAB}", "--dim=16", "--n_layers=1", "--n_heads=2",
+               "--max_seq_len=16", "--batch_size=4", "--device=cpu", "--dtype=float32", "--compile=true",
+               "--max_iters=20", "--eval_interval=10", "--eval_iters=1", "--learning_rate=1e-2",
+               "--early_stop_patience=0", "--out_dir=out/compiled", cwd=tiny_workspace, timeout=900)
+    log = read_log(tiny_workspace / "out" / "compiled")
+    assert [entry["iter"] for entry in log] == [10, 20] and log[-1]["train_loss"] < log[0]["train_loss"] < math.log(TINY_VOCAB)
+    assert (tiny_workspace / "out" / "compiled" / "model.bin").is_file()
+
+
+def sigkill_when(process: subprocess.Popen, marker: str) -> str:
+    """Read the process's stderr until a line holds marker, then SIGKILL it; the output so far."""
+    output = []
+    for line in process.stderr:
+        output.append(line)
+        if marker in line:
+            process.kill()
+            break
+    process.wait(timeout=120)
+    return "".join(output)
+
+
+@pytest.mark.parametrize("script", ["train_arianna.py", "finetune.py"])
+def test_sigkill_loses_at_most_one_checkpoint_interval_and_resume_finishes(tiny_workspace: Path, tmp_path: Path,
+                                                                            script: str) -> None:
+    """kill -9 right after an evaluation line, while ckpt.pt is being written: ckpt.pt is whole and at most one
+    interval old, and --init_from=resume finishes the run."""
+    out = tmp_path / "killed"
+    if script == "train_arianna.py":
+        flags = [*TINY_MODEL_FLAGS, "--max_iters=60", "--eval_interval=4", "--eval_iters=1", "--early_stop_patience=0"]
+        marker, key = "iter 8 ", "iter"
+    else:
+        base = tmp_path / "base.pt"
+        torch.manual_seed(0)
+        args = ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=TINY_VOCAB, max_seq_len=64)
+        torch.save({"model": Transformer(args).state_dict(), "model_args": args.to_dict(),
+                    "config": {"tokenizer_model": str(tiny_workspace / "data" / f"tok{TINY_VOCAB}.model")}}, base)
+        data = tmp_path / "qa.jsonl"
+        data.write_text("".join(json.dumps({"prompt": f"вопрос {i}", "completion": f"ответ {i}"}) + "\n" for i in range(8)))
+        flags = [f"--init_from={base}", f"--data={data}", "--device=cpu", "--dtype=float32", "--batch_size=4",
+                 "--max_iters=60", "--eval_interval=4", "--log_interval=4", "--val_fraction=0.25"]
+        marker, key = "step 8 val_loss", "step"
+    process = subprocess.Popen([sys.executable, str(REPO / script), *flags, f"--out_dir={out}"], cwd=tiny_workspace,
+                               stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    output = sigkill_when(process, marker)
+    assert process.returncode == -signal.SIGKILL, output
+    saved = load_checkpoint(out / "ckpt.pt")  # whole: it loads
+    logged = max(entry[key] for entry in read_log(out) if "val_loss" in entry)
+    assert logged - 4 <= saved["iter_num"] <= 60
+    run_script(script, *flags, f"--out_dir={out}", "--init_from=resume", cwd=tiny_workspace)
+    assert load_checkpoint(out / "ckpt.pt")["iter_num"] == 60 and (out / "model.bin").is_file()

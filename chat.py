@@ -474,6 +474,7 @@ def read_conversation(path: Path, encode: Callable[[str], list[int]], eos: int) 
 # with -t above 0, llama.cpp's top-k 40, top-p 0.9 and min-p 0.05.
 CHAT_SAMPLING = SamplingConfig(temperature=0.0, top_k=40, top_p=0.9, min_p=0.05)
 
+
 @dataclass
 class ChatConfig:
     model: str

@@ -24,7 +24,7 @@ bench-serve: $(VENV)/.test-requirements-installed librun.so
 
 # Training tokens/s at the dim 288 / 6 layers / vocab 4096 shape: float32 eager against the fast paths.
 bench-train: $(VENV)/.test-requirements-installed
-	$(VENV_PYTHON) bench_train.py
+	$(VENV_PYTHON) bench/bench_train.py
 
 # llama.cpp for the interop tests and bench-llamacpp: node-llama-cpp's prebuilt CPU binary from npm (nothing is
 # compiled or downloaded at run time), into the git-ignored bench/node_modules. On Linux x64 only that platform's
@@ -42,7 +42,7 @@ $(LLAMACPP):
 # After $(LLAMACPP)'s definition: prerequisites are expanded as the Makefile is read.
 # TESTS: what pytest runs (e.g. make test TESTS=tests/test_chat.py).
 TESTS ?= tests
-test: $(VENV)/.test-requirements-installed $(LLAMACPP) run rundebug librun.so chromium
+test: $(VENV)/.test-requirements-installed $(LLAMACPP) run rundebug runsan librun.so chromium
 	$(VENV_PYTHON) -m pytest -q $(TESTS)
 
 # Shapes A, B, C of `make bench` through llama.cpp and through our engine, side by side (bench/llamacpp.py).
@@ -57,42 +57,51 @@ LDLIBS = -lm
 NATIVE := $(shell echo 'int main(void){return 0;}' | $(CC) -march=native -x c - -o /dev/null 2>/dev/null && echo -march=native)
 OPENMP := $(shell echo 'int main(void){return 0;}' | $(CC) -fopenmp -x c - -o /dev/null 2>/dev/null && echo -fopenmp)
 
-.PHONY: run runfast runomp runportable rundebug bench fuzz
+.PHONY: run runfast runomp runportable rundebug runsan bench fuzz
+
+# run.c and the headers it includes: one compile unit.
+ENGINE = run.c run_kernels.h run_attention.h run_threads.h
 
 # The fastest binary this compiler can make.
-run: run.c
+run: $(ENGINE)
 	$(CC) $(CFLAGS_BASE) $(NATIVE) $(OPENMP) -o run run.c $(LDLIBS)
 
 # llama2.c's names: runfast (single thread, -Ofast-like speed without changing results), runomp (OpenMP).
-runfast: run.c
+runfast: $(ENGINE)
 	$(CC) $(CFLAGS_BASE) $(NATIVE) -o run run.c $(LDLIBS)
 
-runomp: run.c
+runomp: $(ENGINE)
 	$(CC) $(CFLAGS_BASE) $(NATIVE) -fopenmp -o run run.c $(LDLIBS)
 
 # Runs on any machine of this architecture: no -march, no OpenMP.
-runportable: run.c
+runportable: $(ENGINE)
 	$(CC) $(CFLAGS_BASE) -o run run.c $(LDLIBS)
 
 # AddressSanitizer + UndefinedBehaviorSanitizer; the tests feed bad input to this one.
-rundebug: run.c
-	$(CC) -O1 -g -Wall -Wextra -Wno-unknown-pragmas -std=gnu11 -fsanitize=address,undefined -fno-sanitize-recover=undefined \
-		-fno-omit-frame-pointer -o rundebug run.c $(LDLIBS)
+SANITIZE = -O1 -g -Wall -Wextra -Wno-unknown-pragmas -std=gnu11 -fsanitize=address,undefined -fno-sanitize-recover=undefined \
+	-fno-omit-frame-pointer
+rundebug: $(ENGINE)
+	$(CC) $(SANITIZE) -o rundebug run.c $(LDLIBS)
 
-librun.so: run.c
+# The same sanitizers on `make run`'s build (-march=native, OpenMP), so the SIMD kernels and the threads run under
+# them too (the tests run both).
+runsan: $(ENGINE)
+	$(CC) $(SANITIZE) $(NATIVE) $(OPENMP) -o runsan run.c $(LDLIBS)
+
+librun.so: $(ENGINE)
 	$(CC) $(CFLAGS_BASE) $(NATIVE) $(OPENMP) -shared -fPIC -DARIANNA_LIBRARY -o librun.so run.c $(LDLIBS)
 
 # Generation and prompt tokens/s for shapes B, A, C with random weights, fp32 and int8, 1 and 2 threads.
-bench_run: bench_run.c run.c
-	$(CC) $(CFLAGS_BASE) $(NATIVE) $(OPENMP) -o bench_run bench_run.c $(LDLIBS)
+bench/bench_run: bench/bench_run.c $(ENGINE)
+	$(CC) $(CFLAGS_BASE) $(NATIVE) $(OPENMP) -o bench/bench_run bench/bench_run.c $(LDLIBS)
 
-bench: bench_run
-	./bench_run
+bench: bench/bench_run
+	./bench/bench_run
 
 # libFuzzer on the model and tokenizer loaders (needs clang: apt-get install clang). Not part of `make test`.
 # Findings land in fuzz/ as crash-*; FUZZ_SECONDS sets how long it runs.
 FUZZ_SECONDS ?= 180
-fuzz: fuzz/fuzz_loaders.c run.c
+fuzz: fuzz/fuzz_loaders.c $(ENGINE)
 	clang -g -O1 $(NATIVE) -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
 		-o fuzz/fuzz_loaders fuzz/fuzz_loaders.c -lm
 	mkdir -p fuzz/corpus

@@ -1,6 +1,7 @@
 """Chat with an exported model in the terminal, streaming each answer through the C engine (librun.so).
 
-    python chat.py out/model.bin -z data/tok4096.bin [-t 0.8 -p 0.9 -n 512 -s SEED -y SYSTEM --threads N]
+    python chat.py out/model.bin -z data/tok4096.bin [-t 0 -p 0.9 -n 512 -s SEED -y SYSTEM --threads N]
+                   [-k TOP_K --min_p P --repeat_penalty R --repeat_last_n N --presence_penalty A --frequency_penalty B]
 
 The conversation lives in the engine's KV cache: each turn feeds only its new tokens (the chat template
 of tokenizer.py, built by arianna_chat_turn), then the answer is sampled and fed token by token.
@@ -24,9 +25,9 @@ import sys
 import time
 import unicodedata
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Sequence
 
 from formats import FormatError, atomic_write, read_model_header, read_regular_file
 
@@ -53,9 +54,11 @@ class ChatError(Exception):
 # ----------------------------------------------------------------------------- the C engine
 
 def library_path() -> Path:
-    """librun.so beside this file, (re)built with `make librun.so` when missing or older than run.c."""
+    """librun.so beside this file, (re)built with `make librun.so` when missing or older than its sources."""
     library, source = REPO_DIR / LIBRARY_NAME, REPO_DIR / "run.c"
-    stale = source.exists() and (not library.exists() or library.stat().st_mtime < source.stat().st_mtime)
+    sources = [source, *REPO_DIR.glob("run_*.h")]  # run.c and the headers it includes
+    stale = source.exists() and (not library.exists()
+                                 or library.stat().st_mtime < max(path.stat().st_mtime for path in sources))
     if stale:
         try:
             build = subprocess.run(["make", "-s", LIBRARY_NAME], cwd=REPO_DIR, capture_output=True, text=True)
@@ -68,6 +71,13 @@ def library_path() -> Path:
     if not library.exists():
         raise SystemExit(f"error: {library} not found and no run.c beside it to build it from")
     return library
+
+
+class SamplerSettings(ctypes.Structure):
+    """run.c's AriannaSampling: how arianna_sample_with draws a token (llama.cpp's meanings; see run.c)."""
+    _fields_ = [("temperature", ctypes.c_float), ("top_p", ctypes.c_float), ("top_k", ctypes.c_int),
+                ("min_p", ctypes.c_float), ("repeat_penalty", ctypes.c_float), ("repeat_last_n", ctypes.c_int),
+                ("presence_penalty", ctypes.c_float), ("frequency_penalty", ctypes.c_float)]
 
 
 def load_library(path: Path) -> ctypes.CDLL:
@@ -86,6 +96,10 @@ def load_library(path: Path) -> ctypes.CDLL:
         "arianna_feed": (ctypes.c_int, [engine, int_p, ctypes.c_int, ctypes.c_int]),
         "arianna_logits": (ctypes.POINTER(ctypes.c_float), [engine]),
         "arianna_sample": (ctypes.c_int, [engine, ctypes.c_float, ctypes.c_float, ulonglong_p]),
+        "arianna_sample_with": (ctypes.c_int, [engine, ctypes.POINTER(SamplerSettings), int_p, ctypes.c_int,
+                                               ulonglong_p]),
+        "arianna_distribution": (ctypes.c_int, [engine, ctypes.POINTER(SamplerSettings), int_p, ctypes.c_int,
+                                                ctypes.POINTER(ctypes.c_float)]),
         "arianna_decode": (ctypes.c_char_p, [engine, ctypes.c_int, ctypes.c_int]),
     }
     for name, (restype, argtypes) in signatures.items():
@@ -150,6 +164,26 @@ class Engine:
 
     def sample(self, temperature: float, top_p: float, rng_state: ctypes.c_ulonglong) -> int:
         return self.lib.arianna_sample(self.handle, temperature, top_p, ctypes.byref(rng_state))
+
+    @staticmethod
+    def _window(settings: SamplerSettings, history: Sequence[int]) -> tuple[Optional[ctypes.Array], int]:
+        """The tokens of history the penalties look at, as a C array (all when repeat_last_n is -1)."""
+        last = len(history) if settings.repeat_last_n < 0 else min(settings.repeat_last_n, len(history))
+        window = history[len(history) - last:]
+        return ((ctypes.c_int * last)(*window) if last else None), last
+
+    def sample_with(self, settings: SamplerSettings, history: Sequence[int], rng_state: ctypes.c_ulonglong) -> int:
+        """The next token drawn with settings from the logits of the last token fed; the penalties look at the end
+        of history (the context's tokens, or whichever the caller wants penalised)."""
+        window, count = self._window(settings, history)
+        return self.lib.arianna_sample_with(self.handle, ctypes.byref(settings), window, count, ctypes.byref(rng_state))
+
+    def distribution(self, settings: SamplerSettings, history: Sequence[int]) -> list[float]:
+        """The probabilities sample_with would draw the next token with, one per vocabulary entry."""
+        window, count = self._window(settings, history)
+        out = (ctypes.c_float * self.vocab_size)()
+        self.lib.arianna_distribution(self.handle, ctypes.byref(settings), window, count, out)
+        return list(out)
 
     def decode(self, prev_token: int, token: int) -> bytes:
         return self.lib.arianna_decode(self.handle, prev_token, token) or b""
@@ -260,10 +294,20 @@ def dropped_note(count: int) -> str:
 
 @dataclass
 class SamplingConfig:
+    """How answers are sampled; the fields after seed are off unless set (see run.c's AriannaSampling)."""
     temperature: float = 0.8
     top_p: float = 0.9
     max_new_tokens: int = 512  # 0: until EOS or the context is full
     seed: int = 0
+    top_k: int = 0
+    min_p: float = 0.0
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64  # -1: the whole context
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+    def settings(self) -> SamplerSettings:
+        return SamplerSettings(*(getattr(self, name) for name, _ in SamplerSettings._fields_))
 
 
 @dataclass
@@ -355,14 +399,14 @@ class Conversation:
             note(dropped_note(dropped))
         self.context += turn
         stream, reply, answer_tokens = TextStream(), Reply(""), []
-        cap = self.sampling.max_new_tokens
+        cap, settings = self.sampling.max_new_tokens, self.sampling.settings()
         self._sync()
         prev = self.context[-1]
         while not interrupt.requested and not (cap and len(answer_tokens) >= cap):
             if len(self.context) + 2 > seq_len:  # room for this token and the closing EOS
                 reply.context_full = True
                 break
-            token = self.engine.sample(self.sampling.temperature, self.sampling.top_p, self.rng_state)
+            token = self.engine.sample_with(settings, self.context, self.rng_state)
             if token == self.engine.eos:
                 break
             text = stream.push(self.engine.decode(prev, token))
@@ -431,16 +475,18 @@ def read_conversation(path: Path, encode: Callable[[str], list[int]], eos: int) 
 
 # ----------------------------------------------------------------------------- the terminal
 
+# chat.py's defaults, chosen by answer quality (the README's "Sampling"): greedy, which recalls the corpus best;
+# with -t above 0, llama.cpp's top-k 40, top-p 0.9 and min-p 0.05.
+CHAT_SAMPLING = SamplingConfig(temperature=0.0, top_k=40, top_p=0.9, min_p=0.05)
+
+
 @dataclass
 class ChatConfig:
     model: str
     tokenizer: Optional[str] = None
-    temperature: float = 0.8
-    top_p: float = 0.9
-    max_new_tokens: int = 512
-    seed: int = 0
     system: str = ""
     threads: int = 0
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
 
 def parse_args(argv: Optional[list[str]] = None) -> ChatConfig:
@@ -448,18 +494,50 @@ def parse_args(argv: Optional[list[str]] = None) -> ChatConfig:
     parser.add_argument("model", help="model .bin written by export.py (v0, v1 or v2)")
     parser.add_argument("-z", "--tokenizer", help="tokenizer .bin (default: the tok*.bin beside the model or in "
                                                   "data/ whose size matches the model's vocabulary)")
-    parser.add_argument("-t", "--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
-    parser.add_argument("-p", "--top_p", "--top-p", dest="top_p", type=float, default=0.9,
-                        help="nucleus sampling mass, 1 = off (default 0.9)")
-    parser.add_argument("-n", "--max_new_tokens", "--max-new-tokens", dest="max_new_tokens", type=int, default=512,
-                        help="most tokens per answer, 0 = until the context is full (default 512)")
-    parser.add_argument("-s", "--seed", type=int, default=0, help="sampling seed (default: from the clock)")
     parser.add_argument("-y", "--system", default="", help="system prompt")
     parser.add_argument("--threads", type=int, default=0, help="engine threads (default: the engine's choice)")
-    args = parser.parse_args(argv)
-    if args.max_new_tokens < 0 or args.temperature < 0:
-        parser.error("-n and -t must not be negative")
-    return ChatConfig(**vars(args))
+    sampling = parser.add_argument_group("sampling (llama.cpp's meanings; applied in this order: penalties, "
+                                         "temperature, top-k, top-p, min-p)")
+    sampling.add_argument("-t", "--temperature", type=float, default=CHAT_SAMPLING.temperature,
+                          help=f"0 = greedy (default {CHAT_SAMPLING.temperature})")
+    sampling.add_argument("-k", "--top_k", "--top-k", dest="top_k", type=int, default=CHAT_SAMPLING.top_k,
+                          help=f"only the k most probable tokens, 0 = off (default {CHAT_SAMPLING.top_k})")
+    sampling.add_argument("-p", "--top_p", "--top-p", dest="top_p", type=float, default=CHAT_SAMPLING.top_p,
+                          help=f"nucleus sampling mass, 1 = off (default {CHAT_SAMPLING.top_p})")
+    sampling.add_argument("--min_p", "--min-p", dest="min_p", type=float, default=CHAT_SAMPLING.min_p,
+                          help="only tokens at least this times as probable as the most probable one, 0 = off "
+                               f"(default {CHAT_SAMPLING.min_p})")
+    sampling.add_argument("--repeat_penalty", "--repeat-penalty", dest="repeat_penalty", type=float,
+                          default=CHAT_SAMPLING.repeat_penalty,
+                          help="> 0: the logit of a token among the last --repeat_last_n is divided by it "
+                               f"(multiplied when negative), 1 = off (default {CHAT_SAMPLING.repeat_penalty})")
+    sampling.add_argument("--repeat_last_n", "--repeat-last-n", dest="repeat_last_n", type=int,
+                          default=CHAT_SAMPLING.repeat_last_n,
+                          help=f"how many of the context's last tokens the penalties look at, -1 = all "
+                               f"(default {CHAT_SAMPLING.repeat_last_n})")
+    sampling.add_argument("--presence_penalty", "--presence-penalty", dest="presence_penalty", type=float,
+                          default=CHAT_SAMPLING.presence_penalty,
+                          help=f"subtracted from the logit of each token among them (default "
+                               f"{CHAT_SAMPLING.presence_penalty})")
+    sampling.add_argument("--frequency_penalty", "--frequency-penalty", dest="frequency_penalty", type=float,
+                          default=CHAT_SAMPLING.frequency_penalty,
+                          help=f"subtracted once per time a token is among them (default "
+                               f"{CHAT_SAMPLING.frequency_penalty})")
+    sampling.add_argument("-n", "--max_new_tokens", "--max-new-tokens", dest="max_new_tokens", type=int,
+                          default=CHAT_SAMPLING.max_new_tokens,
+                          help="most tokens per answer, 0 = until the context is full (default "
+                               f"{CHAT_SAMPLING.max_new_tokens})")
+    sampling.add_argument("-s", "--seed", type=int, default=0, help="sampling seed (default: from the clock)")
+    args = vars(parser.parse_args(argv))
+    settings = SamplingConfig(**{name: args.pop(name) for name in [f.name for f in fields(SamplingConfig)]})
+    problems = [message for bad, message in [
+        (min(settings.max_new_tokens, settings.temperature, settings.top_k) < 0, "-n, -t and -k must not be negative"),
+        (not 0 <= settings.top_p <= 1 or not 0 <= settings.min_p <= 1, "--top_p and --min_p must be in [0, 1]"),
+        (settings.repeat_penalty <= 0, "--repeat_penalty must be > 0 (1 = off)"),
+        (settings.repeat_last_n < -1, "--repeat_last_n must be >= -1 (-1 = the whole context)")] if bad]
+    if problems:
+        parser.error(problems[0])
+    return ChatConfig(**args, sampling=settings)
 
 
 @contextmanager
@@ -630,8 +708,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     interactive = sys.stdin.isatty()
     engine = Engine(load_library(library_path()), model_path, tokenizer_path, config.threads)
     try:
-        sampling = SamplingConfig(config.temperature, config.top_p, config.max_new_tokens, config.seed)
-        conversation = Conversation(engine, sampling, system=config.system)
+        conversation = Conversation(engine, config.sampling, system=config.system)
         if interactive:
             print(f"{model_path.name}: {engine.seq_len} tokens of context, vocabulary {engine.vocab_size} "
                   f"({tokenizer_path}). /help for commands.", flush=True)
@@ -639,6 +716,10 @@ def main(argv: Optional[list[str]] = None) -> None:
             ChatSession(conversation, interactive).run()
     except KeyboardInterrupt:  # while loading, before the first prompt
         raise SystemExit(130) from None
+    except BrokenPipeError:  # whoever reads stdout stopped (`| head`): end quietly, as a command in a pipeline does
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so that flushing stdout at exit cannot raise again
+        raise SystemExit(1) from None
     finally:
         engine.close()
 

@@ -13,7 +13,8 @@ Layouts (all little-endian):
       wv[L], wo[L], ffn_norm[L], w1[L], w2[L], w3[L], norm, freqs_cos, freqs_sin [max_seq_len, head_dim/2],
       output (only when not shared).
   v1: uint32 magic 0x616b3432 ("ak42"), int32 version 1, the seven int32 above (vocab_size positive),
-      uint8 shared_classifier, zero padding to 256 bytes; then float32 attention_norm[L], ffn_norm[L], norm,
+      uint8 shared_classifier, zero padding to 256 bytes (but float32 rope_theta at byte 44 and norm_eps at 48
+      where they differ from 10000 and 1e-5); then float32 attention_norm[L], ffn_norm[L], norm,
       tok_embeddings, wq[L], wk[L], wv[L], wo[L], w1[L], w2[L], w3[L], output (only when not shared).
   v2: as v1 with version 2 and an int32 group_size after shared_classifier; then the norms in float32 as
       in v1, and every matrix of v1's list as int8 values followed by one float32 scale per group.
@@ -87,7 +88,8 @@ def export_model(model: Transformer, path: str | os.PathLike, version: int = 0, 
     if version == 2:
         group_size = q80_group_size(args, group_size)
     header = ModelHeader(version, args.dim, args.hidden_dim, args.n_layers, args.n_heads, args.n_kv_heads,
-                         args.vocab_size, args.max_seq_len, shared_classifier, group_size if version == 2 else 0)
+                         args.vocab_size, args.max_seq_len, shared_classifier, group_size if version == 2 else 0,
+                         args.rope_theta, args.norm_eps)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad(), atomic_write(path) as out:
@@ -133,7 +135,8 @@ def read_model_bin(path: str | os.PathLike) -> tuple[int, ModelArgs, dict[str, t
     dim, hidden_dim, n_layers, n_heads, vocab_size = (header.dim, header.hidden_dim, header.n_layers, header.n_heads,
                                                       header.vocab_size)
     args = ModelArgs(dim=dim, hidden_dim=hidden_dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=header.n_kv_heads,
-                     vocab_size=vocab_size, max_seq_len=header.seq_len)
+                     vocab_size=vocab_size, max_seq_len=header.seq_len, rope_theta=header.rope_theta,
+                     norm_eps=header.norm_eps)
     kv_dim = header.kv_dim
     shapes = {"wq": (dim, dim), "wk": (kv_dim, dim), "wv": (kv_dim, dim), "wo": (dim, dim),
               "w1": (hidden_dim, dim), "w2": (dim, hidden_dim), "w3": (hidden_dim, dim)}

@@ -8,7 +8,9 @@ target left as it was.
 The model .bin header (the full layouts are in export.py's docstring): version 0 is llama2.c's seven int32
 (vocab_size negative when the classifier is not shared); versions 1 and 2 start with the magic "ak42" and
 the version, then the seven int32, a shared-classifier byte and (version 2) the Q8_0 group size, zero-padded
-to 256 bytes. ModelHeader packs it, parse_model_header reads and checks it as run.c does.
+to 256 bytes; a model whose RoPE base or RMSNorm epsilon differ from Llama 2's (10000, 1e-5) keeps them in that
+padding as float32 at bytes 44 and 48 (zero there: the default, so llama2.c, which skips the padding, loads every
+file of a default model). Version 0 cannot carry them. ModelHeader packs it, parse_model_header reads and checks it as run.c does.
 
 Files are opened without blocking and refused unless regular: a FIFO given as a model or a markdown file
 would otherwise wait forever for a writer.
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import math
 import os
 import re
 import secrets
@@ -106,6 +109,8 @@ MAGIC = 0x616B3432  # "ak42" as a little-endian uint32 (the file's first bytes a
 HEADER_BYTES = 256  # versions 1 and 2
 LEGACY_HEADER_BYTES = 28  # version 0: seven int32
 VERSIONS = (0, 1, 2)
+DEFAULT_ROPE_THETA, DEFAULT_NORM_EPS = 10000.0, 1e-5
+ROPE_THETA_AT, NORM_EPS_AT = 44, 48  # float32 in the padding of versions 1 and 2, zero for the default
 # run.c's limits: far above any model it can run, low enough that its size arithmetic cannot overflow.
 LIMITS = dict(dim=1 << 16, hidden_dim=1 << 18, n_layers=1024, n_heads=1024, vocab_size=1 << 22, seq_len=1 << 20)
 
@@ -126,6 +131,8 @@ class ModelHeader:
     seq_len: int
     shared_classifier: bool
     group_size: int = 0  # version 2 only
+    rope_theta: float = DEFAULT_ROPE_THETA  # versions 1 and 2 only, where not the default
+    norm_eps: float = DEFAULT_NORM_EPS
 
     @property
     def head_size(self) -> int:
@@ -143,12 +150,20 @@ class ModelHeader:
         vocab = self.vocab_size if self.version or self.shared_classifier else -self.vocab_size
         ints = struct.pack("<7i", self.dim, self.hidden_dim, self.n_layers, self.n_heads, self.n_kv_heads, vocab,
                            self.seq_len)
+        extras = {ROPE_THETA_AT: (self.rope_theta, DEFAULT_ROPE_THETA), NORM_EPS_AT: (self.norm_eps, DEFAULT_NORM_EPS)}
         if self.version == 0:
+            if self.rope_theta != DEFAULT_ROPE_THETA or self.norm_eps != DEFAULT_NORM_EPS:
+                raise FormatError(f"version 0 (llama2.c's legacy header) cannot carry rope_theta={self.rope_theta:g} "
+                                  f"and norm_eps={self.norm_eps:g} (only 10000 and 1e-05); export version 1 or 2")
             return ints
         header = struct.pack("<Ii", MAGIC, self.version) + ints + struct.pack("<B", int(self.shared_classifier))
         if self.version == 2:
             header += struct.pack("<i", self.group_size)
-        return header.ljust(HEADER_BYTES, b"\0")
+        header = bytearray(header.ljust(HEADER_BYTES, b"\0"))
+        for offset, (value, default) in extras.items():
+            if value != default:
+                struct.pack_into("<f", header, offset, value)
+        return bytes(header)
 
     def file_size(self) -> int:
         """The bytes a file with this header holds: header, norms, matrices (int8 + a float32 scale per group in
@@ -176,6 +191,9 @@ class ModelHeader:
                 f"{path}: inconsistent heads (dim={self.dim} n_heads={self.n_heads} n_kv_heads={self.n_kv_heads}: "
                 "dim must divide by n_heads into an even head size, n_heads by n_kv_heads); the file is corrupt, "
                 "re-export it")
+        if not (0 < self.rope_theta < math.inf and 0 < self.norm_eps < 1):
+            raise FormatError(f"{path}: corrupt header (rope_theta={self.rope_theta:g}, norm_eps={self.norm_eps:g}: "
+                              "a positive base and an epsilon in (0, 1) expected); re-export it")
         if self.version == 2 and (self.group_size <= 0 or self.dim % self.group_size
                                   or self.hidden_dim % self.group_size):
             raise FormatError(
@@ -200,7 +218,9 @@ def parse_model_header(head: bytes, path: str | os.PathLike) -> ModelHeader:
         if head[36] > 1:
             raise FormatError(f"{path}: corrupt header (shared_classifier byte is {head[36]}); re-export it")
         group_size = struct.unpack_from("<i", head, 37)[0] if version == 2 else 0
-        header = ModelHeader(version, *dims, shared_classifier=bool(head[36]), group_size=group_size)
+        rope_theta, norm_eps = (struct.unpack_from("<f", head, at)[0] for at in (ROPE_THETA_AT, NORM_EPS_AT))
+        header = ModelHeader(version, *dims, shared_classifier=bool(head[36]), group_size=group_size,
+                             rope_theta=rope_theta or DEFAULT_ROPE_THETA, norm_eps=norm_eps or DEFAULT_NORM_EPS)
     else:
         dims = struct.unpack_from("<7i", head)
         header = ModelHeader(0, *dims[:5], abs(dims[5]), dims[6], shared_classifier=dims[5] > 0)

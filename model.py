@@ -230,13 +230,21 @@ class Transformer(nn.Module):
         eos_id: Optional[int] = None,
         generator: Optional[torch.Generator] = None,
         use_cache: bool = True,
+        min_p: Optional[float] = None,
+        repeat_penalty: float = 1.0,
+        repeat_last_n: int = 64,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
     ) -> torch.Tensor:
-        """Extend idx [B, T] by up to max_new_tokens sampled tokens; temperature 0 is greedy.
+        """Extend idx [B, T] by up to max_new_tokens sampled tokens; temperature 0 is greedy. The sampling settings
+        are run.c's (see Sampling); the penalties look at the last repeat_last_n tokens of each row, prompt included.
 
         Stops early once every row has produced eos_id (rows that finished first are padded with it). With the KV
         cache each new token costs one position's forward pass; past max_seq_len the window slides and every
         step recomputes the window (RoPE positions move), as without the cache.
         """
+        sampling = Sampling(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, presence_penalty,
+                            frequency_penalty)
         finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
         length = min(idx.shape[1] + max_new_tokens, self.args.max_seq_len)
         kv = [LayerKV(length) for _ in self.layers] if use_cache and idx.shape[1] < length else None
@@ -247,7 +255,7 @@ class Transformer(nn.Module):
                 fed = idx.shape[1]
             else:
                 logits, _ = self(idx[:, -self.args.max_seq_len:])
-            next_token = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
+            next_token = sample_next(logits[:, -1, :], sampling, idx, generator)
             if eos_id is not None:
                 next_token = torch.where(finished, torch.full_like(next_token, eos_id), next_token)
                 finished |= next_token == eos_id
@@ -257,25 +265,69 @@ class Transformer(nn.Module):
         return idx
 
 
-def sample_next(
-    logits: torch.Tensor,
-    temperature: float,
-    top_k: Optional[int] = None,
-    top_p: Optional[float] = None,
-    generator: Optional[torch.Generator] = None,
-) -> torch.Tensor:
-    """One token id per row of logits [B, vocab]: argmax at temperature 0, else top-k then nucleus sampling."""
-    if temperature == 0.0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.size(-1):
-        kth_best = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+@dataclass
+class Sampling:
+    """How the next token is picked, with llama.cpp's meanings, in run.c's order: the penalties change the logits of
+    the tokens among the last repeat_last_n of the history; then temperature 0 is greedy, else the softmax of
+    logits / temperature is cut to the top_k most probable tokens, then to the most probable of those whose mass
+    (within them) reaches top_p, then to those at least min_p times as probable as the most probable one."""
+
+    temperature: float = 1.0
+    top_k: Optional[int] = None  # None or 0: off
+    top_p: Optional[float] = None  # None, 0 or 1: off
+    min_p: Optional[float] = None  # None or 0: off
+    repeat_penalty: float = 1.0  # a seen token's logit divided by it when positive, multiplied when not; 1: off
+    repeat_last_n: int = 64  # how many of the history's last tokens the penalties look at; -1: all, 0: none
+    presence_penalty: float = 0.0  # subtracted from a seen token's logit
+    frequency_penalty: float = 0.0  # subtracted once per time a token was seen
+
+
+def apply_penalties(logits: torch.Tensor, history: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+    """logits [B, vocab] with the repeat, presence and frequency penalties for the tokens of history [B, T]."""
+    s = sampling
+    active = (s.repeat_penalty > 0 and s.repeat_penalty != 1) or s.presence_penalty or s.frequency_penalty
+    if not active or s.repeat_last_n == 0 or history.shape[1] == 0:
+        return logits
+    window = history if s.repeat_last_n < 0 else history[:, -s.repeat_last_n:]
+    counts = torch.zeros_like(logits).scatter_add_(1, window, torch.ones(window.shape, dtype=logits.dtype,
+                                                                          device=logits.device))
+    seen = counts > 0
+    if s.repeat_penalty > 0 and s.repeat_penalty != 1:
+        repeated = torch.where(logits > 0, logits / s.repeat_penalty, logits * s.repeat_penalty)
+        logits = torch.where(seen, repeated, logits)
+    return logits - (counts * s.frequency_penalty + seen.to(logits.dtype) * s.presence_penalty)
+
+
+def next_token_probs(logits: torch.Tensor, sampling: Sampling, history: Optional[torch.Tensor] = None
+                     ) -> torch.Tensor:
+    """The distribution [B, vocab] the next token is drawn from (one-hot at temperature 0), given the logits
+    [B, vocab] and the tokens so far [B, T] that the penalties look at."""
+    s = sampling
+    logits = logits.float()
+    if history is not None:
+        logits = apply_penalties(logits, history, s)
+    if s.temperature == 0.0:
+        return F.one_hot(logits.argmax(dim=-1), logits.size(-1)).float()
+    logits = logits / s.temperature
+    if s.top_k and s.top_k < logits.size(-1):
+        kth_best = torch.topk(logits, s.top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth_best, float("-inf"))
     probs = F.softmax(logits, dim=-1)
-    if top_p is not None and 0.0 < top_p < 1.0:
+    if s.top_p is not None and 0.0 < s.top_p < 1.0:
         sorted_probs, sorted_ids = probs.sort(dim=-1, descending=True)
         # Keep the smallest prefix whose mass reaches top_p: drop a token once the mass before it already does.
-        drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
+        drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= s.top_p
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, sorted_ids, sorted_probs)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    if s.min_p:
+        probs = probs.masked_fill(probs < s.min_p * probs.amax(dim=-1, keepdim=True), 0.0)
+    return probs / probs.sum(dim=-1, keepdim=True)
+
+
+def sample_next(logits: torch.Tensor, sampling: Sampling, history: Optional[torch.Tensor] = None,
+                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """One token id per row of logits [B, vocab], drawn from next_token_probs (the argmax at temperature 0)."""
+    if sampling.temperature == 0.0:
+        logits = logits if history is None else apply_penalties(logits.float(), history, sampling)
+        return logits.argmax(dim=-1)
+    return torch.multinomial(next_token_probs(logits, sampling, history), 1, generator=generator).squeeze(-1)

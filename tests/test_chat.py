@@ -342,6 +342,44 @@ def test_piped_stdin_finds_the_matching_tokenizer(trained: Fixture, tmp_path: Pa
     assert result.stdout == "Здравствуй! Я Арианна.\nВ лесу растёт ёлка.\n"
 
 
+def test_sampling_flags_reach_the_engine(trained: Fixture, tmp_path: Path) -> None:
+    """Greedy answers with repeat, presence and frequency penalties over the whole context (the template and the
+    first exchange included) equal model.generate with the same settings on the same tokens."""
+    tok, flags = trained.tokenizer, dict(repeat_penalty=8.0, repeat_last_n=-1, presence_penalty=2.0,
+                                         frequency_penalty=1.0)
+    cli = [x for name, value in flags.items() for x in (f"--{name}", str(value))]
+    result = run_piped([str(trained.model_bin), "-z", str(trained.tokenizer_bin), "-t", "0", *cli],
+                       "Привет\nЧто растёт в лесу?\n", tmp_path)
+    assert result.returncode == 0, result.stderr
+
+    def answer(prompt: list[int]) -> list[int]:
+        out = trained.model.generate(torch.tensor([prompt]), 60, temperature=0.0, eos_id=tok.eos_id, **flags)
+        ids = out[0, len(prompt):].tolist()
+        return ids[:ids.index(tok.eos_id)] if tok.eos_id in ids else ids
+
+    first = answer(template(tok, [("user", "Привет")]))
+    second = answer(template(tok, [("user", "Привет")]) + first + [tok.eos_id]
+                    + template(tok, [("user", "Что растёт в лесу?")])[1:])
+    plain = greedy(trained.model, template(tok, [("user", "Привет")]), tok.eos_id)
+    assert result.stdout != tok.decode(plain) + "\nВ лесу растёт ёлка.\n"  # the flags matter
+    assert result.stdout == tok.decode(first) + "\n" + tok.decode(second) + "\n"
+
+
+def test_a_reader_that_stops_early_ends_it_quietly(trained: Fixture, tmp_path: Path) -> None:
+    """chat.py | head -1: the answers after the first go to a closed pipe; no BrokenPipeError traceback."""
+    messages = tmp_path / "messages.txt"
+    messages.write_text("Привет\n" * 3000, encoding="utf-8")  # more answers than a pipe buffers: chat.py is still
+    with open(messages, "rb") as stdin:                         # writing when the reader leaves
+        process = subprocess.Popen(
+            [sys.executable, str(CHAT_PY), str(trained.model_bin), "-z", str(trained.tokenizer_bin), "-t", "0"],
+            stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=child_env(tmp_path), cwd=tmp_path)
+    assert process.stdout.readline().decode() == "Здравствуй! Я Арианна.\n"
+    process.stdout.close()  # as head does after its line
+    stderr = process.stderr.read().decode()
+    assert process.wait(timeout=TIMEOUT_S) == 1
+    assert stderr == "", stderr
+
+
 def test_bad_files_are_one_line_errors(trained: Fixture, tmp_path: Path) -> None:
     # A tokenizer .bin with the first 300 of the 400 tokens.
     data = trained.tokenizer_bin.read_bytes()
@@ -355,6 +393,7 @@ def test_bad_files_are_one_line_errors(trained: Fixture, tmp_path: Path) -> None
         ([str(trained.model_bin), "-z", str(short_tokenizer)], "300"),
         ([str(tmp_path / "missing.bin"), "-z", str(trained.tokenizer_bin)], "missing.bin"),
         ([str(trained.model_bin), "-z", str(tmp_path / "missing_tok.bin")], "missing_tok.bin"),
+        ([str(trained.model_bin), "-z", str(trained.tokenizer_bin), "--threads", "100000"], "1024"),
     ]
     for args, named in cases:
         result = run_piped(args, "Привет\n", tmp_path)

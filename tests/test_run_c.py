@@ -1,6 +1,6 @@
 """run.c against the PyTorch model and SentencePiece: greedy output, the encoder, the chat template, bad input.
 
-Builds ./run, ./rundebug (ASan + UBSan) and librun.so with make, trains a tiny SentencePiece model and
+Builds ./run, ./rundebug and ./runsan (ASan + UBSan, portable and native + OpenMP) and librun.so with make, trains a tiny SentencePiece model and
 a tiny Transformer (briefly, so its greedy choices are not coin flips), exports it in all three .bin
 versions and drives the binary and the library.
 """
@@ -15,6 +15,7 @@ import struct
 import subprocess
 import sys
 import time
+import unicodedata
 from pathlib import Path
 
 import pytest
@@ -24,8 +25,10 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from chat import SamplerSettings  # noqa: E402
 from export import export_model, q80_group_size, read_model_bin  # noqa: E402
-from model import ModelArgs, Transformer  # noqa: E402
+from formats import FormatError  # noqa: E402
+from model import ModelArgs, Sampling, Transformer, next_token_probs  # noqa: E402
 from tokenizer import Tokenizer, encode_dialog  # noqa: E402
 
 LLAMA2_TOKENIZER = REPO.parent / "shared" / "llama2" / "tokenizer.model"
@@ -49,7 +52,7 @@ CORPUS_LINES = [
 
 @pytest.fixture(scope="session")
 def built() -> Path:
-    subprocess.run(["make", "-s", "run", "rundebug", "librun.so"], cwd=REPO, check=True, capture_output=True)
+    subprocess.run(["make", "-s", "run", "rundebug", "runsan", "librun.so"], cwd=REPO, check=True, capture_output=True)
     return REPO
 
 
@@ -176,6 +179,11 @@ def load_library(path: Path) -> ctypes.CDLL:
     library.arianna_feed.argtypes = [ctypes.c_void_p, int_p, ctypes.c_int, ctypes.c_int]
     library.arianna_sample.argtypes = [ctypes.c_void_p, ctypes.c_float, ctypes.c_float,
                                        ctypes.POINTER(ctypes.c_ulonglong)]
+    settings_p = ctypes.POINTER(SamplerSettings)
+    library.arianna_sample_with.argtypes = [ctypes.c_void_p, settings_p, int_p, ctypes.c_int,
+                                            ctypes.POINTER(ctypes.c_ulonglong)]
+    library.arianna_distribution.argtypes = [ctypes.c_void_p, settings_p, int_p, ctypes.c_int,
+                                             ctypes.POINTER(ctypes.c_float)]
     library.arianna_logits.restype = ctypes.POINTER(ctypes.c_float)
     library.arianna_logits.argtypes = [ctypes.c_void_p]
     library.arianna_decode.restype = ctypes.c_char_p
@@ -333,8 +341,14 @@ def test_encoder_matches_sentencepiece_llama2(lib, workdir):
         engine.close()
 
 
+def printable(raw: bytes) -> bytes:
+    """raw as ./run and chat.py write it: invalid UTF-8 replaced, control characters but newline and tab dropped."""
+    text = raw.decode("utf-8", errors="replace")
+    return "".join(ch for ch in text if ch in "\n\t" or unicodedata.category(ch) != "Cc").encode()
+
+
 def expected_text(tokenizer_bin: Path, tokens: list[int]) -> bytes:
-    """The bytes ./run prints for tokens (after the BOS), decoding each piece as llama2.c does."""
+    """The bytes ./run prints for tokens (after the BOS): each piece decoded as llama2.c does, then printable."""
     data = tokenizer_bin.read_bytes()
     pieces, offset = [], 4
     while offset < len(data):
@@ -349,7 +363,7 @@ def expected_text(tokenizer_bin: Path, tokens: list[int]) -> bytes:
         elif prev == 1 and piece.startswith(b" "):
             piece = piece[1:]
         out += piece
-    return out
+    return printable(out)
 
 
 @pytest.mark.parametrize("kernels", ["native", "avx2", "portable"])
@@ -419,11 +433,128 @@ def test_greedy_matches_pytorch(version, built, lib, tiny_model, model_files, to
         finally:
             engine.close()
         # The binary: -n counts all positions; it stops at EOS without printing it.
-        result = run_binary(built / "run", model_files[version], "-z", tokenizer_files[1], "-t", "0",
-                            "-n", len(prompt) + steps, "-i", text, "-T", "2")
-        assert result.returncode == 0, result.stderr.decode()
         generated = [t for t in want if t != tokenizer.eos_id]
-        assert result.stdout == expected_text(tokenizer_files[1], prompt + generated) + b"\n"
+        # ./runsan: the SIMD kernels and the threads' sharing of a batch under ASan and UBSan.
+        for binary, threads in (("run", "2"), ("runsan", "3")):
+            result = run_binary(built / binary, model_files[version], "-z", tokenizer_files[1], "-t", "0",
+                                "-n", len(prompt) + steps, "-i", text, "-T", threads)
+            assert result.returncode == 0, result.stderr.decode()
+            assert result.stdout == expected_text(tokenizer_files[1], prompt + generated) + b"\n"
+
+
+SAMPLER_CASES = [  # (settings, history): every control alone, then together; greedy where a penalty moves the argmax
+    (dict(temperature=0.7), []),
+    (dict(temperature=1.0, top_k=20), []),
+    (dict(temperature=1.0, top_p=0.8), []),
+    (dict(temperature=0.9, min_p=0.05), []),
+    (dict(temperature=1.3, top_k=60, top_p=0.9, min_p=0.02), []),
+    (dict(temperature=1.0, repeat_penalty=1.3, repeat_last_n=8), "history"),
+    (dict(temperature=0.8, top_k=40, repeat_penalty=1.2, repeat_last_n=-1, presence_penalty=0.4,
+          frequency_penalty=0.3), "history"),
+    (dict(temperature=1.0, presence_penalty=-0.5, frequency_penalty=0.7, repeat_last_n=64), "history"),
+    (dict(temperature=0.0, repeat_penalty=3.0, repeat_last_n=-1), "best"),
+    (dict(temperature=0.0, frequency_penalty=4.0, repeat_last_n=-1), "best"),
+]
+
+
+def test_sampler_distribution_matches_pytorch(lib, model_files, tokenizer_files):
+    """On fixed logits (positive and negative, a few equal-ish), the probabilities run.c's sampler draws from equal
+    model.py's next_token_probs for every setting (the same tokens kept, each probability within 1e-6), and 20000
+    draws follow them (each token's count within 5 standard deviations; the seed is fixed, so this cannot flake)."""
+    engine = Engine(lib, model_files[1], tokenizer_files[1])
+    try:
+        vocab = lib.arianna_vocab_size(engine.handle)
+        torch.manual_seed(3)
+        logits = torch.randn(vocab) * 2.5
+        best = int(logits.argmax())
+        c_logits = lib.arianna_logits(engine.handle)
+        ctypes.memmove(c_logits, (ctypes.c_float * vocab)(*logits.tolist()), vocab * 4)
+        repeated = [best, 7, 7, 7, 12, 30, 12, 101, 5, 7] + [int(i) for i in logits.topk(6).indices]
+        for settings, which in SAMPLER_CASES:
+            history = {"history": repeated, "best": [best, 3, best], "": []}[which if which else ""]
+            c_settings = SamplerSettings(**{"top_p": 1.0, "repeat_penalty": 1.0, "repeat_last_n": 64, **settings})
+            array = (ctypes.c_int * max(1, len(history)))(*history)
+            out = (ctypes.c_float * vocab)()
+            kept = lib.arianna_distribution(engine.handle, ctypes.byref(c_settings), array, len(history), out)
+            got = torch.tensor(out[:])
+            want = next_token_probs(logits[None], Sampling(**settings), torch.tensor([history], dtype=torch.long))[0]
+            assert torch.equal(got > 0, want > 0) and kept == int((want > 0).sum()), settings
+            assert (got - want).abs().max().item() < 1e-6, settings
+            if settings["temperature"] == 0.0:
+                assert int(got.argmax()) != best  # the penalty changed the greedy choice
+                continue
+            rng, counts = ctypes.c_ulonglong(12345), torch.zeros(vocab)
+            for _ in range(20000):
+                counts[lib.arianna_sample_with(engine.handle, ctypes.byref(c_settings), array, len(history),
+                                               ctypes.byref(rng))] += 1
+            assert counts[got == 0].sum() == 0, settings
+            spread = 5 * (20000 * got * (1 - got)).sqrt() + 2  # 5 standard deviations of each token's count
+            assert ((counts - 20000 * got).abs() <= spread).all(), settings
+    finally:
+        engine.close()
+
+
+def test_penalties_in_run_follow_the_whole_context(built, tiny_model, model_files, tokenizer_files):
+    """Greedy ./run with penalties over the prompt and what it generated equals model.generate with the same
+    settings, in generate mode and in chat (whose context holds the template and the system prompt)."""
+    tokenizer = Tokenizer(tokenizer_files[0])
+    flags = {"repeat_penalty": 1.8, "repeat_last_n": 24, "presence_penalty": 0.5, "frequency_penalty": 0.25}
+    cli = [x for name, value in flags.items() for x in (f"--{name.replace('_', '-')}", str(value))]
+    text = "Модель учится"
+    prompt = tokenizer.encode(text, bos=True, eos=False)
+    want = tiny_model.generate(torch.tensor([prompt]), 30, temperature=0.0, eos_id=tokenizer.eos_id, **flags)
+    want = [t for t in want[0, len(prompt):].tolist() if t != tokenizer.eos_id]
+    assert want != torch_greedy(tiny_model, prompt, 30, tokenizer.eos_id)[:len(want)]  # the penalties matter
+    result = run_binary(built / "run", model_files[1], "-z", tokenizer_files[1], "-t", "0", "-n", len(prompt) + 30,
+                        "-i", text, *cli)
+    assert result.returncode == 0, result.stderr.decode()
+    assert result.stdout == expected_text(tokenizer_files[1], prompt + want) + b"\n"
+
+    system, user = "You are Arianna.", "Who are you?"
+    encode = lambda line: tokenizer.encode(line, bos=False, eos=False)  # noqa: E731
+    turn = encode_dialog(encode, [{"role": "system", "content": system}, {"role": "user", "content": user}],
+                         tokenizer.bos_id, tokenizer.eos_id)[0]
+    answer = tiny_model.generate(torch.tensor([turn]), 20, temperature=0.0, eos_id=tokenizer.eos_id, **flags)
+    answer = [t for t in answer[0, len(turn):].tolist() if t != tokenizer.eos_id]
+    result = run_binary(built / "run", model_files[1], "-z", tokenizer_files[1], "-m", "chat", "-t", "0", "-n", "20",
+                        "-y", system, *cli, stdin=user + "\n")
+    assert result.returncode == 0, result.stderr.decode()
+    assert result.stdout == expected_text(tokenizer_files[1], [0] + answer) + b"\n"
+
+
+def test_rope_theta_and_norm_eps_travel_in_the_header(built, lib, tiny_model, model_files, tokenizer_files, workdir):
+    """The trained weights with rope_theta=500000 and norm_eps=1e-6 (values that change the logits): versions 1 and
+    2 carry them, ./run gives PyTorch's greedy tokens and librun.so its logits. A default model's header padding
+    stays zero, as llama2.c writes it; version 0 refuses the values."""
+    tokenizer = Tokenizer(tokenizer_files[0])
+    model = Transformer(ModelArgs(**{**tiny_model.args.to_dict(), "rope_theta": 500000.0, "norm_eps": 1e-6}))
+    model.load_state_dict(tiny_model.state_dict())
+    model.eval()
+    text = "<|user|>\nWho are you?\n<|assistant|>\n def train(steps"
+    prompt = tokenizer.encode(text, bos=True, eos=False)
+    with torch.no_grad():
+        want_logits = model(torch.tensor([prompt]))[0][0, -1]
+        assert (want_logits - tiny_model(torch.tensor([prompt]))[0][0, -1]).abs().max() > 1e-2
+    for version in (1, 2):
+        path = export_model(model, workdir / f"theta_v{version}.bin", version=version)
+        args = read_model_bin(path)[1]
+        assert (args.rope_theta, args.norm_eps) == (500000.0, pytest.approx(1e-6))
+        reference = model if version == 1 else q80_reference_model(path)
+        want = [t for t in torch_greedy(reference, prompt, 32, tokenizer.eos_id) if t != tokenizer.eos_id]
+        result = run_binary(built / "run", path, "-z", tokenizer_files[1], "-t", "0", "-n", len(prompt) + 32,
+                            "-i", text)
+        assert result.returncode == 0, result.stderr.decode()
+        assert result.stdout == expected_text(tokenizer_files[1], prompt + want) + b"\n", version
+        if version == 1:
+            engine = Engine(lib, path, tokenizer_files[1])
+            try:
+                got = engine.logits(prompt, batch=True)
+            finally:
+                engine.close()
+            assert ((got - want_logits).abs().max() / want_logits.abs().max()).item() < 1e-5
+    with pytest.raises(FormatError, match="version 0"):
+        export_model(model, workdir / "theta_v0.bin", version=0)
+    assert model_files[1].read_bytes()[37:256] == bytes(219) and model_files[2].read_bytes()[41:256] == bytes(215)
 
 
 def test_fewer_threads_than_asked_for_change_nothing(built, model_files, tokenizer_files):
@@ -560,6 +691,10 @@ def corrupt_cases(model: Path, tokenizer: Path, tmp: Path) -> list[tuple[str, li
         ("steps_beyond_context", [model, "-z", tokenizer, "-n", "100000"], "-n 100000"),
         ("bad_mode", [model, "-z", tokenizer, "-m", "dance"], "mode"),
         ("bad_temperature", [model, "-z", tokenizer, "-t", "abc"], "-t"),
+        ("bad_top_k", [model, "-z", tokenizer, "-k", "-1"], "-k"),
+        ("bad_repeat_penalty", [model, "-z", tokenizer, "--repeat-penalty", "0"], "--repeat-penalty"),
+        ("bad_min_p", [model, "-z", tokenizer, "--min-p", "1.5"], "--min-p"),
+        ("unknown_option", [model, "-z", tokenizer, "--top-q", "1"], "--top-q"),
     ]
     return cases
 
@@ -577,11 +712,63 @@ def test_bad_input_fails_cleanly_under_sanitizers(version, built, model_files, t
         assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], (name, stderr)
 
 
+def test_thread_counts_beyond_the_limit_are_one_line_errors(built, model_files, tokenizer_files):
+    """-T or OMP_NUM_THREADS far beyond any machine: one line naming the limit, not a crash inside the OpenMP
+    runtime or a signed overflow in the work sharing (rundebug: no OpenMP)."""
+    big = {**ENV, "OMP_NUM_THREADS": "100000"}
+    cases = [("run", ["-T", "100000"], ENV), ("runsan", ["-T", "100000"], ENV), ("rundebug", ["-T", "100000"], ENV),
+             ("run", [], big), ("runsan", ["-T", "2"], big)]
+    for binary, flags, env in cases:
+        result = run_binary(built / binary, model_files[2], "-z", tokenizer_files[1], "-n", "8", *flags, env=env)
+        stderr = result.stderr.decode(errors="replace")
+        assert result.returncode == 1, (binary, flags, stderr)
+        lines = stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:") and "1024" in lines[0], (binary, flags, stderr)
+
+
+def test_one_feed_longer_than_half_a_million_tokens(built, workdir, tokenizer_files):
+    """A single arianna_feed of 540k tokens (a chat turn): its batch bounds n * i / batches pass 2^31 there. Under
+    the sanitizers, on a 1-layer model with the header's largest context, where the batches only fill the cache."""
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=8, n_layers=1, n_heads=1, vocab_size=Tokenizer(tokenizer_files[0]).n_words,
+                                  max_seq_len=1 << 20))
+    path = export_model(model, workdir / "long_context.bin", version=1)
+    turn = "1234567890" * 54000  # digits are split: a token each
+    result = run_binary(built / "runsan", path, "-z", tokenizer_files[1], "-m", "chat", "-t", "0", "-n", "2",
+                        "-T", "2", stdin=turn + "\n", timeout=240)
+    stderr = result.stderr.decode(errors="replace")
+    assert result.returncode == 0 and "Sanitizer" not in stderr and "runtime error" not in stderr, stderr[-2000:]
+    assert "does not fit" not in stderr
+
+
+def test_tokenizer_pieces_cannot_send_terminal_escapes(built, workdir):
+    """A tokenizer whose pieces hold ESC sequences and C1 controls (CSI as U+009B), and a prompt that encodes to
+    them: ./run writes the text around them, valid UTF-8 without a control character but newline and tab."""
+    pieces = [b"<unk>", b"\n<s>\n", b"\n</s>\n"] + [b"<0x%02X>" % b for b in range(256)]
+    pieces += [b" ", b"A", b"B", b"\x1b", b"[", b"2", b"J", b"\x1b[", b"\x1b[2", b"\x1b[2J", b"\xc2\x9b", b"\xc2\x9b2J",
+               b"\x07", b" B"]
+    tok = workdir / "hostile_tok.bin"
+    tok.write_bytes(struct.pack("<i", 16) + b"".join(struct.pack("<fi", float(i), len(p)) + p
+                                                   for i, p in enumerate(pieces)))
+    torch.manual_seed(0)
+    model = export_model(Transformer(ModelArgs(dim=8, n_layers=1, n_heads=1, vocab_size=len(pieces), max_seq_len=64)),
+                         workdir / "hostile.bin", version=1)
+    prompt = "A\x1b[2J B\u009b2J\x07B\x1b[2"
+    for mode in ("generate", "chat"):
+        result = run_binary(built / "runsan", model, "-z", tok, "-i", prompt, "-m", mode, "-t", "1", "-s", "3",
+                            "-n", "40", stdin="")
+        assert result.returncode == 0, result.stderr.decode()
+        text = result.stdout.decode("utf-8")  # valid UTF-8
+        assert not [ch for ch in text if ch not in "\n\t" and unicodedata.category(ch) == "Cc"], repr(text)
+        if mode == "generate":
+            assert text.startswith("A[2J B2JB[2"), repr(text)  # the controls alone are dropped
+
+
 def test_bench_prints_a_row_per_setting(built):
     """`make bench`'s program, on the smallest shape with few tokens: the int8 product's speed, then one table row
     per weights x threads."""
-    subprocess.run(["make", "-s", "bench_run"], cwd=REPO, check=True, capture_output=True)
-    result = run_binary(REPO / "bench_run", "4", "4", "B", "12", "12")
+    subprocess.run(["make", "-s", "bench/bench_run"], cwd=REPO, check=True, capture_output=True)
+    result = run_binary(REPO / "bench" / "bench_run", "4", "4", "B", "12", "12")
     assert result.returncode == 0, result.stderr.decode()
     lines = result.stdout.decode().splitlines()
     speed = re.fullmatch(r"int8 products alone, 1 thread, in cache: (\d+) GMAC/s; a B prompt token's 5\.14 M "

@@ -1,7 +1,7 @@
 """Training throughput benchmark: tokens/s of a training step, float32 eager against the faster settings.
 
-    python bench_train.py                     # dim 288, 6 layers, 6 heads, vocab 4096, batch 8 x 256
-    python bench_train.py --compile=true      # also time torch.compile (slow first step, not counted)
+    python bench/bench_train.py                # dim 288, 6 layers, 6 heads, vocab 4096, batch 8 x 256
+    python bench/bench_train.py --compile=true # also time torch.compile (slow first step, not counted)
 
 Every setting trains the same initial weights on the same batches of a synthetic corpus with structure
 to learn, so the loss curves can be compared side by side: the speed-up must not change them beyond noise.
@@ -10,14 +10,18 @@ Timings are ratios measured in one run; other load on the machine moves all of t
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
-from model import ModelArgs, Transformer
-from config import parse_config
-from training import cpu_has_fast_bf16
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the toolkit's modules, from bench/
+
+from model import ModelArgs, Transformer  # noqa: E402
+from config import parse_config  # noqa: E402
+from training import cpu_has_fast_bf16  # noqa: E402
 
 
 @dataclass

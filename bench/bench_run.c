@@ -3,10 +3,10 @@
    Builds each model image in memory (random weights, version 1 fp32 or version 2 Q8_0), loads it through
    the same parser as a file, and times arianna_feed/arianna_sample. Shapes: B (dim 288, 6 layers, vocab
    4096, seq 256), A (same, vocab 32000: stories15M), C (dim 768, 12 layers, vocab 32000, seq 1024:
-   stories110M). Usage: ./bench_run [gen_tokens=128] [prompt_tokens=128] [shapes=BAC] [threads=12] [weights=12]
+   stories110M). Usage: ./bench/bench_run [gen_tokens=128] [prompt_tokens=128] [shapes=BAC] [threads=12] [weights=12]
    (weights: 1 fp32, 2 int8) */
 #define ARIANNA_LIBRARY
-#include "run.c"
+#include "../run.c"
 
 typedef struct {
     const char *name;

@@ -1,0 +1,509 @@
+/* run_kernels.h: the matrix products and element-wise kernels of run.c's forward pass.
+
+   Each kernel has a SIMD path chosen at compile time by what -march allows (AVX-512, AVX-512 VNNI, AVX2, or the
+   compiler's own vectors) and a portable twin; the tests build run.c both ways and compare each with PyTorch.
+   Part of run.c's single compile unit (run.c includes it), so everything here is static. */
+#ifndef RUN_KERNELS_H
+#define RUN_KERNELS_H
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+/* The int8 kernels on repacked weights (pack_q8): AVX-512 VNNI, else AVX2; without either, a plain loop. */
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define HAVE_AVX512_VNNI 1
+#define PACKED_Q8_BIAS 128 /* vpdpbusd's first operand is unsigned */
+#elif defined(__AVX2__)
+#define HAVE_AVX2_INT8 1
+#define PACKED_Q8_BIAS 0
+#endif
+
+static inline int clamp(int v, int lo, int hi) { return v < lo ? lo : v > hi ? hi : v; }
+static inline int min_int(int a, int b) { return a < b ? a : b; }
+
+/* One weight matrix [rows, cols]: fp32 (f) or Q8_0 (q with scales s, one per group_size values). With AVX-512
+   VNNI or AVX2, Q8_0 matrices the kernels read are also repacked at load (see pack_q8): packed
+   [rows/16][cols/4][16][4] bytes, packed_scales [rows/16][cols/group_size][16]. */
+typedef struct {
+    const float *f;
+    const int8_t *q;
+    const float *s;
+    const uint8_t *packed;
+    const float *packed_scales;
+    int rows, cols;
+} Matrix;
+
+/* GCC/Clang vector extensions: the compiler maps these to AVX-512, AVX2 or SSE, whatever -march allows. */
+#if defined(__AVX512F__)
+#define VLEN 16
+#elif defined(__AVX__)
+#define VLEN 8
+#else
+#define VLEN 4
+#endif
+typedef float vfloat __attribute__((vector_size(VLEN * 4)));
+typedef float vfloat_unaligned __attribute__((vector_size(VLEN * 4), aligned(4), may_alias));
+#define LOADV(p) (*(const vfloat_unaligned *)(p))
+
+typedef float vfloat4 __attribute__((vector_size(16)));
+
+/* Sum of the lanes by halving (a few shuffles) rather than lane by lane. */
+static inline float hsum(vfloat v) {
+#if VLEN == 16
+    typedef float vfloat8 __attribute__((vector_size(32)));
+    vfloat8 lo8, hi8;
+    memcpy(&lo8, &v, 32), memcpy(&hi8, (char *)&v + 32, 32);
+    lo8 += hi8;
+#elif VLEN == 8
+    vfloat lo8 = v;
+#endif
+#if VLEN >= 8
+    vfloat4 lo, hi;
+    memcpy(&lo, &lo8, 16), memcpy(&hi, (char *)&lo8 + 16, 16);
+    lo += hi;
+#else
+    vfloat4 lo = v;
+#endif
+    return (lo[0] + lo[2]) + (lo[1] + lo[3]);
+}
+
+#if defined(__AVX512F__)
+/* The first min(count, 16) lanes (none for count <= 0): the whole vector, or the tail of a loop over 16 at a time. */
+static inline __mmask16 first_lanes(int count) {
+    return count >= 16 ? 0xFFFF : count <= 0 ? 0 : (__mmask16)((1u << count) - 1);
+}
+
+/* Lane j of the result is the sum of the lanes of v[j]: 16 horizontal sums in 45 shuffles and adds. */
+static inline __m512 hsum16(const __m512 v[16]) {
+    __m512 a[8], b[4];
+    for (int j = 0; j < 8; j++)
+        a[j] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * j], v[2 * j + 1]), _mm512_unpackhi_ps(v[2 * j], v[2 * j + 1]));
+    for (int j = 0; j < 4; j++)
+        b[j] = _mm512_add_ps(_mm512_shuffle_ps(a[2 * j], a[2 * j + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_ps(a[2 * j], a[2 * j + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    const __m512 c0 = _mm512_add_ps(_mm512_shuffle_f32x4(b[0], b[1], 0x88), _mm512_shuffle_f32x4(b[0], b[1], 0xDD));
+    const __m512 c1 = _mm512_add_ps(_mm512_shuffle_f32x4(b[2], b[3], 0x88), _mm512_shuffle_f32x4(b[2], b[3], 0xDD));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(c0, c1, 0x88), _mm512_shuffle_f32x4(c0, c1, 0xDD));
+}
+
+/* exp(x) for x <= 0 to about 1 ulp (Cephes' expf polynomial, 2^n applied by scalef). */
+static inline __m512 exp_nonpositive(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+#endif
+
+/* out[c*ostride + r] = dot(w row r, x row c) for R rows of w and C rows of x: R*C accumulators in registers,
+   so each loaded weight vector is used C times. R and C are constants once inlined. */
+#if defined(__AVX512F__)
+/* AVX-512 spelled out: GCC reloads vector-extension operands from memory instead of keeping them in registers. */
+static inline __attribute__((always_inline)) void tile_f32(float *out, int ostride, const float *w, const float *x,
+                                                           int xstride, int n, int R, int C) {
+    __m512 acc[8][4];
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++) acc[r][c] = _mm512_setzero_ps();
+    for (int k = 0; k < n; k += 16) {
+        const __mmask16 mask = first_lanes(n - k);
+        __m512 xv[4];
+        for (int c = 0; c < C; c++) xv[c] = _mm512_maskz_loadu_ps(mask, x + (size_t)c * xstride + k);
+        for (int r = 0; r < R; r++) {
+            const __m512 wv = _mm512_maskz_loadu_ps(mask, w + (size_t)r * n + k);
+            for (int c = 0; c < C; c++) acc[r][c] = _mm512_fmadd_ps(wv, xv[c], acc[r][c]);
+        }
+    }
+    if (R == 4 && C == 4) { /* the 16 sums in one go: lanes 4c..4c+3 are token c's 4 rows */
+        __m512 all[16];
+        for (int c = 0; c < 4; c++)
+            for (int r = 0; r < 4; r++) all[4 * c + r] = acc[r][c];
+        const __m512 sums = hsum16(all);
+        _mm_storeu_ps(out, _mm512_extractf32x4_ps(sums, 0));
+        _mm_storeu_ps(out + (size_t)ostride, _mm512_extractf32x4_ps(sums, 1));
+        _mm_storeu_ps(out + (size_t)2 * ostride, _mm512_extractf32x4_ps(sums, 2));
+        _mm_storeu_ps(out + (size_t)3 * ostride, _mm512_extractf32x4_ps(sums, 3));
+        return;
+    }
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++) out[(size_t)c * ostride + r] = _mm512_reduce_add_ps(acc[r][c]);
+}
+#else
+static inline __attribute__((always_inline)) void tile_f32(float *out, int ostride, const float *w, const float *x,
+                                                           int xstride, int n, int R, int C) {
+    vfloat acc[8][4];
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++) acc[r][c] = (vfloat){0};
+    int k = 0;
+    for (; k + VLEN <= n; k += VLEN) {
+        vfloat xv[4];
+        for (int c = 0; c < C; c++) xv[c] = LOADV(x + (size_t)c * xstride + k);
+        for (int r = 0; r < R; r++) {
+            vfloat wv = LOADV(w + (size_t)r * n + k);
+            for (int c = 0; c < C; c++) acc[r][c] += wv * xv[c];
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++) {
+            float s = hsum(acc[r][c]);
+            for (int kk = k; kk < n; kk++) s += w[(size_t)r * n + kk] * x[(size_t)c * xstride + kk];
+            out[(size_t)c * ostride + r] = s;
+        }
+}
+#endif
+
+/* dot(w, x) over n floats, for the mat-vec of a single token. Its caller walks the rows one after the other:
+   the hardware prefetchers follow one stream per core far better than several interleaved rows, which
+   matters once a matrix streams from memory. x stays in L1. */
+static inline float dot_f32(const float *w, const float *x, int n) {
+#if defined(__AVX512F__)
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    int k = 0;
+    for (; k + 32 <= n; k += 32) {
+        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k), _mm512_loadu_ps(x + k), a0);
+        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k + 16), _mm512_loadu_ps(x + k + 16), a1);
+    }
+    for (; k < n; k += 16) {
+        const __mmask16 mask = first_lanes(n - k);
+        a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, w + k), _mm512_maskz_loadu_ps(mask, x + k), a0);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+#else
+    float dot;
+    tile_f32(&dot, 1, w, x, 0, n, 1, 1);
+    return dot;
+#endif
+}
+
+/* Rows [r0, r1) of out[t][r] = W[r] . x[t] for t < n_tok, fp32 weights. */
+static void matmul_rows_f32(float *out, const Matrix *m, const float *x, int n_tok, int r0, int r1) {
+    const int n = m->cols;
+    if (n_tok == 1) { /* one row after the other: a single sequential stream keeps the prefetchers at full speed */
+        for (int r = r0; r < r1; r++) out[r] = dot_f32(m->f + (size_t)r * n, x, n);
+        return;
+    }
+    for (int r = r0; r < r1; r += 4) {
+        const int R = r1 - r;
+        const float *w = m->f + (size_t)r * n;
+        int t = 0;
+        if (R >= 4) {
+            for (; t + 4 <= n_tok; t += 4) tile_f32(out + (size_t)t * m->rows + r, m->rows, w, x + (size_t)t * n, n, n, 4, 4);
+            for (; t < n_tok; t++) tile_f32(out + (size_t)t * m->rows + r, m->rows, w, x + (size_t)t * n, n, n, 4, 1);
+        } else {
+            for (int rr = 0; rr < R; rr++)
+                for (int tt = 0; tt < n_tok; tt++)
+                    tile_f32(out + (size_t)tt * m->rows + r + rr, m->rows, w + (size_t)rr * n, x + (size_t)tt * n, n, n, 1, 1);
+        }
+    }
+}
+
+/* Activations quantized to Q8_0 like the weights, so each group's dot product is exact in int32. */
+typedef struct {
+    int8_t *q;          /* [MAX_BATCH][cols] */
+    float *s;           /* [MAX_BATCH][cols / group_size] */
+    int32_t *start;     /* [MAX_BATCH][cols / group_size]: -128 * sum of the group's q (packed kernel only) */
+} QuantizedRows;
+
+/* x [n] to Q8_0: q [n], scales s [n / gs], and per group -128 * (sum of its q), where the packed int8 kernel
+   starts each group's sum (see pack_q8). */
+static void quantize_row(int8_t *q, float *s, int32_t *start, const float *x, int n, int gs) {
+#if defined(__AVX512F__)
+    if (gs % 16 == 0) { /* the same arithmetic as below, 16 lanes at a time (cvtps rounds half to even, as lrintf) */
+        for (int g = 0; g < n / gs; g++) {
+            const float *xg = x + (size_t)g * gs;
+            __m512 amax = _mm512_setzero_ps();
+            for (int j = 0; j < gs; j += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_loadu_ps(xg + j)));
+            const float scale = _mm512_reduce_max_ps(amax) / 127.0f, inv = scale > 0.0f ? 1.0f / scale : 0.0f;
+            s[g] = scale;
+            const __m512 vinv = _mm512_set1_ps(inv);
+            __m512i sum = _mm512_setzero_si512();
+            for (int j = 0; j < gs; j += 16) {
+                const __m128i q16 = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xg + j), vinv)));
+                _mm_storeu_si128((__m128i *)(q + (size_t)g * gs + j), q16);
+                sum = _mm512_add_epi32(sum, _mm512_cvtepi8_epi32(q16)); /* the stored bytes (NaN makes 0, not INT_MIN) */
+            }
+            start[g] = -128 * _mm512_reduce_add_epi32(sum);
+        }
+        return;
+    }
+#endif
+    for (int g = 0; g < n / gs; g++) {
+        float amax = 0.0f;
+        for (int j = 0; j < gs; j++) amax = fmaxf(amax, fabsf(x[g * gs + j]));
+        const float scale = amax / 127.0f, inv = scale > 0.0f ? 1.0f / scale : 0.0f;
+        s[g] = scale;
+        int32_t sum = 0;
+        for (int j = 0; j < gs; j++) sum += q[g * gs + j] = (int8_t)lrintf(x[g * gs + j] * inv);
+        start[g] = -128 * sum;
+    }
+}
+
+#ifdef PACKED_Q8_BIAS
+static inline int32_t load_i32(const int8_t *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+/* Bit i set for the lanes (rows 16 b + i) of block b that fall in [r0, r1). */
+static inline unsigned lanes_in_range(int b, int r0, int r1) {
+    const int lo = r0 - 16 * b, hi = r1 - 16 * b;
+    return (hi >= 16 ? 0xFFFFu : (1u << (hi > 0 ? hi : 0)) - 1) & (lo <= 0 ? 0xFFFFu : ~((1u << lo) - 1));
+}
+#endif
+
+#ifdef HAVE_AVX512_VNNI
+
+/* acc + the 4-byte dot products of w (unsigned) and x (signed), lane by lane. Spelled in asm because GCC 12
+   copies every accumulator of _mm512_dpbusd_epi32 to a new register and spills the inputs. */
+static inline __m512i dpbusd(__m512i acc, __m512i w, __m512i x) {
+    __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(w), "v"(x));
+    return acc;
+}
+
+/* NB blocks of 16 rows (one row per lane) from block b0, times T tokens from t0, on packed weights (see
+   pack_q8). Per group: gs/4 vpdpbusd of 4 weight columns by 4 broadcast input bytes, exact in int32, plus the
+   group's start value, then one multiply-add by the rows' scales times the token's scale. NB * T independent
+   sums hide the latency of vpdpbusd; each weight load serves T tokens. */
+static inline __attribute__((always_inline)) void blocks_q8(float *out, int ostride, const Matrix *m, int b0,
+                                                           const __mmask16 *keep, const QuantizedRows *x, int t0,
+                                                           int gs, int NB, int T) {
+    const int cols = m->cols, groups = cols / gs, quads = gs / 4;
+    __m512 acc[4][4];
+    for (int b = 0; b < NB; b++)
+        for (int t = 0; t < T; t++) acc[b][t] = _mm512_setzero_ps();
+    for (int g = 0; g < groups; g++) {
+        __m512i dot[4][4];
+        for (int b = 0; b < NB; b++)
+            for (int t = 0; t < T; t++) dot[b][t] = _mm512_setzero_si512();
+        for (int k = g * quads; k < (g + 1) * quads; k++) {
+            __m512i xv[4];
+            for (int t = 0; t < T; t++) xv[t] = _mm512_set1_epi32(load_i32(x->q + (size_t)(t0 + t) * cols + 4 * k));
+            for (int b = 0; b < NB; b++) {
+                const __m512i wv = _mm512_load_si512(m->packed + ((size_t)(b0 + b) * (cols / 4) + k) * 64);
+                for (int t = 0; t < T; t++) dot[b][t] = dpbusd(dot[b][t], wv, xv[t]);
+            }
+        }
+        for (int b = 0; b < NB; b++) {
+            const __m512 ws = _mm512_load_ps(m->packed_scales + ((size_t)(b0 + b) * groups + g) * 16);
+            for (int t = 0; t < T; t++) {
+                const size_t tg = (size_t)(t0 + t) * groups + g;
+                const __m512i sum = _mm512_add_epi32(dot[b][t], _mm512_set1_epi32(x->start[tg]));
+                acc[b][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(ws, _mm512_set1_ps(x->s[tg])), acc[b][t]);
+            }
+        }
+    }
+    for (int b = 0; b < NB; b++)
+        for (int t = 0; t < T; t++) _mm512_mask_storeu_ps(out + (size_t)(t0 + t) * ostride + (b0 + b) * 16, keep[b], acc[b][t]);
+}
+
+/* blocks_q8 for one block and one token (generation): the block's bytes are read in order, so the whole
+   matrix is one sequential stream (from memory the prefetchers keep up with one stream per core far better
+   than with several), and each group's sum is split over four chains to hide vpdpbusd's latency instead.
+   Integer sums are exact, so the result is bit for bit blocks_q8's. */
+static inline void block_q8_token(float *out, const Matrix *m, int b, __mmask16 keep, const QuantizedRows *x, int gs) {
+    const int cols = m->cols, groups = cols / gs, quads = gs / 4;
+    const uint8_t *w = m->packed + (size_t)b * (cols / 4) * 64;
+    __m512 acc = _mm512_setzero_ps();
+    for (int g = 0; g < groups; g++) {
+        __m512i dot[4] = {_mm512_set1_epi32(x->start[g]), _mm512_setzero_si512(), _mm512_setzero_si512(),
+                          _mm512_setzero_si512()};
+        const int end = (g + 1) * quads;
+        int k = g * quads;
+        for (; k + 4 <= end; k += 4)
+            for (int j = 0; j < 4; j++)
+                dot[j] = dpbusd(dot[j], _mm512_load_si512(w + (size_t)(k + j) * 64),
+                                _mm512_set1_epi32(load_i32(x->q + 4 * (k + j))));
+        for (; k < end; k++)
+            dot[0] = dpbusd(dot[0], _mm512_load_si512(w + (size_t)k * 64), _mm512_set1_epi32(load_i32(x->q + 4 * k)));
+        const __m512i sum = _mm512_add_epi32(_mm512_add_epi32(dot[0], dot[1]), _mm512_add_epi32(dot[2], dot[3]));
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum),
+                              _mm512_mul_ps(_mm512_load_ps(m->packed_scales + ((size_t)b * groups + g) * 16), _mm512_set1_ps(x->s[g])),
+                              acc);
+    }
+    _mm512_mask_storeu_ps(out + b * 16, keep, acc);
+}
+
+/* Rows [r0, r1) on packed weights: the blocks that overlap the range, storing only the range's rows. In a batch
+   each pair of blocks is read from L3 once and then from L1 by every 4 tokens; prefetching the next pair (past
+   the range too: a batch's next work item) a slice per 4 tokens hides that first read. */
+static void matmul_packed_q8(float *out, const Matrix *m, const QuantizedRows *x, int n_tok, int gs, int r0, int r1) {
+    const int NB = 2, b_end = (r1 + 15) / 16;
+    const size_t block_bytes = (size_t)(m->cols / 4) * 64;
+    const uint8_t *matrix_end = m->packed + (size_t)((m->rows + 15) / 16) * block_bytes;
+    const size_t slice = ((size_t)NB * block_bytes / ((n_tok + 3) / 4) + 63) / 64 * 64; /* next pair's bytes per 4 tokens */
+    for (int b = r0 / 16; b < b_end; b += NB) {
+        const int nb = min_int(b_end - b, NB);
+        __mmask16 keep[4];
+        for (int i = 0; i < nb; i++) keep[i] = (__mmask16)lanes_in_range(b + i, r0, r1);
+        int t = 0;
+        if (n_tok == 1)
+            for (int i = 0; i < nb; i++) block_q8_token(out, m, b + i, keep[i], x, gs);
+        else if (nb == NB) {
+            const uint8_t *next = m->packed + (b + NB) * block_bytes;
+            for (; t + 4 <= n_tok; t += 4) {
+                for (const uint8_t *end = next + slice; next < end && next < matrix_end; next += 64) __builtin_prefetch(next);
+                blocks_q8(out, m->rows, m, b, keep, x, t, gs, 2, 4);
+            }
+            if (n_tok - t == 3) blocks_q8(out, m->rows, m, b, keep, x, t, gs, 2, 3);
+            else if (n_tok - t == 2) blocks_q8(out, m->rows, m, b, keep, x, t, gs, 2, 2);
+            else if (n_tok - t == 1) blocks_q8(out, m->rows, m, b, keep, x, t, gs, 2, 1);
+        } else
+            for (int i = 0; i < nb; i++) {
+                for (t = 0; t + 4 <= n_tok; t += 4) blocks_q8(out, m->rows, m, b + i, keep + i, x, t, gs, 1, 4);
+                for (; t < n_tok; t++) blocks_q8(out, m->rows, m, b + i, keep + i, x, t, gs, 1, 1);
+            }
+    }
+}
+#elif defined(HAVE_AVX2_INT8)
+/* Block b's 16 rows (two halves of 8 lanes) times T tokens from t0, for CPUs with AVX2 but not VNNI. vpmaddubsw
+   multiplies unsigned by signed bytes into 16-bit sums of pairs: |x| times the weights given x's sign keeps
+   those within 2 * 127 * 128, so they cannot saturate, and vpmaddwd by ones adds the pairs into the 4-product
+   int32 lanes that vpdpbusd makes. Then per group, as blocks_q8 does: exact integer sums, one multiply-add. */
+static inline __attribute__((always_inline)) void block_q8_avx2(float *out, int ostride, const Matrix *m, int b,
+                                                               unsigned keep, const QuantizedRows *x, int t0, int gs,
+                                                               int T) {
+    const int cols = m->cols, groups = cols / gs, quads = gs / 4;
+    const uint8_t *w = m->packed + (size_t)b * (cols / 4) * 64;
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc[2][2];
+    for (int t = 0; t < T; t++) acc[0][t] = acc[1][t] = _mm256_setzero_ps();
+    for (int g = 0; g < groups; g++) {
+        __m256i dot[2][2];
+        for (int t = 0; t < T; t++) dot[0][t] = dot[1][t] = _mm256_setzero_si256();
+        for (int k = g * quads; k < (g + 1) * quads; k++) {
+            const __m256i w0 = _mm256_load_si256((const __m256i *)(w + (size_t)k * 64));
+            const __m256i w1 = _mm256_load_si256((const __m256i *)(w + (size_t)k * 64 + 32));
+            for (int t = 0; t < T; t++) {
+                const __m256i xv = _mm256_set1_epi32(load_i32(x->q + (size_t)(t0 + t) * cols + 4 * k));
+                const __m256i xabs = _mm256_abs_epi8(xv);
+                dot[0][t] = _mm256_add_epi32(dot[0][t], _mm256_madd_epi16(_mm256_maddubs_epi16(xabs, _mm256_sign_epi8(w0, xv)), ones));
+                dot[1][t] = _mm256_add_epi32(dot[1][t], _mm256_madd_epi16(_mm256_maddubs_epi16(xabs, _mm256_sign_epi8(w1, xv)), ones));
+            }
+        }
+        for (int half = 0; half < 2; half++) {
+            const __m256 ws = _mm256_load_ps(m->packed_scales + ((size_t)b * groups + g) * 16 + 8 * half);
+            for (int t = 0; t < T; t++) {
+                const __m256 scale = _mm256_mul_ps(ws, _mm256_set1_ps(x->s[(size_t)(t0 + t) * groups + g]));
+                acc[half][t] = _mm256_add_ps(acc[half][t], _mm256_mul_ps(_mm256_cvtepi32_ps(dot[half][t]), scale));
+            }
+        }
+    }
+    for (int t = 0; t < T; t++) {
+        float rows[16];
+        _mm256_storeu_ps(rows, acc[0][t]), _mm256_storeu_ps(rows + 8, acc[1][t]);
+        for (int lane = 0; lane < 16; lane++)
+            if (keep >> lane & 1) out[(size_t)(t0 + t) * ostride + (size_t)b * 16 + lane] = rows[lane];
+    }
+}
+
+/* Rows [r0, r1) on packed weights: the blocks that overlap the range, storing only the range's rows. */
+static void matmul_packed_q8(float *out, const Matrix *m, const QuantizedRows *x, int n_tok, int gs, int r0, int r1) {
+    for (int b = r0 / 16; b < (r1 + 15) / 16; b++) {
+        const unsigned keep = lanes_in_range(b, r0, r1);
+        int t = 0;
+        for (; t + 2 <= n_tok; t += 2) block_q8_avx2(out, m->rows, m, b, keep, x, t, gs, 2);
+        for (; t < n_tok; t++) block_q8_avx2(out, m->rows, m, b, keep, x, t, gs, 1);
+    }
+}
+#endif
+
+static float dot_q8(const int8_t *wq, const float *ws, const int8_t *xq, const float *xs, int n, int gs) {
+    float sum = 0.0f;
+    for (int g = 0; g < n / gs; g++) {
+        int32_t isum = 0;
+        for (int j = 0; j < gs; j++) isum += wq[g * gs + j] * xq[g * gs + j];
+        sum += (float)isum * (ws[g] * xs[g]);
+    }
+    return sum;
+}
+
+static void matmul_rows_q8(float *out, const Matrix *m, const QuantizedRows *x, int n_tok, int gs, int r0, int r1) {
+#ifdef PACKED_Q8_BIAS
+    if (m->packed) {
+        matmul_packed_q8(out, m, x, n_tok, gs, r0, r1);
+        return;
+    }
+#endif
+    const int n = m->cols, groups = n / gs;
+    for (int r = r0; r < r1; r++) {
+        const int8_t *wq = m->q + (size_t)r * n;
+        const float *ws = m->s + (size_t)r * groups;
+        for (int t = 0; t < n_tok; t++)
+            out[(size_t)t * m->rows + r] = dot_q8(wq, ws, x->q + (size_t)t * n, x->s + (size_t)t * groups, n, gs);
+    }
+}
+
+static void rmsnorm(float *out, const float *x, const float *weight, int n, float eps) {
+    float ss = 0.0f;
+#if defined(__AVX512F__)
+    __m512 squares = _mm512_setzero_ps();
+    for (int i = 0; i < n; i += 16) {
+        const __m512 v = _mm512_maskz_loadu_ps(first_lanes(n - i), x + i);
+        squares = _mm512_fmadd_ps(v, v, squares);
+    }
+    ss = _mm512_reduce_add_ps(squares);
+#else
+    for (int i = 0; i < n; i++) ss += x[i] * x[i];
+#endif
+    const float inv = 1.0f / sqrtf(ss / (float)n + eps);
+    for (int i = 0; i < n; i++) out[i] = x[i] * inv * weight[i];
+}
+
+/* RoPE on rows [r0, r1) (r0 even) of v [n_tok][width], head by head: x'[2f] = x[2f] cos - x[2f+1] sin and
+   x'[2f+1] = x[2f+1] cos + x[2f] sin, as x' = x cos' + swap(x) sin' with the tables' signs folded in. */
+static void rope_range(const float *rope_cos, const float *rope_sin, float *v, int n_tok, int width, int head, int pos,
+                       int r0, int r1) {
+    for (int t = 0; t < n_tok; t++) {
+        const float *cs = rope_cos + (size_t)(pos + t) * head, *sn = rope_sin + (size_t)(pos + t) * head;
+        for (int h0 = r0 - r0 % head; h0 < r1; h0 += head) {
+            float *x = v + (size_t)t * width + h0;
+            const int j0 = r0 > h0 ? r0 - h0 : 0, j1 = min_int(r1 - h0, head);
+#if defined(__AVX512F__)
+            for (int j = j0; j < j1; j += 16) { /* vpermilps swaps the pairs in place of the strided loads */
+                const __mmask16 mask = first_lanes(j1 - j);
+                const __m512 a = _mm512_maskz_loadu_ps(mask, x + j);
+                const __m512 swapped = _mm512_permute_ps(a, 0xB1);
+                _mm512_mask_storeu_ps(x + j, mask, _mm512_fmadd_ps(a, _mm512_maskz_loadu_ps(mask, cs + j),
+                                                                   _mm512_mul_ps(swapped, _mm512_maskz_loadu_ps(mask, sn + j))));
+            }
+#else
+            for (int j = j0; j < j1; j += 2) {
+                const float a = x[j], b = x[j + 1];
+                x[j] = a * cs[j] + b * sn[j];
+                x[j + 1] = b * cs[j + 1] + a * sn[j + 1];
+            }
+#endif
+        }
+    }
+}
+
+/* h = silu(h) * gate over n values (SwiGLU). Every value takes the same path whatever its index, so how the
+   threads split the rows cannot change a result. */
+static void swiglu(float *h, const float *gate, int n) {
+#if defined(__AVX512F__)
+    /* silu(a) = a / (1 + exp(-a)) = a e / (1 + e) with e = exp(a): take e = exp(-|a|) <= 1, which cannot
+       overflow, and use the form that fits the sign. */
+    for (int i = 0; i < n; i += 16) {
+        const __mmask16 mask = first_lanes(n - i);
+        const __m512 a = _mm512_maskz_loadu_ps(mask, h + i), one = _mm512_set1_ps(1.0f);
+        const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(a)));
+        const __m512 numerator = _mm512_mask_mul_ps(a, _mm512_cmp_ps_mask(a, _mm512_setzero_ps(), _CMP_LT_OQ), a, e);
+        _mm512_mask_storeu_ps(h + i, mask,
+                              _mm512_mul_ps(_mm512_div_ps(numerator, _mm512_add_ps(one, e)), _mm512_maskz_loadu_ps(mask, gate + i)));
+    }
+#else
+    for (int i = 0; i < n; i++) h[i] = h[i] / (1.0f + expf(-h[i])) * gate[i];
+#endif
+}
+#endif

@@ -225,11 +225,13 @@ def main() -> None:
             path = interop.export_gguf(model, tokenizer_model, args.filepath, args.type)
         print(f"wrote {path} ({args.format}{' ' + args.type if args.format == 'gguf' else ''})")
         return
-    if model.args.rope_scaling != 1.0 or model.args.rope_theta != 10000.0:
-        sys.exit(f"error: {args.checkpoint} has RoPE rope_theta={model.args.rope_theta:g}, linear scaling "
-                 f"{model.args.rope_scaling:g}; the .bin formats carry only rope_theta=10000 without scaling: "
-                 "export it with --format=gguf or --format=hf")
-    path = export_model(model, args.filepath, args.version, args.group_size)
+    if model.args.rope_scaling != 1.0:
+        sys.exit(f"error: {args.checkpoint} has linear RoPE scaling {model.args.rope_scaling:g}, which the .bin "
+                 "formats do not carry: export it with --format=gguf or --format=hf")
+    try:
+        path = export_model(model, args.filepath, args.version, args.group_size)
+    except FormatError as e:
+        sys.exit(f"error: {e}")
     print(f"wrote {path} (version {args.version}, {path.stat().st_size / 1e6:.1f} MB)")
 
 

@@ -105,30 +105,28 @@ def test_import_gives_transformers_logits_and_greedy_tokens(hf_dir: Path, sharde
     assert checkpoint["weights_sha256"] == interop.load_hf_llama(hf_dir)[1]["weights_sha256"]
 
 
-def test_run_c_gives_transformers_greedy_tokens_on_the_import(imported: Transformer, prompt, tokenizer_model: Path,
-                                                             tmp_path: Path) -> None:
+def test_run_c_gives_transformers_greedy_tokens_on_the_import(imported: Transformer, hf_dir: Path, prompt,
+                                                             tokenizer_model: Path, tmp_path: Path) -> None:
     """run.c's engine (librun.so, what ./run and chat.py run) on the .bin of an imported Llama (GQA, untied,
-    bfloat16). The .bin formats do not carry rope_theta yet: this model keeps the default 10000, and export.py
-    refuses the 500000 one rather than write a wrong file."""
+    bfloat16, rope_theta 500000): versions 1 and 2 carry rope_theta, version 0 (llama2.c's legacy header) refuses it
+    in one line rather than write a file that runs wrongly."""
     from test_run_c import Engine, load_library
 
     torch.save({"model": imported.state_dict(), "model_args": imported.args.to_dict()}, tmp_path / "theta.pt")
-    result = run_script("export.py", "theta.bin", "--checkpoint=theta.pt", cwd=tmp_path, check=False)
-    assert result.returncode == 1 and result.stderr.startswith("error: theta.pt has RoPE rope_theta=500000")
-    hf_dir = make_hf_llama(tmp_path / "llama", tokenizer_model, rope_theta=10000.0)
+    result = run_script("export.py", "theta_v0.bin", "--version=0", "--checkpoint=theta.pt", cwd=tmp_path, check=False)
+    assert result.returncode == 1 and result.stderr.startswith("error: ") and "rope_theta" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "theta_v0.bin").exists()
     reference = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     want = hf_greedy(reference, prompt)
     want = want[:want.index(2) + 1] if 2 in want else want  # the engine stops at EOS
     shutil.copyfile(tokenizer_model, tmp_path / "tok.model")
     run_script("tokenizer.py", "--tokenizer-model=tok.model", cwd=tmp_path)
-    library = load_library(REPO / "librun.so")
-    for version in (0, 1):
-        path = export_model(interop.load_hf_llama(hf_dir)[0], tmp_path / f"model_v{version}.bin", version=version)
-        engine = Engine(library, path, tmp_path / "tok.bin")
-        try:
-            assert engine.greedy(prompt, STEPS) == want, version
-        finally:
-            engine.close()
+    run_script("export.py", "theta_v1.bin", "--version=1", "--checkpoint=theta.pt", cwd=tmp_path)
+    engine = Engine(load_library(REPO / "librun.so"), tmp_path / "theta_v1.bin", tmp_path / "tok.bin")
+    try:
+        assert engine.greedy(prompt, STEPS) == want
+    finally:
+        engine.close()
 
 
 def test_linear_rope_scaling_goes_in_and_out(tmp_path: Path, tokenizer_model: Path) -> None:

@@ -38,7 +38,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
-from chat import Engine, TextStream, library_path, load_library, model_files
+from chat import Engine, SamplerSettings, TextStream, library_path, load_library, model_files
 
 PAGE_PATH = Path(__file__).resolve().parent / "serve.html"
 RETRY_AFTER_S = 1
@@ -93,7 +93,8 @@ COMMON_FIELDS: dict[str, tuple[str, Callable[[Any], bool], Optional[tuple[float,
     "top_p": ("a number", is_number, (0, 1)),
     "top_k": ("an integer", is_integer, (0, 1 << 31)),
     "min_p": ("a number", is_number, (0, 1)),
-    "repetition_penalty": ("a number", is_number, (0.01, 10)),
+    "repeat_penalty": ("a number", is_number, (0.01, 10)),
+    "repeat_last_n": ("an integer", is_integer, (-1, 1 << 31)),
     "presence_penalty": ("a number", is_number, (-2, 2)),
     "frequency_penalty": ("a number", is_number, (-2, 2)),
     "seed": ("an integer", is_integer, (-(1 << 63), (1 << 64) - 1)),
@@ -153,12 +154,14 @@ def check_fields(body: Any, fields: dict, required: tuple[str, ...], default_onl
 
 @dataclass
 class Sampling:
-    """How the next token is drawn. top_k, min_p and the penalties are validated and wait for the engine's support."""
+    """How the next token is drawn: OpenAI's fields and llama-server's extra samplers, each with run.c's meaning
+    (one sampler: arianna_sample_with). The penalties look at the last repeat_last_n tokens of the context."""
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
     min_p: float = 0.0
-    repetition_penalty: float = 1.0
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     seed: Optional[int] = None
@@ -167,6 +170,10 @@ class Sampling:
     def from_request(cls, request: dict) -> "Sampling":
         names = [name for name in cls.__dataclass_fields__ if name in request]
         return cls(**{name: request[name] for name in names})
+
+    def settings(self) -> SamplerSettings:
+        return SamplerSettings(self.temperature, self.top_p, self.top_k, self.min_p, self.repeat_penalty,
+                               self.repeat_last_n, self.presence_penalty, self.frequency_penalty)
 
     def rng(self) -> ctypes.c_ulonglong:
         seed = self.seed if self.seed is not None else time.time_ns()
@@ -415,11 +422,11 @@ def sample_answer(slot: Slot, job: Job, result: Result, emit: Callable[[str], No
                   gone: Callable[[], bool]) -> Result:
     engine, scoring = slot.engine, job.logprobs is not None
     output = TextOutput(job.stops, job.strip_space)
-    rng, prev, cap = job.sampling.rng(), job.prompt[-1], job.max_tokens
+    rng, settings, prev, cap = job.sampling.rng(), job.sampling.settings(), job.prompt[-1], job.max_tokens
     while cap is None or result.completion_tokens < cap:
         if gone():
             raise ClientGone()
-        token = engine.sample(job.sampling.temperature, job.sampling.top_p, rng)
+        token = engine.sample_with(settings, slot.cached, rng)
         if token in job.stop_ids:
             result.finish_reason = "stop"
             break

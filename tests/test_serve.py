@@ -217,6 +217,29 @@ def test_stop_strings_cap_and_seed(trained: Fixture, client: openai.OpenAI) -> N
     assert sampled[0] == sampled[1]
 
 
+def test_penalties_and_extra_samplers_are_run_cs(trained: Fixture, client: openai.OpenAI) -> None:
+    """presence/frequency penalties (OpenAI's) and llama-server's repeat_penalty, top_k, min_p reach the engine's
+    one sampler: greedy answers equal PyTorch's generate() with the same settings, and differ from the plain one."""
+    tok = trained.tokenizer
+    prompt = template(tok, [("user", "Спой")])
+    plain = tok.decode(greedy(trained.model, prompt, tok.eos_id, 20))
+    answers = []
+    for extra in ({"presence_penalty": 2.0}, {"frequency_penalty": 2.0}, {"repeat_penalty": 10.0, "repeat_last_n": -1}):
+        ids = trained.model.generate(torch.tensor([prompt]), 20, temperature=0.0, eos_id=tok.eos_id,
+                                     repeat_last_n=extra.pop("repeat_last_n", 64), **extra)[0, len(prompt):].tolist()
+        want = tok.decode(ids[:ids.index(tok.eos_id)] if tok.eos_id in ids else ids)
+        body = {**extra, **({"repeat_last_n": -1} if "repeat_penalty" in extra else {})}
+        reply = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Спой"}],
+                                               temperature=0, max_tokens=20, extra_body=body)
+        assert reply.choices[0].message.content == want, extra
+        answers.append(want)
+    assert answers[-1] != plain  # the memorised "ля ля ..." resists OpenAI's penalties (at most 2), not this one
+    sampled = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Спой"}],
+                                             temperature=2, seed=3, max_tokens=20,
+                                             extra_body={"top_k": 1, "min_p": 0.5})
+    assert sampled.choices[0].message.content == plain  # top_k 1 keeps only the greedy token
+
+
 def test_conversation_reuses_the_cached_prefix(trained: Fixture, client: openai.OpenAI) -> None:
     tok = trained.tokenizer
     first = [{"role": "system", "content": "Отвечай кратко."}, {"role": "user", "content": "Привет"}]

@@ -17,6 +17,7 @@ import sys
 import termios
 import time
 from dataclasses import dataclass
+from typing import Callable
 from pathlib import Path
 
 import pytest
@@ -66,24 +67,29 @@ class Fixture:
     tokenizer_bin: Path
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> Fixture:
-    """A 400-token BPE tokenizer and a 2-layer model that memorised DIALOGS through the chat template."""
-    folder = tmp_path_factory.mktemp("chat")
+def memorised_fixture(folder: Path, tokenizer_text: list[str], rows: Callable[[Tokenizer], list[list[int]]],
+                      max_seq_len: int) -> Fixture:
+    """A 400-token BPE tokenizer trained on tokenizer_text and a 2-layer model that memorised rows(tokenizer), both
+    exported for the engine into folder."""
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(TOKENIZER_TEXT * 10), model_prefix=str(folder / "tok400"), model_type="bpe",
+        sentence_iterator=iter(tokenizer_text * 10), model_prefix=str(folder / "tok400"), model_type="bpe",
         vocab_size=400, byte_fallback=True, character_coverage=1.0, normalization_rule_name="identity",
         remove_extra_whitespaces=False, num_threads=1, minloglevel=2)
     tokenizer = Tokenizer(folder / "tok400.model")
-    tokenizer_bin = tokenizer.export(folder / "tok400.bin")
-
     torch.manual_seed(0)
     model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tokenizer.n_words,
-                                  max_seq_len=128))
-    encode = lambda text: tokenizer.encode(text, bos=False, eos=False)  # noqa: E731
-    memorise(model, [encode_dialog(encode, messages(d), tokenizer.bos_id, tokenizer.eos_id)[0] for d in DIALOGS])
+                                  max_seq_len=max_seq_len))
+    memorise(model, rows(tokenizer))
     chat.library_path()  # build librun.so once, before chat.py processes could race to build it
-    return Fixture(tokenizer, model, export_model(model, folder / "model.bin", version=1), tokenizer_bin)
+    return Fixture(tokenizer, model, export_model(model, folder / "model.bin", version=1),
+                   tokenizer.export(folder / "tok400.bin"))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Fixture:
+    """A model that memorised DIALOGS through the chat template."""
+    return memorised_fixture(tmp_path_factory.mktemp("chat"), TOKENIZER_TEXT,
+                             lambda tokenizer: [template(tokenizer, d) for d in DIALOGS], max_seq_len=128)
 
 
 def memorise(model: Transformer, rows: list[list[int]], steps: int = 150) -> None:

@@ -19,16 +19,12 @@ from typing import Iterator
 
 import openai
 import pytest
-import sentencepiece as spm
 import torch
 
 REPO_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_DIR))
 
-import chat  # noqa: E402
-from export import export_model  # noqa: E402
-from model import ModelArgs, Transformer  # noqa: E402
-from test_chat import Fixture, greedy, memorise, messages, template  # noqa: E402
+from test_chat import Fixture, greedy, memorised_fixture, messages, template  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
 API_KEY = "sk-test-key"
@@ -63,22 +59,13 @@ def one_torch_thread() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Fixture:
-    """A BPE tokenizer and a 2-layer model that memorised DIALOGS through the chat template."""
-    folder = tmp_path_factory.mktemp("serve")
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(TOKENIZER_TEXT * 10), model_prefix=str(folder / "tok"), model_type="bpe",
-        vocab_size=400, byte_fallback=True, character_coverage=1.0, normalization_rule_name="identity",
-        remove_extra_whitespaces=False, num_threads=1, minloglevel=2)
-    tokenizer = Tokenizer(folder / "tok.model")
-    torch.manual_seed(0)
-    model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tokenizer.n_words,
-                                  max_seq_len=SEQ_LEN))
-    rows = [template(tokenizer, d) for d in DIALOGS]
-    rows[-1] = rows[-1][:-1]  # the song's EOS
-    memorise(model, rows)
-    chat.library_path()
-    return Fixture(tokenizer, model, export_model(model, folder / "model.bin", version=1),
-                   tokenizer.export(folder / "tok.bin"))
+    """A model that memorised DIALOGS through the chat template, the song without its EOS."""
+    def rows(tokenizer: Tokenizer) -> list[list[int]]:
+        rows = [template(tokenizer, d) for d in DIALOGS]
+        rows[-1] = rows[-1][:-1]  # the song's EOS
+        return rows
+
+    return memorised_fixture(tmp_path_factory.mktemp("serve"), TOKENIZER_TEXT, rows, max_seq_len=SEQ_LEN)
 
 
 @dataclass

@@ -208,8 +208,8 @@ def test_code_generates_n_completions_per_task_through_the_engine_repeatably_by_
     def completions(seed: int) -> list[str]:
         out = tmp_path / f"code-{seed}.json"
         run_script("evaluate.py", "code", str(models["trained"]), f"--tasks={tasks}", "--n=3", "--k=1,2",
-                   "--temperature=1.0", f"--seed={seed}", "--max_new_tokens=12", "-z", str(models["tokenizer"]),
-                   "--threads=1", f"--out={out}", cwd=tmp_path, env=ONE_THREAD)
+                   "--temperature=2.0", "--top_p=1.0", f"--seed={seed}", "--max_new_tokens=12",
+                   "-z", str(models["tokenizer"]), "--threads=1", f"--out={out}", cwd=tmp_path, env=ONE_THREAD)
         report = json.loads(out.read_text())
         assert report["results"][0]["n"] == 3 and "pass@2" in report and "pass@1" in report
         return [sample["completion"] for sample in report["results"][0]["samples"]]

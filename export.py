@@ -83,6 +83,9 @@ def export_model(model: Transformer, path: str | os.PathLike, version: int = 0, 
     if version not in VERSIONS:
         raise ValueError(f"unknown .bin version {version}: expected one of {VERSIONS}")
     args = model.args
+    if args.rope_scaling != 1.0:
+        raise FormatError(f"linear RoPE scaling {args.rope_scaling:g} is not carried by the .bin formats: "
+                          "export with --format=gguf or --format=hf")
     shared_classifier = model.output.weight.data_ptr() == model.tok_embeddings.weight.data_ptr() or torch.equal(
         model.output.weight, model.tok_embeddings.weight)
     if version == 2:
@@ -225,9 +228,6 @@ def main() -> None:
             path = interop.export_gguf(model, tokenizer_model, args.filepath, args.type)
         print(f"wrote {path} ({args.format}{' ' + args.type if args.format == 'gguf' else ''})")
         return
-    if model.args.rope_scaling != 1.0:
-        sys.exit(f"error: {args.checkpoint} has linear RoPE scaling {model.args.rope_scaling:g}, which the .bin "
-                 "formats do not carry: export it with --format=gguf or --format=hf")
     try:
         path = export_model(model, args.filepath, args.version, args.group_size)
     except FormatError as e:

@@ -9,7 +9,7 @@
     FinetuneTrainer(cfg, runtime, model, base, total_steps, extra_modules={})
                                                        training.Trainer with a fine-tune's checkpoint: LoRA adapters or
                                                        the full model, extra modules (heads), the base's path and sha256
-    export_finetuned(cfg, model, base) -> Path         merges a copy, writes out_dir/model.bin (+ merged.pt with --merge)
+    export_finetuned(cfg, model, base) -> Path | None merges a copy, writes out_dir/model.bin (+ merged.pt with --merge)
 """
 from __future__ import annotations
 
@@ -29,7 +29,8 @@ from torch import nn
 import interop
 import lora
 from export import export_model
-from model import Transformer
+from formats import FormatError
+from model import ModelArgs, Transformer
 from schedules import BATCH_SCHEDULES, LR_SCHEDULES, accumulation_steps, batch_boundaries, parse_boundaries
 from tokenizer import Tokenizer, llama2_tokenizer_path
 from training import (LoopSettings, Runtime, Schedule, Trainer, clean_state_dict, load_checkpoint,
@@ -441,7 +442,7 @@ class FinetuneTrainer(Trainer):
                  "use the flags it was trained with")
 
 
-def export_finetuned(cfg: FinetuneConfig, model: Transformer, base: BaseCheckpoint) -> Path:
+def export_finetuned(cfg: FinetuneConfig, model: Transformer, base: BaseCheckpoint) -> Optional[Path]:
     """Fold the adapters into a CPU copy of model and write out_dir/model.bin (and out_dir/merged.pt with --merge)."""
     merged = lora.merge_lora(copy.deepcopy(model).cpu())
     out_dir = Path(cfg.out_dir)
@@ -449,8 +450,16 @@ def export_finetuned(cfg: FinetuneConfig, model: Transformer, base: BaseCheckpoi
         save_checkpoint(out_dir / "merged.pt", {"model": clean_state_dict(merged), "model_args": merged.args.to_dict(),
                                                 "config": asdict(cfg), "tokenizer_model": str(tokenizer_path(cfg, base))})
         print(f"wrote {out_dir / 'merged.pt'} (adapters merged)")
-    path = export_model(merged, out_dir / "model.bin", cfg.export_version)
-    print(f"wrote {path} (version {cfg.export_version})")
+    version = cfg.export_version
+    if version == 0 and (merged.args.rope_theta, merged.args.norm_eps) != (ModelArgs.rope_theta, ModelArgs.norm_eps):
+        version = 1
+        print("note: llama2.c's version 0 header cannot carry this model's rope_theta/norm_eps: writing version 1")
+    try:
+        path = export_model(merged, out_dir / "model.bin", version)
+    except FormatError as e:
+        print(f"note: no {out_dir / 'model.bin'}: {e}")
+        return None
+    print(f"wrote {path} (version {version})")
     return path
 
 

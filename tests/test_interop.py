@@ -20,6 +20,7 @@ import interop
 import tuning
 from conftest import REPO, TINY_VOCAB, run_script
 from export import export_model
+from formats import FormatError
 from model import ModelArgs, Transformer
 
 LLAMACPP = REPO / "bench" / "llamacpp.mjs"
@@ -137,6 +138,9 @@ def test_linear_rope_scaling_goes_in_and_out(tmp_path: Path, tokenizer_model: Pa
     exported = AutoModelForCausalLM.from_pretrained(interop.export_hf(model, tokenizer_model, tmp_path / "out")).eval()
     assert exported.config.rope_parameters["factor"] == 4.0
     assert_same_logits(model, exported)
+    with pytest.raises(FormatError, match="linear RoPE scaling 4"):  # the .bin formats do not carry it
+        export_model(model, tmp_path / "linear.bin", version=1)
+    assert not (tmp_path / "linear.bin").exists()
 
 
 @pytest.mark.parametrize("change, message", [

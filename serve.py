@@ -38,7 +38,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
-from chat import Engine, SamplerSettings, TextStream, library_path, load_library, model_files
+from chat import Engine, SamplingConfig, TextStream, library_path, load_library, model_files
 
 PAGE_PATH = Path(__file__).resolve().parent / "serve.html"
 RETRY_AFTER_S = 1
@@ -153,27 +153,18 @@ def check_fields(body: Any, fields: dict, required: tuple[str, ...], default_onl
 
 
 @dataclass
-class Sampling:
-    """How the next token is drawn: OpenAI's fields and llama-server's extra samplers, each with run.c's meaning
-    (one sampler: arianna_sample_with). The penalties look at the last repeat_last_n tokens of the context."""
+class Sampling(SamplingConfig):
+    """How the next token is drawn: chat.py's settings (run.c's one sampler, arianna_sample_with) with OpenAI's
+    defaults, and no seed meaning a fresh one. The penalties look at the last repeat_last_n tokens of the context;
+    the answer's length is the request's max_tokens, not max_new_tokens."""
     temperature: float = 1.0
     top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    repeat_penalty: float = 1.0
-    repeat_last_n: int = 64
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
     seed: Optional[int] = None
 
     @classmethod
     def from_request(cls, request: dict) -> "Sampling":
         names = [name for name in cls.__dataclass_fields__ if name in request]
         return cls(**{name: request[name] for name in names})
-
-    def settings(self) -> SamplerSettings:
-        return SamplerSettings(self.temperature, self.top_p, self.top_k, self.min_p, self.repeat_penalty,
-                               self.repeat_last_n, self.presence_penalty, self.frequency_penalty)
 
     def rng(self) -> ctypes.c_ulonglong:
         seed = self.seed if self.seed is not None else time.time_ns()

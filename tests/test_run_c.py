@@ -209,7 +209,7 @@ def kernel_builds(built, workdir) -> dict[str, ctypes.CDLL]:
     """librun.so as `make` builds it for this CPU, and with the int8 kernels it would pick on an AVX2 CPU without
     AVX-512 and on any other (the plain loop), so each kernel is checked wherever the tests run."""
     builds = {"native": load_library(built / "librun.so")}
-    if not {"avx512f", "avx512bw", "avx512vnni"} <= cpu_flags():
+    if not {"avx512f", "avx512bw", "avx512_vnni"} <= cpu_flags():
         warnings.warn("this CPU has no AVX-512 VNNI: the AVX-512 kernels are compared with PyTorch only on hosts "
                       "that have it; here the native build runs the AVX2 or plain ones")
     variants = {"portable": []}

@@ -29,8 +29,8 @@ from torch import nn
 import interop
 import lora
 from export import export_model
-from formats import FormatError
-from model import ModelArgs, Transformer
+from formats import DEFAULT_NORM_EPS, DEFAULT_ROPE_THETA, FormatError
+from model import Transformer
 from schedules import BATCH_SCHEDULES, LR_SCHEDULES, accumulation_steps, batch_boundaries, parse_boundaries
 from tokenizer import Tokenizer, llama2_tokenizer_path
 from training import (LoopSettings, Runtime, Schedule, Trainer, clean_state_dict, load_checkpoint,
@@ -451,7 +451,7 @@ def export_finetuned(cfg: FinetuneConfig, model: Transformer, base: BaseCheckpoi
                                                 "config": asdict(cfg), "tokenizer_model": str(tokenizer_path(cfg, base))})
         print(f"wrote {out_dir / 'merged.pt'} (adapters merged)")
     version = cfg.export_version
-    if version == 0 and (merged.args.rope_theta, merged.args.norm_eps) != (ModelArgs.rope_theta, ModelArgs.norm_eps):
+    if version == 0 and (merged.args.rope_theta, merged.args.norm_eps) != (DEFAULT_ROPE_THETA, DEFAULT_NORM_EPS):
         version = 1
         print("note: llama2.c's version 0 header cannot carry this model's rope_theta/norm_eps: writing version 1")
     try:

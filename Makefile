@@ -57,25 +57,38 @@ LDLIBS = -lm
 NATIVE := $(shell echo 'int main(void){return 0;}' | $(CC) -march=native -x c - -o /dev/null 2>/dev/null && echo -march=native)
 OPENMP := $(shell echo 'int main(void){return 0;}' | $(CC) -fopenmp -x c - -o /dev/null 2>/dev/null && echo -fopenmp)
 
-.PHONY: run runfast runomp runportable rundebug runsan bench fuzz
+# x86-64 with GCC: one binary for every x86-64 CPU. run.c is built for baseline x86-64 (its kernels are the scalar
+# path), run_avx2.c and run_avx512.c build the same kernels for AVX2 and AVX-512 VNNI under #pragma GCC target, and a
+# model is loaded for the best of them this CPU runs (run_isa.h; ARIANNA_ISA=avx512|avx2|scalar forces one). It is as
+# fast as -march=native (make bench-isa). Elsewhere (aarch64, a compiler without GCC's target pragmas): -march=native.
+DISPATCH := $(shell printf '\043pragma GCC target("arch=x86-64-v4,avx512vnni")\n\043ifndef __AVX512VNNI__\n\043error\n\043endif\nint main(void){return 0;}\n' \
+	| $(CC) -x c - -o /dev/null 2>/dev/null && echo yes)
+ISA = $(if $(DISPATCH),-DARIANNA_DISPATCH,$(NATIVE))
+ISA_SOURCES = $(if $(DISPATCH),run_avx512.c run_avx2.c)
 
-# run.c and the headers it includes: one compile unit.
-ENGINE = run.c run_kernels.h run_attention.h run_threads.h
+.PHONY: run runfast runomp runnative runportable rundebug runsan bench bench-isa fuzz
 
-# The fastest binary this compiler can make.
+# run.c and the headers it includes: one compile unit (with the dispatching build's two kernel files).
+ENGINE = run.c run_kernels.h run_attention.h run_threads.h run_isa.h run_avx512.c run_avx2.c
+
+# The fastest binary this compiler can make, for every CPU of this architecture where it dispatches.
 run: $(ENGINE)
-	$(CC) $(CFLAGS_BASE) $(NATIVE) $(OPENMP) -o run run.c $(LDLIBS)
+	$(CC) $(CFLAGS_BASE) $(ISA) $(OPENMP) -o run run.c $(ISA_SOURCES) $(LDLIBS)
 
 # llama2.c's names: runfast (single thread, -Ofast-like speed without changing results), runomp (OpenMP).
 runfast: $(ENGINE)
-	$(CC) $(CFLAGS_BASE) $(NATIVE) -o run run.c $(LDLIBS)
+	$(CC) $(CFLAGS_BASE) $(ISA) -o run run.c $(ISA_SOURCES) $(LDLIBS)
 
 runomp: $(ENGINE)
-	$(CC) $(CFLAGS_BASE) $(NATIVE) -fopenmp -o run run.c $(LDLIBS)
+	$(CC) $(CFLAGS_BASE) $(ISA) -fopenmp -o run run.c $(ISA_SOURCES) $(LDLIBS)
 
-# Runs on any machine of this architecture: no -march, no OpenMP.
+# For this machine's CPU only: -march=native, one set of kernels, OpenMP.
+runnative: $(ENGINE)
+	$(CC) $(CFLAGS_BASE) $(NATIVE) $(OPENMP) -o run run.c $(LDLIBS)
+
+# Runs on any machine of this architecture with nothing but the C library: no -march, no OpenMP (no libgomp).
 runportable: $(ENGINE)
-	$(CC) $(CFLAGS_BASE) -o run run.c $(LDLIBS)
+	$(CC) $(CFLAGS_BASE) $(if $(DISPATCH),-DARIANNA_DISPATCH) -o run run.c $(ISA_SOURCES) $(LDLIBS)
 
 # AddressSanitizer + UndefinedBehaviorSanitizer; the tests feed bad input to this one.
 SANITIZE = -O1 -g -Wall -Wextra -Wno-unknown-pragmas -std=gnu11 -fsanitize=address,undefined -fno-sanitize-recover=undefined \
@@ -83,20 +96,31 @@ SANITIZE = -O1 -g -Wall -Wextra -Wno-unknown-pragmas -std=gnu11 -fsanitize=addre
 rundebug: $(ENGINE)
 	$(CC) $(SANITIZE) -o rundebug run.c $(LDLIBS)
 
-# The same sanitizers on `make run`'s build (-march=native, OpenMP), so the SIMD kernels and the threads run under
+# The same sanitizers on `make run`'s build (dispatching, OpenMP), so the SIMD kernels and the threads run under
 # them too (the tests run both).
 runsan: $(ENGINE)
-	$(CC) $(SANITIZE) $(NATIVE) $(OPENMP) -o runsan run.c $(LDLIBS)
+	$(CC) $(SANITIZE) $(ISA) $(OPENMP) -o runsan run.c $(ISA_SOURCES) $(LDLIBS)
 
 librun.so: $(ENGINE)
-	$(CC) $(CFLAGS_BASE) $(NATIVE) $(OPENMP) -shared -fPIC -DARIANNA_LIBRARY -o librun.so run.c $(LDLIBS)
+	$(CC) $(CFLAGS_BASE) $(ISA) $(OPENMP) -shared -fPIC -DARIANNA_LIBRARY -o librun.so run.c $(ISA_SOURCES) $(LDLIBS)
 
 # Generation and prompt tokens/s for shapes B, A, C with random weights, fp32 and int8, 1 and 2 threads.
 bench/bench_run: bench/bench_run.c $(ENGINE)
-	$(CC) $(CFLAGS_BASE) $(NATIVE) $(OPENMP) -o bench/bench_run bench/bench_run.c $(LDLIBS)
+	$(CC) $(CFLAGS_BASE) $(ISA) $(OPENMP) -o bench/bench_run bench/bench_run.c $(ISA_SOURCES) $(LDLIBS)
 
 bench: bench/bench_run
 	./bench/bench_run
+
+# `make bench`'s rows (shapes B and A) from a -march=native build and from the dispatching one forced to each path
+# this CPU runs, one after the other, shape by shape.
+bench/bench_run_native: bench/bench_run.c $(ENGINE)
+	$(CC) $(CFLAGS_BASE) $(NATIVE) $(OPENMP) -o bench/bench_run_native bench/bench_run.c $(LDLIBS)
+
+bench-isa: bench/bench_run bench/bench_run_native
+	for shape in B A; do for isa in native avx512 avx2 scalar; do \
+		if [ $$isa = native ]; then echo "-march=native:"; ./bench/bench_run_native 128 128 $$shape; \
+		else echo "ARIANNA_ISA=$$isa:"; ARIANNA_ISA=$$isa ./bench/bench_run 128 128 $$shape || true; fi; \
+	done; done
 
 # libFuzzer on the model and tokenizer loaders (needs clang: apt-get install clang). Not part of `make test`.
 # Findings land in fuzz/ as crash-*; FUZZ_SECONDS sets how long it runs.

@@ -43,6 +43,7 @@
 #include "run_kernels.h"   /* Matrix, the fp32 and int8 products, RMSNorm, RoPE, SwiGLU: SIMD with portable twins */
 #include "run_attention.h" /* attention over the KV cache and the key cache's layout */
 #include "run_threads.h"   /* the thread count, and how a batch's work is shared out */
+#include "run_isa.h"       /* the kernels as a table per instruction set, for the dispatching build */
 
 #define MODEL_MAGIC 0x616b3432u /* "ak42" */
 #define V1_HEADER_BYTES 256
@@ -67,6 +68,71 @@ static int fail(char *err, int err_size, const char *fmt, ...) {
 }
 
 /* ------------------------------------------------------------------------------------------------ */
+/* Kernels: which instruction set runs the forward pass                                            */
+
+/* `make run` on x86-64 (-DARIANNA_DISPATCH, with run_avx512.c and run_avx2.c): run.c itself is built for baseline
+   x86-64 and its own kernels are the scalar path; the others come from those files. Otherwise one path, whatever
+   the compiler's flags made of the kernels. Best first, each with the CPU features it needs (as /proc/cpuinfo
+   names them) and whether this CPU has them; __builtin_cpu_supports also checks that the OS saves the registers. */
+typedef struct {
+    const Kernels *kernels;
+    int cpu_has;
+    const char *needs;
+} KernelPath;
+
+#ifdef ARIANNA_DISPATCH
+#if defined(__AVX2__)
+#error "-DARIANNA_DISPATCH builds run.c for baseline x86-64 (its own kernels are the scalar path): drop -march"
+#endif
+extern const Kernels kernels_avx512, kernels_avx2;
+static const Kernels kernels_scalar = THESE_KERNELS;
+#define KERNEL_PATHS                                                                                                   \
+    {{&kernels_avx512, __builtin_cpu_supports("x86-64-v4") && __builtin_cpu_supports("avx512vnni"),                   \
+      "AVX-512 VNNI (avx512f avx512bw avx512cd avx512dq avx512vl avx512_vnni)"},                                       \
+     {&kernels_avx2, __builtin_cpu_supports("x86-64-v3"), "AVX2 and FMA (x86-64-v3: avx2 fma bmi2 movbe f16c)"},      \
+     {&kernels_scalar, 1, ""}}
+#else
+static const Kernels kernels_built = THESE_KERNELS;
+#define KERNEL_PATHS {{&kernels_built, 1, ""}}
+#endif
+
+/* The kernels a model is loaded for: ARIANNA_ISA's (or ./run's --isa), else the best this CPU runs. ARIANNA_MAX_ISA
+   caps what the CPU is taken to have (to try a smaller CPU's path as the default). NULL with a one-line error. */
+static const Kernels *kernels_select(char *err, int err_size) {
+#ifdef ARIANNA_DISPATCH
+    __builtin_cpu_init();
+#endif
+    const KernelPath paths[] = KERNEL_PATHS;
+    const int n = (int)(sizeof(paths) / sizeof(paths[0]));
+    const char *forced = getenv("ARIANNA_ISA"), *max = getenv("ARIANNA_MAX_ISA");
+    char names[64] = "", runs[64] = "";
+    int cap = -1, want = -1;
+    for (int i = 0; i < n; i++) {
+        snprintf(names + strlen(names), sizeof(names) - strlen(names), "%s%s", i ? ", " : "", paths[i].kernels->name);
+        if (max && !strcmp(max, paths[i].kernels->name)) cap = i;
+        if (forced && !strcmp(forced, paths[i].kernels->name)) want = i;
+    }
+    if (max && *max && cap < 0)
+        return fail(err, err_size, "ARIANNA_MAX_ISA=%s: not an instruction set of this build (%s)", max, names), NULL;
+    for (int i = 0; i < n; i++)
+        if (paths[i].cpu_has && i >= cap)
+            snprintf(runs + strlen(runs), sizeof(runs) - strlen(runs), "%s%s", *runs ? ", " : "", paths[i].kernels->name);
+    if (forced && *forced && strcmp(forced, "auto")) {
+        if (want < 0)
+            return fail(err, err_size, "ARIANNA_ISA=%s (or --isa): not an instruction set of this build (%s, or auto)",
+                        forced, names), NULL;
+        if (!paths[want].cpu_has || want < cap)
+            return fail(err, err_size, "ARIANNA_ISA=%s (or --isa): this CPU lacks %s%s%s; it runs %s", forced,
+                        paths[want].needs, paths[want].cpu_has ? ", says ARIANNA_MAX_ISA=" : "",
+                        paths[want].cpu_has ? max : "", runs), NULL;
+        return paths[want].kernels;
+    }
+    for (int i = cap > 0 ? cap : 0; i < n; i++)
+        if (paths[i].cpu_has) return paths[i].kernels;
+    return paths[n - 1].kernels; /* not reached: the last path runs anywhere */
+}
+
+/* ------------------------------------------------------------------------------------------------ */
 /* Model file                                                                                      */
 
 typedef struct {
@@ -87,6 +153,7 @@ typedef struct {
 
 typedef struct {
     Config cfg;
+    const Kernels *kernels; /* the instruction set's kernels the matrices are laid out for (see pack_q8) */
     Layer *layers;
     Matrix tok_embeddings; /* [vocab, dim], also the classifier when shared */
     Matrix classifier;
@@ -131,13 +198,12 @@ static const float *aligned_floats(Weights *w, const void *p, size_t count) {
     return copy;
 }
 
-#ifdef PACKED_Q8_BIAS
 /* The int8 kernels multiply 4 weights of a row by 4 input bytes and add the products into one int32 lane. So
    rows go in blocks of 16, a row per 32-bit lane: for every 4 columns, 64 bytes hold the block's 16 rows' 4
    weights, which the kernel multiplies by the same 4 input bytes, broadcast. For vpdpbusd (AVX-512 VNNI) the
-   weights are stored plus 128, as its first operand is unsigned; the +128 comes back out by starting each
+   weights are stored plus 128 (bias), as its first operand is unsigned; the +128 comes back out by starting each
    group's sum at -128 times the sum of the group's input bytes. Rows past the end are zero weights. */
-static int pack_q8(Weights *w, Matrix *m, int gs) {
+static int pack_q8(Weights *w, Matrix *m, int gs, int bias) {
     const size_t rows = (size_t)m->rows, cols = (size_t)m->cols, blocks = (rows + 15) / 16, groups = cols / (size_t)gs;
     uint8_t *packed = owned_alloc(w, blocks * 16 * cols);
     float *scales = owned_alloc(w, blocks * 16 * groups * sizeof(float));
@@ -148,13 +214,12 @@ static int pack_q8(Weights *w, Matrix *m, int gs) {
             const size_t r = 16 * b + lane;
             for (size_t k = 0; k < cols; k++)
                 packed[(b * (cols / 4) + k / 4) * 64 + lane * 4 + k % 4] =
-                    (uint8_t)((r < rows ? m->q[r * cols + k] : 0) + PACKED_Q8_BIAS);
+                    (uint8_t)((r < rows ? m->q[r * cols + k] : 0) + bias);
             for (size_t g = 0; g < groups; g++) scales[(b * groups + g) * 16 + lane] = r < rows ? m->s[r * groups + g] : 0.0f;
         }
     m->packed = packed, m->packed_scales = scales;
     return 0;
 }
-#endif
 
 static void weights_free(Weights *w) {
     for (int i = 0; i < w->n_owned; i++) free(w->owned[i]);
@@ -188,6 +253,7 @@ static int config_check(const Config *c, char *err, int err_size, const char *pa
 static int weights_parse(Weights *w, const unsigned char *data, size_t size, const char *path, char *err,
                          int err_size) {
     memset(w, 0, sizeof(*w));
+    if (!(w->kernels = kernels_select(err, err_size))) return -1;
     Config *c = &w->cfg;
     if (size < 28) return fail(err, err_size, "%s: file of %zu bytes is too short for a model header", path, size);
     Cursor cur = {data, size, 0};
@@ -288,11 +354,10 @@ static int weights_parse(Weights *w, const unsigned char *data, size_t size, con
             m->q = take(&cur, n);
             m->s = aligned_floats(w, take(&cur, n / gs * 4), n / gs);
             if (!m->s) return weights_free(w), fail(err, err_size, "%s: out of memory", path);
-#ifdef PACKED_Q8_BIAS
             const int multiplied = i > 0 || c->shared_classifier; /* unshared embeddings are only looked up */
-            if (gs % 4 == 0 && multiplied && pack_q8(w, m, (int)gs))
+            const int bias = w->kernels->packed_q8_bias;
+            if (bias >= 0 && gs % 4 == 0 && multiplied && pack_q8(w, m, (int)gs, bias))
                 return weights_free(w), fail(err, err_size, "%s: out of memory", path);
-#endif
         }
     } else {
         if (c->version == 1) {
@@ -778,6 +843,8 @@ int arianna_seq_len(const Engine *e) { return e->w.cfg.seq_len; }
 int arianna_vocab_size(const Engine *e) { return e->w.cfg.vocab_size; }
 int arianna_bos(const Engine *e) { return e->tok.bos; }
 int arianna_eos(const Engine *e) { return e->tok.eos; }
+/* The instruction set whose kernels run this engine: avx512, avx2 or scalar (see kernels_select). */
+const char *arianna_isa(const Engine *e) { return e->w.kernels->name; }
 
 /* ------------------------------------------------------------------------------------------------ */
 /* Forward pass                                                                                    */
@@ -831,18 +898,19 @@ typedef struct {
 
 static Input prepare_input(const Engine *e, const float *x, const float *norm, int n_tok, int cols, int tid, int nth) {
     const RunState *s = &e->s;
+    const Kernels *kern = e->w.kernels;
     const int gs = e->w.cfg.group_size, batch = n_tok > 1;
     float *normed = s->xn + (size_t)(batch ? 0 : MAX_BATCH + tid) * cols;
     QuantizedRows *xq = e->w.cfg.version == 2 ? &s->xq[batch ? e->n_threads : tid] : NULL;
     for (int t = batch ? n_tok * tid / nth : 0; t < (batch ? n_tok * (tid + 1) / nth : n_tok); t++) {
         const float *row = x + (size_t)t * cols;
         if (norm) {
-            rmsnorm(normed + (size_t)t * cols, row, norm, cols, e->w.cfg.norm_eps);
+            kern->rmsnorm(normed + (size_t)t * cols, row, norm, cols, e->w.cfg.norm_eps);
             row = normed + (size_t)t * cols;
         }
         if (xq)
-            quantize_row(xq->q + (size_t)t * cols, xq->s + (size_t)t * (cols / gs), xq->start + (size_t)t * (cols / gs),
-                         row, cols, gs);
+            kern->quantize_row(xq->q + (size_t)t * cols, xq->s + (size_t)t * (cols / gs),
+                               xq->start + (size_t)t * (cols / gs), row, cols, gs);
     }
     if (batch && nth > 1 && (norm || xq)) {
 #pragma omp barrier
@@ -852,9 +920,10 @@ static Input prepare_input(const Engine *e, const float *x, const float *norm, i
 
 /* Rows [r0, r1) of out[t][r] = W[r] . x[t]. */
 static void matmul_range(const Engine *e, float *out, const Matrix *m, Input in, int n_tok, int r0, int r1) {
+    const Kernels *kern = e->w.kernels;
     if (r0 >= r1) return;
-    if (m->q) matmul_rows_q8(out, m, in.q, n_tok, e->w.cfg.group_size, r0, r1);
-    else matmul_rows_f32(out, m, in.x, n_tok, r0, r1);
+    if (m->q) kern->matmul_rows_q8(out, m, in.q, n_tok, e->w.cfg.group_size, r0, r1);
+    else kern->matmul_rows_f32(out, m, in.x, n_tok, r0, r1);
 }
 
 /* Causal attention of tokens t0..t0+n-1 (n <= ATT_TILE, positions pos + t) for head h of layer l; writes s->xb. */
@@ -864,8 +933,8 @@ static void attend(Engine *e, int l, int t0, int n, int h, int pos, float *att) 
     const int head = config_head_size(c), kv_dim = config_kv_dim(c), kvh = h / (c->n_heads / c->n_kv_heads);
     const float *kt = s->key_cache + (size_t)l * key_cache_layer(c) + (size_t)kvh * head * 16;
     const float *vc = s->value_cache + (size_t)l * c->seq_len * kv_dim + kvh * head;
-    attention_tile(s->xb + (size_t)t0 * c->dim + h * head, s->q + (size_t)t0 * c->dim + h * head, c->dim, kt, vc,
-                   kv_dim, head, pos + t0 + 1, n, att, c->seq_len);
+    e->w.kernels->attention_tile(s->xb + (size_t)t0 * c->dim + h * head, s->q + (size_t)t0 * c->dim + h * head, c->dim,
+                                 kt, vc, kv_dim, head, pos + t0 + 1, n, att, c->seq_len);
 }
 
 static void embed(const Weights *w, float *x, int token) {
@@ -902,6 +971,7 @@ static void add_projection(Engine *e, Share *shares, const Matrix *m, const floa
    layer from_layer; tokens NULL when s->x already holds the inputs of that layer. */
 static void forward_batch(Engine *e, const int *tokens, int n_tok, int pos, int kv_only_at_end, int from_layer) {
     const Config *c = &e->w.cfg;
+    const Kernels *kern = e->w.kernels;
     RunState *s = &e->s;
     const int dim = c->dim, hidden = c->hidden_dim, head = config_head_size(c), kv_dim = config_kv_dim(c);
     const int tiles = (n_tok + ATT_TILE - 1) / ATT_TILE;
@@ -929,11 +999,12 @@ static void forward_batch(Engine *e, const int *tokens, int n_tok, int pos, int 
                 const int kv0 = c->n_kv_heads / nth * tid, kv1 = kv0 + c->n_kv_heads / nth;
                 if (!kv_only) {
                     matmul_range(e, s->q, &L->wq, in, n_tok, kv0 * group * head, kv1 * group * head);
-                    rope_range(s->rope_cos, s->rope_sin, s->q, n_tok, dim, head, pos, kv0 * group * head, kv1 * group * head);
+                    kern->rope_range(s->rope_cos, s->rope_sin, s->q, n_tok, dim, head, pos, kv0 * group * head,
+                                     kv1 * group * head);
                 }
                 matmul_range(e, s->k, &L->wk, in, n_tok, kv0 * head, kv1 * head);
-                rope_range(s->rope_cos, s->rope_sin, s->k, n_tok, kv_dim, head, pos, kv0 * head, kv1 * head);
-                cache_keys(keys, kv_dim, s->k, n_tok, pos, kv0 * head, kv1 * head);
+                kern->rope_range(s->rope_cos, s->rope_sin, s->k, n_tok, kv_dim, head, pos, kv0 * head, kv1 * head);
+                kern->cache_keys(keys, kv_dim, s->k, n_tok, pos, kv0 * head, kv1 * head);
                 matmul_range(e, v, &L->wv, in, n_tok, kv0 * head, kv1 * head);
                 if (kv_only) break;
                 for (int h = kv0 * group; h < kv1 * group; h++) attend(e, l, 0, 1, h, pos, att);
@@ -943,11 +1014,11 @@ static void forward_batch(Engine *e, const int *tokens, int n_tok, int pos, int 
                 while (work_next(&work, &r0, &r1)) {
                     const int a0 = clamp(r0, 0, q_rows), a1 = clamp(r1, 0, q_rows);
                     matmul_range(e, s->q, &L->wq, in, n_tok, a0, a1);
-                    rope_range(s->rope_cos, s->rope_sin, s->q, n_tok, dim, head, pos, a0, a1);
+                    kern->rope_range(s->rope_cos, s->rope_sin, s->q, n_tok, dim, head, pos, a0, a1);
                     const int k0 = clamp(r0 - q_rows, 0, kv_dim), k1 = clamp(r1 - q_rows, 0, kv_dim);
                     matmul_range(e, s->k, &L->wk, in, n_tok, k0, k1);
-                    rope_range(s->rope_cos, s->rope_sin, s->k, n_tok, kv_dim, head, pos, k0, k1);
-                    cache_keys(keys, kv_dim, s->k, n_tok, pos, k0, k1);
+                    kern->rope_range(s->rope_cos, s->rope_sin, s->k, n_tok, kv_dim, head, pos, k0, k1);
+                    kern->cache_keys(keys, kv_dim, s->k, n_tok, pos, k0, k1);
                     matmul_range(e, v, &L->wv, in, n_tok, clamp(r0 - q_rows - kv_dim, 0, kv_dim),
                                  clamp(r1 - q_rows - kv_dim, 0, kv_dim));
                 }
@@ -971,7 +1042,8 @@ static void forward_batch(Engine *e, const int *tokens, int n_tok, int pos, int 
             while (work_next(&work, &r0, &r1)) {
                 matmul_range(e, s->hb, &L->w1, in, n_tok, r0, r1);
                 matmul_range(e, s->hb2, &L->w3, in, n_tok, r0, r1);
-                for (int t = 0; t < n_tok; t++) swiglu(s->hb + (size_t)t * hidden + r0, s->hb2 + (size_t)t * hidden + r0, r1 - r0);
+                for (int t = 0; t < n_tok; t++)
+                    kern->swiglu(s->hb + (size_t)t * hidden + r0, s->hb2 + (size_t)t * hidden + r0, r1 - r0);
             }
 #pragma omp barrier
             /* w2, then the residual. */
@@ -1354,9 +1426,9 @@ static int generate(Engine *e, const char *prompt, const AriannaSampling *sampli
     text_finish(&out);
     printf("\n");
     double end = now_seconds();
-    fprintf(stderr, "prompt: %d tokens at %.1f tok/s; generated %d tokens at %.1f tok/s; %d thread%s\n", n_prompt,
-            n_prompt / fmax(prompt_done - start, 1e-9), generated, generated / fmax(end - prompt_done, 1e-9),
-            e->n_threads, e->n_threads == 1 ? "" : "s");
+    fprintf(stderr, "prompt: %d tokens at %.1f tok/s; generated %d tokens at %.1f tok/s; %s kernels; %d thread%s\n",
+            n_prompt, n_prompt / fmax(prompt_done - start, 1e-9), generated, generated / fmax(end - prompt_done, 1e-9),
+            arianna_isa(e), e->n_threads, e->n_threads == 1 ? "" : "s");
     return 0;
 }
 
@@ -1450,6 +1522,7 @@ static int chat(Engine *e, const char *first_user, const char *system, const Ari
 }
 
 static void usage(void) {
+    const Kernels *best = kernels_select(NULL, 0);
     fprintf(stderr,
             "Usage:   run <model.bin> [options]\n"
             "Example: run out/model.bin -z data/tok4096.bin -i \"Once upon a time\"\n"
@@ -1471,7 +1544,10 @@ static void usage(void) {
             "                               it (multiplied when negative), default 1 (off)\n"
             "  --repeat-last-n <int>        how many of the last tokens the penalties look at, default 64 (-1: all)\n"
             "  --presence-penalty <float>   subtracted from the logit of each token among them, default 0\n"
-            "  --frequency-penalty <float>  subtracted once per time a token is among them, default 0\n");
+            "  --frequency-penalty <float>  subtracted once per time a token is among them, default 0\n"
+            "  --isa <string>               the kernels: avx512, avx2 or scalar (where this build has them); also the\n"
+            "                               environment's ARIANNA_ISA; default: the best this CPU runs, here %s\n",
+            best ? best->name : "none (ARIANNA_ISA or ARIANNA_MAX_ISA is wrong)");
 }
 
 static int parse_int(const char *s, const char *flag, int *out) {
@@ -1496,7 +1572,7 @@ static int parse_float(const char *s, const char *flag, float *out) {
 
 int main(int argc, char **argv) {
     const char *model_path = NULL, *tokenizer_path = "tokenizer.bin", *prompt = NULL, *mode = "generate",
-               *system = NULL;
+               *system = NULL, *isa = NULL;
     AriannaSampling sampling = {.temperature = 1.0f, .top_p = 0.9f, .repeat_penalty = 1.0f, .repeat_last_n = 64};
     int steps = 0, threads = 0, seed_int = 0, seed_given = 0;
     unsigned long long seed = 0;
@@ -1512,7 +1588,8 @@ int main(int argc, char **argv) {
                    {"--presence-penalty", &sampling.presence_penalty, NULL, NULL},
                    {"--frequency-penalty", &sampling.frequency_penalty, NULL, NULL}, {"-s", NULL, &seed_int, NULL},
                    {"-n", NULL, &steps, NULL}, {"-T", NULL, &threads, NULL}, {"-i", NULL, NULL, &prompt},
-                   {"-z", NULL, NULL, &tokenizer_path}, {"-m", NULL, NULL, &mode}, {"-y", NULL, NULL, &system}};
+                   {"-z", NULL, NULL, &tokenizer_path}, {"-m", NULL, NULL, &mode}, {"-y", NULL, NULL, &system},
+                   {"--isa", NULL, NULL, &isa}};
     if (argc < 2 || argv[1][0] == '-') return usage(), 1;
     model_path = argv[1];
     for (int i = 2; i < argc; i += 2) {
@@ -1541,6 +1618,7 @@ int main(int argc, char **argv) {
         return fprintf(stderr, "error: unknown mode \"%s\": use -m generate or -m chat\n", mode), 1;
     if (!seed_given) seed = (unsigned long long)time(NULL);
     if (seed == 0) seed = 0x9E3779B97F4A7C15ull; /* xorshift state must not be zero */
+    if (isa && setenv("ARIANNA_ISA", isa, 1)) return fprintf(stderr, "error: --isa: %s\n", strerror(errno)), 1;
     char err[1024];
     Engine *e = arianna_open(model_path, tokenizer_path, threads, err, sizeof(err));
     if (!e) return fprintf(stderr, "error: %s\n", err), 1;

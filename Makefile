@@ -12,6 +12,11 @@ $(VENV)/.test-requirements-installed: requirements.txt requirements-test.txt
 	$(VENV_PYTHON) -m pip install --quiet --disable-pip-version-check -r requirements-test.txt
 	touch $@
 
+# Debian's qemu-user: tests/test_dispatch.py runs `make run`'s binary on older x86-64 CPUs with qemu-x86_64 -cpu.
+.PHONY: qemu-user
+qemu-user:
+	@command -v qemu-x86_64 >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-user >/dev/null; }
+
 # Debian's chromium for the web chat's browser test (Playwright drives it; no browser is downloaded).
 .PHONY: chromium
 chromium:
@@ -42,7 +47,7 @@ $(LLAMACPP):
 # After $(LLAMACPP)'s definition: prerequisites are expanded as the Makefile is read.
 # TESTS: what pytest runs (e.g. make test TESTS=tests/test_chat.py).
 TESTS ?= tests
-test: $(VENV)/.test-requirements-installed $(LLAMACPP) run rundebug runsan librun.so chromium
+test: $(VENV)/.test-requirements-installed $(LLAMACPP) run rundebug runsan librun.so chromium qemu-user
 	$(VENV_PYTHON) -m pytest -q $(TESTS)
 
 # Shapes A, B, C of `make bench` through llama.cpp and through our engine, side by side (bench/llamacpp.py).

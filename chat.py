@@ -56,7 +56,7 @@ class ChatError(Exception):
 def library_path() -> Path:
     """librun.so beside this file, (re)built with `make librun.so` when missing or older than its sources."""
     library, source = REPO_DIR / LIBRARY_NAME, REPO_DIR / "run.c"
-    sources = [source, *REPO_DIR.glob("run_*.h")]  # run.c and the headers it includes
+    sources = [source, *REPO_DIR.glob("run_*.[ch]")]  # run.c, the headers it includes, the dispatching build's kernels
     stale = source.exists() and (not library.exists()
                                  or library.stat().st_mtime < max(path.stat().st_mtime for path in sources))
     if stale:
@@ -101,6 +101,7 @@ def load_library(path: Path) -> ctypes.CDLL:
         "arianna_distribution": (ctypes.c_int, [engine, ctypes.POINTER(SamplerSettings), int_p, ctypes.c_int,
                                                 ctypes.POINTER(ctypes.c_float)]),
         "arianna_decode": (ctypes.c_char_p, [engine, ctypes.c_int, ctypes.c_int]),
+        "arianna_isa": (ctypes.c_char_p, [engine]),
     }
     for name, (restype, argtypes) in signatures.items():
         function = getattr(lib, name)
@@ -122,6 +123,7 @@ class Engine:
         self.vocab_size: int = lib.arianna_vocab_size(self.handle)
         self.bos: int = lib.arianna_bos(self.handle)
         self.eos: int = lib.arianna_eos(self.handle)
+        self.isa: str = lib.arianna_isa(self.handle).decode()  # the kernels it runs: avx512, avx2, scalar
 
     def close(self) -> None:
         if self.handle:
@@ -711,7 +713,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         conversation = Conversation(engine, config.sampling, system=config.system)
         if interactive:
             print(f"{model_path.name}: {engine.seq_len} tokens of context, vocabulary {engine.vocab_size} "
-                  f"({tokenizer_path}). /help for commands.", flush=True)
+                  f"({tokenizer_path}), {engine.isa} kernels. /help for commands.", flush=True)
         with line_editing(interactive):
             ChatSession(conversation, interactive).run()
     except KeyboardInterrupt:  # while loading, before the first prompt

@@ -864,7 +864,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                              "pick another --port") from None
         host, port = server.server_address[:2]
         print(f"serving {model_path.name} ({engines[0].seq_len} tokens of context, {config.slots} slots of "
-              f"{threads} thread{'s' if threads != 1 else ''}) on http://{host}:{port}/"
+              f"{threads} thread{'s' if threads != 1 else ''}, {engines[0].isa} kernels) on http://{host}:{port}/"
               + (" (API key required)" if config.api_key else ""), file=sys.stderr, flush=True)
         try:
             server.serve_forever()

@@ -1,7 +1,8 @@
 """The dispatching engine (`make run`, librun.so): one x86-64 build holding the kernels for AVX-512 VNNI, AVX2 and
 baseline x86-64, chosen when a model loads. Each path this CPU runs, forced with ARIANNA_ISA (or ./run --isa), against
 PyTorch and against the scalar path; the choice ./run reports; a forced path the CPU lacks (faked with
-ARIANNA_MAX_ISA) refused in one line.
+ARIANNA_MAX_ISA) refused in one line; and the binary on older CPUs, emulated by qemu-x86_64 (`make test` installs
+Debian's qemu-user).
 
 Reuses test_run_c.py's tiny tokenizer and model, its references and its ctypes wrapper.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import platform
+import signal
 import subprocess
 
 import pytest
@@ -164,3 +166,32 @@ def test_auto_takes_the_best_path_and_refuses_one_the_cpu_lacks(built, monkeypat
             if not flags:
                 with pytest.raises(RuntimeError, match=message.split(" (")[0]):
                     Engine(built, model_files[2], tokenizer_files[1])
+
+
+# QEMU's baseline x86-64 CPU, and a Haswell (AVX2, FMA; QEMU emulates no AVX-512): the path each should take.
+QEMU_CPUS = {"qemu64": "scalar", "Haswell-v4": "avx2"}
+
+
+def test_older_cpus_take_their_path_where_a_native_build_dies(built, workdir, greedy_references, model_files,
+                                                              tokenizer_files):
+    """`make run`'s binary on CPUs older than this one (qemu-x86_64 -cpu): it finds the path each runs in its CPUID
+    and generates PyTorch's greedy tokens with it; forcing AVX-512 there is the one-line error; a -march=native
+    build of run.c dies there with SIGILL, as the dispatching one would without dispatch."""
+    native = workdir / "run_native"
+    subprocess.run(["cc", "-O3", "-std=gnu11", "-march=native", "-o", str(native), str(REPO / "run.c"), "-lm"],
+                   check=True, capture_output=True)
+    for cpu, path in QEMU_CPUS.items():
+        emulated = ("qemu-x86_64", "-cpu", cpu)
+        for version, (prompt, want, printed) in greedy_references.items():
+            result = run_binary(*emulated, REPO / "run", model_files[version], "-z", tokenizer_files[1], "-t", "0",
+                                "-n", len(prompt) + GREEDY_STEPS, "-i", GREEDY_TEXT, "-T", "2", timeout=300)
+            assert result.returncode == 0, (cpu, result.stderr.decode())
+            assert result.stdout == printed, (cpu, version)
+            assert f"; {path} kernels; 2 threads" in result.stderr.decode(), (cpu, result.stderr)
+        result = run_binary(*emulated, REPO / "run", model_files[2], "-z", tokenizer_files[1], "--isa", "avx512")
+        assert result.returncode == 1, (cpu, result.stderr)
+        assert "error: ARIANNA_ISA=avx512 (or --isa): this CPU lacks AVX-512 VNNI" in result.stderr.decode()
+    if "avx2" in cpu_flags():  # then -march=native uses AVX, which QEMU's baseline CPU has not
+        result = run_binary("qemu-x86_64", "-cpu", "qemu64", native, model_files[2], "-z", tokenizer_files[1],
+                            "-n", "8")
+        assert result.returncode == -signal.SIGILL, (result.returncode, result.stderr)

@@ -96,6 +96,18 @@ static const Kernels kernels_built = THESE_KERNELS;
 #define KERNEL_PATHS {{&kernels_built, 1, ""}}
 #endif
 
+static int path_named(const KernelPath *paths, int n, const char *name) {
+    for (int i = 0; i < n; i++)
+        if (!strcmp(name, paths[i].kernels->name)) return i;
+    return -1;
+}
+
+/* name appended to the comma-separated list (a buffer of size bytes). */
+static void list_add(char *list, size_t size, const char *name) {
+    const size_t len = strlen(list);
+    snprintf(list + len, size - len, "%s%s", len ? ", " : "", name);
+}
+
 /* The kernels a model is loaded for: ARIANNA_ISA's (or ./run's --isa), else the best this CPU runs. ARIANNA_MAX_ISA
    caps what the CPU is taken to have (to try a smaller CPU's path as the default). NULL with a one-line error. */
 static const Kernels *kernels_select(char *err, int err_size) {
@@ -105,31 +117,28 @@ static const Kernels *kernels_select(char *err, int err_size) {
     const KernelPath paths[] = KERNEL_PATHS;
     const int n = (int)(sizeof(paths) / sizeof(paths[0]));
     const char *forced = getenv("ARIANNA_ISA"), *max = getenv("ARIANNA_MAX_ISA");
-    char names[64] = "", runs[64] = "";
-    int cap = -1, want = -1;
+    const int automatic = !forced || !*forced || !strcmp(forced, "auto");
+    const int want = automatic ? -1 : path_named(paths, n, forced), cap = max && *max ? path_named(paths, n, max) : 0;
+    char names[64] = "", runs[64] = ""; /* the paths of this build; those this CPU runs */
+    int best = -1;
     for (int i = 0; i < n; i++) {
-        snprintf(names + strlen(names), sizeof(names) - strlen(names), "%s%s", i ? ", " : "", paths[i].kernels->name);
-        if (max && !strcmp(max, paths[i].kernels->name)) cap = i;
-        if (forced && !strcmp(forced, paths[i].kernels->name)) want = i;
+        list_add(names, sizeof(names), paths[i].kernels->name);
+        if (paths[i].cpu_has && i >= cap) {
+            list_add(runs, sizeof(runs), paths[i].kernels->name);
+            if (best < 0) best = i;
+        }
     }
-    if (max && *max && cap < 0)
+    if (cap < 0)
         return fail(err, err_size, "ARIANNA_MAX_ISA=%s: not an instruction set of this build (%s)", max, names), NULL;
-    for (int i = 0; i < n; i++)
-        if (paths[i].cpu_has && i >= cap)
-            snprintf(runs + strlen(runs), sizeof(runs) - strlen(runs), "%s%s", *runs ? ", " : "", paths[i].kernels->name);
-    if (forced && *forced && strcmp(forced, "auto")) {
-        if (want < 0)
-            return fail(err, err_size, "ARIANNA_ISA=%s (or --isa): not an instruction set of this build (%s, or auto)",
-                        forced, names), NULL;
-        if (!paths[want].cpu_has || want < cap)
-            return fail(err, err_size, "ARIANNA_ISA=%s (or --isa): this CPU lacks %s%s%s; it runs %s", forced,
-                        paths[want].needs, paths[want].cpu_has ? ", says ARIANNA_MAX_ISA=" : "",
-                        paths[want].cpu_has ? max : "", runs), NULL;
-        return paths[want].kernels;
-    }
-    for (int i = cap > 0 ? cap : 0; i < n; i++)
-        if (paths[i].cpu_has) return paths[i].kernels;
-    return paths[n - 1].kernels; /* not reached: the last path runs anywhere */
+    if (automatic) return paths[best].kernels; /* the last path runs anywhere */
+    if (want < 0)
+        return fail(err, err_size, "ARIANNA_ISA=%s (or --isa): not an instruction set of this build (%s, or auto)",
+                    forced, names), NULL;
+    if (!paths[want].cpu_has || want < cap)
+        return fail(err, err_size, "ARIANNA_ISA=%s (or --isa): this CPU lacks %s%s%s; it runs %s", forced,
+                    paths[want].needs, paths[want].cpu_has ? ", says ARIANNA_MAX_ISA=" : "",
+                    paths[want].cpu_has ? max : "", runs), NULL;
+    return paths[want].kernels;
 }
 
 /* ------------------------------------------------------------------------------------------------ */

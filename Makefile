@@ -13,9 +13,12 @@ $(VENV)/.test-requirements-installed: requirements.txt requirements-test.txt
 	touch $@
 
 # Debian's qemu-user: tests/test_dispatch.py runs `make run`'s binary on older x86-64 CPUs with qemu-x86_64 -cpu.
+# Installed on an x86-64 Debian/Ubuntu machine as root (elsewhere the test says why it skips).
 .PHONY: qemu-user
 qemu-user:
-	@command -v qemu-x86_64 >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-user >/dev/null; }
+	@command -v qemu-x86_64 >/dev/null || [ "$$(uname -m)" != x86_64 ] || [ "$$(id -u)" != 0 ] || \
+		! command -v apt-get >/dev/null || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-user >/dev/null; }
 
 # Debian's chromium for the web chat's browser test (Playwright drives it; no browser is downloaded).
 .PHONY: chromium

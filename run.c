@@ -87,9 +87,10 @@ typedef struct {
 extern const Kernels kernels_avx512, kernels_avx2;
 static const Kernels kernels_scalar = THESE_KERNELS;
 #define KERNEL_PATHS                                                                                                   \
-    {{&kernels_avx512, __builtin_cpu_supports("x86-64-v4") && __builtin_cpu_supports("avx512vnni"),                   \
+    {{&kernels_avx512, __builtin_cpu_supports("x86-64-v4") && __builtin_cpu_supports("avx512vnni"),                    \
       "AVX-512 VNNI (avx512f avx512bw avx512cd avx512dq avx512vl avx512_vnni)"},                                       \
-     {&kernels_avx2, __builtin_cpu_supports("x86-64-v3"), "AVX2 and FMA (x86-64-v3: avx2 fma bmi2 movbe f16c)"},      \
+     {&kernels_avx2, __builtin_cpu_supports("x86-64-v3"),                                                              \
+      "AVX2 (x86-64-v3: avx avx2 bmi1 bmi2 f16c fma abm movbe xsave)"},                                                \
      {&kernels_scalar, 1, ""}}
 #else
 static const Kernels kernels_built = THESE_KERNELS;

@@ -26,7 +26,7 @@ from test_run_c import (ENV, REPO, Engine, cpu_flags, expected_text, int8_error,
 # Each path, best first, with the CPU flags it needs (as /proc/cpuinfo spells them).
 PATHS = {
     "avx512": {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl", "avx512_vnni"},
-    "avx2": {"avx2", "fma", "bmi2", "movbe", "f16c"},
+    "avx2": {"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave"},  # x86-64-v3
     "scalar": set(),
 }
 

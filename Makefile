@@ -119,16 +119,16 @@ bench/bench_run: bench/bench_run.c $(ENGINE)
 bench: bench/bench_run
 	./bench/bench_run
 
-# `make bench`'s rows (shapes B and A) from a -march=native build and from the dispatching one forced to each path
-# this CPU runs, one after the other, shape by shape.
-bench/bench_run_native: bench/bench_run.c $(ENGINE)
-	$(CC) $(CFLAGS_BASE) $(NATIVE) $(OPENMP) -o bench/bench_run_native bench/bench_run.c $(LDLIBS)
-
-bench-isa: bench/bench_run bench/bench_run_native
-	for shape in B A; do for isa in native avx512 avx2 scalar; do \
-		if [ $$isa = native ]; then echo "-march=native:"; ./bench/bench_run_native 128 128 $$shape; \
-		else echo "ARIANNA_ISA=$$isa:"; ARIANNA_ISA=$$isa ./bench/bench_run 128 128 $$shape || true; fi; \
-	done; done
+# Whether dispatch costs anything: `make bench`'s rows (shapes B and A, 1 thread), three rounds, for each path of the
+# dispatching build right after a single-path build of the same level (-march=native, x86-64-v3, baseline x86-64).
+BENCH_LEVELS = native:avx512 x86-64-v3:avx2 x86-64:scalar
+bench-isa: bench/bench_run
+	for level in $(BENCH_LEVELS); do march=$${level%%:*}; \
+		$(CC) $(CFLAGS_BASE) -march=$$march $(OPENMP) -o bench/bench_run_$$march bench/bench_run.c $(LDLIBS) || exit 1; done
+	@echo "| shape | weights | threads | gen tok/s | prompt tok/s | prompt/gen | gen tok/s x threads per CPU s | prompt, same |"
+	for round in 1 2 3; do for shape in B A; do for level in $(BENCH_LEVELS); do march=$${level%%:*}; isa=$${level##*:}; \
+		echo "-march=$$march, then ARIANNA_ISA=$$isa:"; ./bench/bench_run_$$march 128 128 $$shape 1 | grep '^| [BA] '; \
+		ARIANNA_ISA=$$isa ./bench/bench_run 128 128 $$shape 1 | grep '^| [BA] ' || true; done; done; done
 
 # libFuzzer on the model and tokenizer loaders (needs clang: apt-get install clang). Not part of `make test`.
 # Findings land in fuzz/ as crash-*; FUZZ_SECONDS sets how long it runs.

@@ -132,11 +132,11 @@ def test_forced_path_generates_pytorchs_greedy_tokens(path, built, monkeypatch, 
         finally:
             engine.close()
         args = (REPO / "run", model_files[version], "-z", tokenizer_files[1], "-t", "0", "-n",
-                len(prompt) + GREEDY_STEPS, "-i", GREEDY_TEXT, "-T", "2")
+                len(prompt) + GREEDY_STEPS, "-i", GREEDY_TEXT, "-T", "1")
         for result in (run_binary(*args, env={**ENV, "ARIANNA_ISA": path}), run_binary(*args, "--isa", path)):
             assert result.returncode == 0, result.stderr.decode()
             assert result.stdout == printed, version
-            assert f"; {path} kernels; 2 threads" in result.stderr.decode(), result.stderr
+            assert f"; {path} kernels; 1 thread" in result.stderr.decode(), result.stderr
 
 
 def test_auto_takes_the_best_path_and_refuses_one_the_cpu_lacks(built, monkeypatch, model_files, tokenizer_files):
@@ -187,10 +187,10 @@ def test_older_cpus_take_their_path_where_a_native_build_dies(built, workdir, gr
         emulated = ("qemu-x86_64", "-cpu", cpu)
         for version, (prompt, want, printed) in greedy_references.items():
             result = run_binary(*emulated, REPO / "run", model_files[version], "-z", tokenizer_files[1], "-t", "0",
-                                "-n", len(prompt) + GREEDY_STEPS, "-i", GREEDY_TEXT, "-T", "2", timeout=300)
+                                "-n", len(prompt) + GREEDY_STEPS, "-i", GREEDY_TEXT, "-T", "1", timeout=300)
             assert result.returncode == 0, (cpu, result.stderr.decode())
             assert result.stdout == printed, (cpu, version)
-            assert f"; {path} kernels; 2 threads" in result.stderr.decode(), (cpu, result.stderr)
+            assert f"; {path} kernels; 1 thread" in result.stderr.decode(), (cpu, result.stderr)
         result = run_binary(*emulated, REPO / "run", model_files[2], "-z", tokenizer_files[1], "--isa", "avx512")
         assert result.returncode == 1, (cpu, result.stderr)
         assert "error: ARIANNA_ISA=avx512 (or --isa): this CPU lacks AVX-512 VNNI" in result.stderr.decode()

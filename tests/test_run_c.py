@@ -1,6 +1,6 @@
 """run.c against the PyTorch model and SentencePiece: greedy output, the encoder, the chat template, bad input.
 
-Builds ./run, ./rundebug and ./runsan (ASan + UBSan, portable and native + OpenMP) and librun.so with make, trains a tiny SentencePiece model and
+Builds ./run, ./rundebug and ./runsan (ASan + UBSan, portable, and dispatching + OpenMP) and librun.so with make, trains a tiny SentencePiece model and
 a tiny Transformer (briefly, so its greedy choices are not coin flips), exports it in all three .bin
 versions and drives the binary and the library.
 """

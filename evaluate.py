@@ -29,12 +29,13 @@ import re
 import secrets
 import shutil
 import sys
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
 from tqdm import tqdm
 
+import chat
 from config import add_config_arguments
 from formats import write_atomically
 
@@ -147,16 +148,26 @@ class ChatEval:
                                                          "beside it or in data/)"})
     temperature: float = field(default=0.0, metadata={"help": "0 = greedy"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass when sampling"})
+    # The other sampler controls default to chat.py's, so the figures are those of the answers people get.
+    top_k: int = field(default=chat.CHAT_SAMPLING.top_k, metadata={"help": "top-k when sampling (0: off)"})
+    min_p: float = field(default=chat.CHAT_SAMPLING.min_p, metadata={"help": "min-p when sampling (0: off)"})
+    repeat_penalty: float = field(default=chat.CHAT_SAMPLING.repeat_penalty,
+                                  metadata={"help": "repetition penalty, greedy too (1: off)"})
+    repeat_last_n: int = field(default=chat.CHAT_SAMPLING.repeat_last_n,
+                               metadata={"help": "tokens the penalties look back over (-1: the whole context)"})
+    presence_penalty: float = field(default=chat.CHAT_SAMPLING.presence_penalty, metadata={"help": "0: off"})
+    frequency_penalty: float = field(default=chat.CHAT_SAMPLING.frequency_penalty, metadata={"help": "0: off"})
     max_new_tokens: int = field(default=256, metadata={"help": "most tokens per answer"})
     threads: int = field(default=0, metadata={"help": "engine threads (0: the engine's choice)"})
     seed: int = field(default=0, metadata={"help": "which questions --n picks, and the sampling seed"})
     out: str = field(default="", metadata={"help": "write the figures and every answer to this JSON file"})
 
 
+SAMPLER_CONTROLS = [f.name for f in fields(chat.SamplingConfig) if f.name != "seed"]
+
+
 def answer_questions(model: Path, options: ChatEval, questions: list[Question]) -> list[str]:
     """Each question in a fresh conversation (its system prompt and history loaded first) through librun.so."""
-    import chat
-
     if not model.is_file():
         raise EvalError(f"model {model} not found; export one with `python export.py {model} --checkpoint=...`")
     tokenizer = Path(options.tokenizer) if options.tokenizer else chat.find_tokenizer(model)
@@ -166,8 +177,7 @@ def answer_questions(model: Path, options: ChatEval, questions: list[Question]) 
     answers = []
     try:
         for index, question in enumerate(progress(questions, len(questions), "chat")):
-            sampling = chat.SamplingConfig(temperature=options.temperature, top_p=options.top_p,
-                                           max_new_tokens=options.max_new_tokens,
+            sampling = chat.SamplingConfig(**{name: getattr(options, name) for name in SAMPLER_CONTROLS},
                                            seed=options.seed * 1_000_003 + index + 1)
             conversation = chat.Conversation(engine, sampling)
             history = [chat.Exchange(user, answer, engine.encode(answer) + [engine.eos])
@@ -451,8 +461,6 @@ class Completer:
     """Raw completions of a prompt through the C engine: BOS + prompt, sampled until EOS, a stop sequence or the cap."""
 
     def __init__(self, model: Path, tokenizer: str, threads: int):
-        import chat
-
         if not model.is_file():
             raise EvalError(f"model {model} not found; export one with `python export.py`")
         tokenizer_path = Path(tokenizer) if tokenizer else chat.find_tokenizer(model)

@@ -91,6 +91,15 @@ def test_chat_scores_a_model_that_recalls_its_dialogs_near_100_and_an_untrained_
     assert untrained["chrf"] < 25 and untrained["bleu"] < 5
 
 
+def test_chat_takes_the_sampler_controls_with_chat_pys_defaults(models) -> None:
+    controls = [name for name in evaluate.SAMPLER_CONTROLS if name not in ("temperature", "top_p", "max_new_tokens")]
+    plain = run_chat(models, "trained", models["dialogs"])
+    assert {name: plain[name] for name in controls} == {name: getattr(chat.CHAT_SAMPLING, name) for name in controls}
+    # A penalty on every token already in the context pushes the model off the answers it recalls word for word.
+    penalised = run_chat(models, "trained", models["dialogs"], "--repeat_penalty=100", "--repeat_last_n=-1")
+    assert penalised["repeat_penalty"] == 100 and penalised["chrf"] < plain["chrf"] - 10
+
+
 def test_degenerate_means_a_phrase_of_up_to_three_words_three_times_in_a_row() -> None:
     assert evaluate.is_degenerate("В InnerArianna — это это это это")
     assert evaluate.is_degenerate("the model is, the model is the model is done")

@@ -458,7 +458,10 @@ def execute(task: Task, completion: str, box: Any, limits: Any) -> tuple[bool, s
 
 
 class Completer:
-    """Raw completions of a prompt through the C engine: BOS + prompt, sampled until EOS, a stop sequence or the cap."""
+    """Raw completions of a prompt through the C engine: BOS + prompt, sampled until EOS, a stop sequence or the cap.
+
+    A prompt that leaves the answer less than min(max_new_tokens, half the context) loses its oldest tokens after
+    BOS (as llama.cpp keeps BOS when it shifts the context); `cut` collects those prompts, for a warning."""
 
     def __init__(self, model: Path, tokenizer: str, threads: int):
         if not model.is_file():
@@ -466,6 +469,7 @@ class Completer:
         tokenizer_path = Path(tokenizer) if tokenizer else chat.find_tokenizer(model)
         self.engine = chat.Engine(chat.load_library(chat.library_path()), model, tokenizer_path, threads)
         self.rng = ctypes.c_ulonglong(1)
+        self.cut: set[str] = set()
 
     def complete(self, prompt: str, temperature: float, top_p: float, max_new_tokens: int, seed: int,
                  stops: tuple[str, ...], chat: bool = False) -> str:
@@ -474,7 +478,9 @@ class Completer:
         engine = self.engine
         tokens = engine.chat_turn("", prompt, True) if chat else [engine.bos] + engine.encode(prompt)
         room = max(1, min(max_new_tokens, engine.seq_len // 2))
-        tokens = tokens[-(engine.seq_len - room):] if len(tokens) > engine.seq_len - room else tokens
+        if len(tokens) > engine.seq_len - room:
+            tokens = tokens[:1] + tokens[len(tokens) - (engine.seq_len - room - 1):]
+            self.cut.add(prompt)
         engine.feed(tokens, 0)
         self.rng.value = seed & 0xFFFFFFFFFFFFFFFF or 1
         stream, text, prev = chat.TextStream(), "", tokens[-1]
@@ -544,6 +550,7 @@ def evaluate_code(model: Optional[str], options: CodeEval) -> tuple[dict[str, An
         if message:
             print(f"skipping {language} tasks: {message}", file=sys.stderr)
     tasks = [task for task in tasks if not missing[task.language]]
+    prompts_cut = 0
     if options.completions:
         completions = given_completions(options, tasks)
     elif model:
@@ -558,6 +565,11 @@ def evaluate_code(model: Optional[str], options: CodeEval) -> tuple[dict[str, An
                                                                 stops, options.chat) for sample in range(options.n)]
         finally:
             completer.close()
+        prompts_cut = len(completer.cut)
+        if prompts_cut:
+            print(f"warning: {prompts_cut} of {len(tasks)} prompts left the answer less than --max_new_tokens="
+                  f"{options.max_new_tokens} (or half the context) and were cut to their last tokens after BOS; "
+                  "a smaller --max_new_tokens or a model with a longer context keeps them whole", file=sys.stderr)
     else:
         raise EvalError("give a MODEL to generate with, or --completions=FILE (or canonical)")
     box = sandbox.Sandbox()
@@ -588,7 +600,7 @@ def evaluate_code(model: Optional[str], options: CodeEval) -> tuple[dict[str, An
             overall[f"pass@{k}"] = sum(scored) / len(scored)
     proxy = sum(entry["proxy"] for entry in results)
     report = {"mode": "code", "model": model, **asdict(options), "sandbox": box.isolation(), **overall,
-              "tasks_scored": len(results), "proxy_tasks": proxy, "results": results}
+              "tasks_scored": len(results), "proxy_tasks": proxy, "prompts_cut": prompts_cut, "results": results}
     if options.pairs_out:
         report["pairs"] = write_preferences(Path(options.pairs_out), results, options.seed)
     figures = ", ".join(f"{name} {value:.3f}" for name, value in overall.items()) or "no k within --n"

@@ -225,3 +225,21 @@ def test_code_generates_n_completions_per_task_through_the_engine_repeatably_by_
 
     first = completions(1)
     assert first == completions(1) and first != completions(2) and len(set(first)) > 1
+
+
+def test_code_prompt_longer_than_the_context_keeps_bos_and_its_end_and_is_counted(models) -> None:
+    completer = evaluate.Completer(models["trained"], str(models["tokenizer"]), threads=1)
+    fed: list[list[int]] = []
+    feed = completer.engine.feed
+    completer.engine.feed = lambda tokens, pos: (fed.append(list(tokens)) if pos == 0 else None, feed(tokens, pos))
+    try:
+        short, long = QA[2][0], " ".join(q for q, _ in QA * 3) + " " + QA[2][0]
+        for prompt in (short, long):
+            completer.complete(prompt, 0.0, 1.0, 40, 1, (), chat=True)
+        whole = completer.engine.chat_turn("", long, True)
+        assert fed[0] == completer.engine.chat_turn("", short, True)
+        # 96 positions, 40 of them kept for the answer: BOS and the prompt's last 55 tokens.
+        assert len(whole) > 56 and fed[1] == [completer.engine.bos] + whole[-55:]
+        assert completer.cut == {long}
+    finally:
+        completer.close()

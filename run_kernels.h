@@ -676,6 +676,15 @@ static void rope_range(const float *rope_cos, const float *rope_sin, float *v, i
     }
 }
 
+#if defined(HAVE_NEON)
+/* silu(a) * g on 4 lanes, as swiglu's AVX-512 path computes it. */
+static inline float32x4_t swiglu_neon(float32x4_t a, float32x4_t g) {
+    const float32x4_t e = exp_nonpositive_neon(vnegq_f32(vabsq_f32(a)));
+    const float32x4_t numerator = vbslq_f32(vcltzq_f32(a), vmulq_f32(a, e), a);
+    return vmulq_f32(vdivq_f32(numerator, vaddq_f32(vdupq_n_f32(1.0f), e)), g);
+}
+#endif
+
 /* h = silu(h) * gate over n values (SwiGLU). Every value takes the same path whatever its index, so how the
    threads split the rows cannot change a result. */
 static void swiglu(float *h, const float *gate, int n) {
@@ -692,15 +701,13 @@ static void swiglu(float *h, const float *gate, int n) {
     }
 #elif defined(HAVE_NEON)
     /* As above; a last partial vector goes through the same lanes from a copy. */
-    for (int i = 0; i < n; i += 4) {
-        const int lanes = min_int(n - i, 4);
+    int i = 0;
+    for (; i + 4 <= n; i += 4) vst1q_f32(h + i, swiglu_neon(vld1q_f32(h + i), vld1q_f32(gate + i)));
+    if (i < n) {
         float hv[4] = {0}, gv[4] = {0};
-        memcpy(hv, h + i, (size_t)lanes * 4), memcpy(gv, gate + i, (size_t)lanes * 4);
-        const float32x4_t a = vld1q_f32(hv);
-        const float32x4_t e = exp_nonpositive_neon(vnegq_f32(vabsq_f32(a)));
-        const float32x4_t numerator = vbslq_f32(vcltzq_f32(a), vmulq_f32(a, e), a);
-        vst1q_f32(hv, vmulq_f32(vdivq_f32(numerator, vaddq_f32(vdupq_n_f32(1.0f), e)), vld1q_f32(gv)));
-        memcpy(h + i, hv, (size_t)lanes * 4);
+        memcpy(hv, h + i, (size_t)(n - i) * 4), memcpy(gv, gate + i, (size_t)(n - i) * 4);
+        vst1q_f32(hv, swiglu_neon(vld1q_f32(hv), vld1q_f32(gv)));
+        memcpy(h + i, hv, (size_t)(n - i) * 4);
     }
 #else
     for (int i = 0; i < n; i++) h[i] = h[i] / (1.0f + expf(-h[i])) * gate[i];

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -38,12 +39,16 @@ def install_tools() -> None:
     """The cross compiler and qemu-user through the Makefile's rule, or a skip saying why this platform cannot."""
     if shutil.which(CC) and shutil.which(QEMU):
         return
+    if platform.machine() != "x86_64":
+        pytest.skip(f"this is {platform.machine()}, not x86-64: Debian's cross gcc and qemu-user are for x86-64 hosts "
+                    "(on an aarch64 machine test_run_c.py tests its own NEON build)")
     if not shutil.which("apt-get"):
         pytest.skip(f"no apt-get: the aarch64 tests need Debian's {CC} and {QEMU} (packages gcc-aarch64-linux-gnu, "
                     "qemu-user)")
     if os.geteuid() != 0:
         pytest.skip("not root: `make aarch64-tools` (apt-get install gcc-aarch64-linux-gnu qemu-user) needs root")
     subprocess.run(["make", "-s", "aarch64-tools"], cwd=REPO, check=True, capture_output=True)
+    assert shutil.which(CC) and shutil.which(QEMU), "make aarch64-tools did not install gcc-aarch64-linux-gnu, qemu-user"
 
 
 @pytest.fixture(scope="module")

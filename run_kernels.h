@@ -207,7 +207,7 @@ static inline float dot_f32(const float *w, const float *x, int n) {
     }
     return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
 #elif defined(HAVE_NEON)
-    /* 8 chains: fmla's latency (3-4 cycles) times its 2-4 pipes; the compiler's vectors would make one chain. */
+    /* 8 chains against fmla's latency (3-4 cycles) on 2-4 pipes; the compiler's vectors made one chain here. */
     float32x4_t a[8];
     for (int j = 0; j < 8; j++) a[j] = vdupq_n_f32(0.0f);
     int k = 0;
@@ -503,7 +503,8 @@ static inline __attribute__((always_inline)) void dot_4quads(int32x4_t sums[8], 
 
 static inline int32x4_t row_sums(const int32x4_t sums[8], int i) { return vaddq_s32(sums[i], sums[4 + i]); }
 
-#define NEON_TOKENS 2 /* tokens per weight load in a batch: 16 sums, 8 accumulators, 4 weights, 2 inputs */
+/* Tokens per weight load in a batch: 16 sums, 8 accumulators, 4 weights and 2 inputs fill 30 of 32 registers. */
+#define NEON_TOKENS 2
 #else
 static inline __attribute__((always_inline)) void dot_quad(int32x4_t sums[8], const uint8_t *w, int8x16_t x) {
     for (int i = 0; i < 4; i++) {
@@ -557,7 +558,8 @@ static inline __attribute__((always_inline)) void block_q8_neon(float *out, int 
         for (int t = 0; t < T; t++) {
             const float xs = x->s[(size_t)(t0 + t) * groups + g];
             for (int i = 0; i < 4; i++)
-                acc[t][i] = vfmaq_f32(acc[t][i], vcvtq_f32_s32(row_sums(sums[t], i)), vmulq_n_f32(vld1q_f32(ws + 4 * i), xs));
+                acc[t][i] = vfmaq_f32(acc[t][i], vcvtq_f32_s32(row_sums(sums[t], i)),
+                                      vmulq_n_f32(vld1q_f32(ws + 4 * i), xs));
         }
     }
     for (int t = 0; t < T; t++) {

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from export import export_model  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
-from test_run_c import (ENV, REPO, built, int8_error, model_files, run_binary, tiny_model,  # noqa: E402,F401
+from test_run_c import (ENV, REPO, built, int8_error, model_files, run_binary, tiny_model,  # noqa: E402,F401,F811
                         tokenizer_files, workdir)
 from tokenizer import Tokenizer  # noqa: E402
 
@@ -48,7 +48,7 @@ def install_tools() -> None:
     if os.geteuid() != 0:
         pytest.skip("not root: `make aarch64-tools` (apt-get install gcc-aarch64-linux-gnu qemu-user) needs root")
     subprocess.run(["make", "-s", "aarch64-tools"], cwd=REPO, check=True, capture_output=True)
-    assert shutil.which(CC) and shutil.which(QEMU), "make aarch64-tools did not install gcc-aarch64-linux-gnu, qemu-user"
+    assert shutil.which(CC) and shutil.which(QEMU), "make aarch64-tools installed no gcc-aarch64-linux-gnu, qemu-user"
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +103,8 @@ def test_logits_match_pytorch(shape, aarch64, workdir, tokenizer_files):
             want = model(torch.tensor([tokens]))[0][0, -1]
         got = {}
         for build, (threads, batch) in itertools.product(BUILDS, ((3, True), (1, False))):
-            logits = got[build, batch] = aarch64_logits(aarch64, build, path, tokenizer_files[1], tokens, threads, batch)
+            logits = aarch64_logits(aarch64, build, path, tokenizer_files[1], tokens, threads, batch)
+            got[build, batch] = logits
             if version == 2:
                 error = int8_error(logits, path, tokens)
                 assert error < 1e-4, (build, batch, error)
@@ -120,7 +121,8 @@ def test_logits_match_pytorch(shape, aarch64, workdir, tokenizer_files):
 def test_greedy_text_equals_x86(build, aarch64, built, model_files, tokenizer_files):
     """./run on 2 threads, greedy, fp32 and int8 model files (versions 0, 1, 2): the aarch64 build prints what the
     x86 build prints."""
-    for version, text in itertools.product((0, 1, 2), ["Модель учится", "<|user|>\nWho are you?\n<|assistant|>\n"]):
+    prompts = ["Модель учится", "<|user|>\nWho are you?\n<|assistant|>\n"]
+    for version, text in itertools.product((0, 1, 2), prompts):
         args = (model_files[version], "-z", tokenizer_files[1], "-t", "0", "-n", 40, "-i", text, "-T", 2)
         want = run_binary(built / "run", *args)
         got = qemu(build, aarch64[build]["run"], *args)

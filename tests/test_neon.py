@@ -92,7 +92,7 @@ def test_logits_match_pytorch(shape, aarch64, workdir, tokenizer_files):
     on 3 threads and token by token on 1, through each build: fp32 (2 layers) within 1e-5 of PyTorch, int8 (1
     layer) within 1e-4 of PyTorch on Q8_0-rounded inputs (int8_error), as test_run_c.py asks of the x86 builds.
     int8: both feeding modes bit for bit equal (the same arithmetic per token), and the sdot and smull paths too
-    (exact integer sums, the same float steps)."""
+    (exact integer sums, the same float steps); fp32: the NEON builds within 1e-5 of the portable one as well."""
     torch.manual_seed(2)
     vocab = Tokenizer(tokenizer_files[0]).n_words
     tokens = torch.randint(3, vocab, (70,)).tolist()
@@ -115,6 +115,11 @@ def test_logits_match_pytorch(shape, aarch64, workdir, tokenizer_files):
             for build in BUILDS:
                 assert torch.equal(got[build, True], got[build, False]), build
             assert torch.equal(got["dotprod", True], got["neon", True])
+        else:  # the NEON kernels against the portable ones, directly
+            for build, batch in itertools.product(("dotprod", "neon"), (True, False)):
+                portable = got["portable", batch]
+                error = ((got[build, batch] - portable).abs().max() / portable.abs().max()).item()
+                assert error < 1e-5, (build, batch, error)
 
 
 @pytest.mark.parametrize("build", ["dotprod", "neon"])

@@ -138,6 +138,54 @@ static inline __attribute__((always_inline)) void tile_f32(float *out, int ostri
     for (int r = 0; r < R; r++)
         for (int c = 0; c < C; c++) out[(size_t)c * ostride + r] = _mm512_reduce_add_ps(acc[r][c]);
 }
+#define TILE_TOKENS 4
+#elif defined(__AVX2__) && defined(__FMA__)
+/* The first count lanes (count <= 8) for maskload: lane i is set where i < count. */
+static inline __m256i first_lanes8(int count) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(count), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+/* The sums of the lanes of a, b, c, d as one vector, each in the same order (pairs, then pairs of pairs, then
+   the two halves) whichever of the four it is, so a row's result does not depend on the tile it is in. */
+static inline __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {
+    const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+    return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+/* AVX2 has 16 vector registers: 4 rows by 3 tokens take 12 accumulators, the 3 tokens' inputs and one weight
+   vector, so each weight load feeds 3 multiply-adds and each input load 4 (4 by 4 spills). */
+static inline __attribute__((always_inline)) void tile_f32(float *out, int ostride, const float *w, const float *x,
+                                                           int xstride, int n, int R, int C) {
+    __m256 acc[4][3];
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++) acc[r][c] = _mm256_setzero_ps();
+    int k = 0;
+    for (; k + 8 <= n; k += 8) {
+        __m256 xv[3];
+        for (int c = 0; c < C; c++) xv[c] = _mm256_loadu_ps(x + (size_t)c * xstride + k);
+        for (int r = 0; r < R; r++) {
+            const __m256 wv = _mm256_loadu_ps(w + (size_t)r * n + k);
+            for (int c = 0; c < C; c++) acc[r][c] = _mm256_fmadd_ps(wv, xv[c], acc[r][c]);
+        }
+    }
+    if (k < n) { /* the tail in the same lanes, the rest loaded as zeros */
+        const __m256i mask = first_lanes8(n - k);
+        for (int r = 0; r < R; r++) {
+            const __m256 wv = _mm256_maskload_ps(w + (size_t)r * n + k, mask);
+            for (int c = 0; c < C; c++)
+                acc[r][c] = _mm256_fmadd_ps(wv, _mm256_maskload_ps(x + (size_t)c * xstride + k, mask), acc[r][c]);
+        }
+    }
+    for (int c = 0; c < C; c++) {
+        if (R == 4) {
+            _mm_storeu_ps(out + (size_t)c * ostride, hsum4(acc[0][c], acc[1][c], acc[2][c], acc[3][c]));
+            continue;
+        }
+        for (int r = 0; r < R; r++)
+            out[(size_t)c * ostride + r] = _mm_cvtss_f32(hsum4(acc[r][c], acc[r][c], acc[r][c], acc[r][c]));
+    }
+}
+#define TILE_TOKENS 3
 #else
 static inline __attribute__((always_inline)) void tile_f32(float *out, int ostride, const float *w, const float *x,
                                                            int xstride, int n, int R, int C) {
@@ -160,6 +208,7 @@ static inline __attribute__((always_inline)) void tile_f32(float *out, int ostri
             out[(size_t)c * ostride + r] = s;
         }
 }
+#define TILE_TOKENS 4
 #endif
 
 /* dot(w, x) over n floats, for the mat-vec of a single token. Its caller walks the rows one after the other:
@@ -178,6 +227,19 @@ static inline float dot_f32(const float *w, const float *x, int n) {
         a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, w + k), _mm512_maskz_loadu_ps(mask, x + k), a0);
     }
     return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+#elif defined(__AVX2__) && defined(__FMA__)
+    /* Four chains: one would wait out the multiply-add's latency on every vector of the row. */
+    __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    int k = 0;
+    for (; k + 32 <= n; k += 32)
+        for (int j = 0; j < 4; j++) a[j] = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 8 * j), _mm256_loadu_ps(x + k + 8 * j), a[j]);
+    for (; k + 8 <= n; k += 8) a[0] = _mm256_fmadd_ps(_mm256_loadu_ps(w + k), _mm256_loadu_ps(x + k), a[0]);
+    if (k < n) {
+        const __m256i mask = first_lanes8(n - k);
+        a[1] = _mm256_fmadd_ps(_mm256_maskload_ps(w + k, mask), _mm256_maskload_ps(x + k, mask), a[1]);
+    }
+    const __m256 sum = _mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3]));
+    return _mm_cvtss_f32(hsum4(sum, sum, sum, sum));
 #else
     float dot;
     tile_f32(&dot, 1, w, x, 0, n, 1, 1);
@@ -197,7 +259,8 @@ static void matmul_rows_f32(float *out, const Matrix *m, const float *x, int n_t
         const float *w = m->f + (size_t)r * n;
         int t = 0;
         if (R >= 4) {
-            for (; t + 4 <= n_tok; t += 4) tile_f32(out + (size_t)t * m->rows + r, m->rows, w, x + (size_t)t * n, n, n, 4, 4);
+            for (; t + TILE_TOKENS <= n_tok; t += TILE_TOKENS)
+                tile_f32(out + (size_t)t * m->rows + r, m->rows, w, x + (size_t)t * n, n, n, 4, TILE_TOKENS);
             for (; t < n_tok; t++) tile_f32(out + (size_t)t * m->rows + r, m->rows, w, x + (size_t)t * n, n, n, 4, 1);
         } else {
             for (int rr = 0; rr < R; rr++)

@@ -34,8 +34,9 @@ static unsigned char *random_image(const Shape *s, int version, size_t *size) {
     const size_t dim = (size_t)s->dim, norms = (size_t)s->n_layers * dim * 2 + dim;
     const size_t values = (size_t)s->vocab_size * dim + (size_t)s->n_layers * (4 * dim * dim + 3 * dim * s->hidden_dim);
     *size = 256 + norms * 4 + (version == 1 ? values * 4 : values + values / gs * 4);
-    unsigned char *img = calloc(*size, 1);
+    unsigned char *img = aligned_alloc(4096, (*size + 4095) / 4096 * 4096); /* page-aligned, as a mapped file is */
     if (!img) return NULL;
+    memset(img, 0, *size);
     put_i32(img, (int)MODEL_MAGIC);
     put_i32(img + 4, version);
     const int header[7] = {s->dim, s->hidden_dim, s->n_layers, s->n_heads, s->n_heads, s->vocab_size, s->seq_len};
@@ -119,21 +120,21 @@ static void bench(const Shape *s, int version, int threads, int gen_tokens, int 
     free(img);
 }
 
-/* The int8 product alone, on one thread with everything in cache (shape s's w1 times MAX_BATCH tokens): a bound
-   on int8 prompt speed, which the table's other steps (attention, norms, quantizing) can only add to. */
-static void int8_product_speed(const Shape *s) {
+/* The product alone, on one thread with everything in cache (shape s's w1 times MAX_BATCH tokens): a bound on
+   prompt speed, which the table's other steps (attention, norms, quantizing) can only add to. */
+static void product_speed(const Shape *s, int version) {
     unsigned char *img;
-    Engine *e = random_engine(s, 2, 1, &img);
+    Engine *e = random_engine(s, version, 1, &img);
     const Matrix *m = &e->w.layers[0].w1;
-    float *in = malloc((size_t)MAX_BATCH * m->cols * sizeof(float));
+    float *in = aligned_alloc(64, (size_t)MAX_BATCH * m->cols * sizeof(float)); /* as the engine's buffers */
     if (!in) exit(1);
     for (size_t i = 0; i < (size_t)MAX_BATCH * m->cols; i++) in[i] = rng_f32(&bench_rng) - 0.5f;
     const Input input = prepare_input(e, in, NULL, MAX_BATCH, m->cols, 0, 1);
     double best = INFINITY;
     for (int repeat = 0; repeat < 200; repeat++) {
-        const double t0 = now_seconds();
+        const double t0 = cpu_seconds();
         matmul_range(e, e->s.hb, m, input, MAX_BATCH, 0, m->rows);
-        best = fmin(best, now_seconds() - t0);
+        best = fmin(best, cpu_seconds() - t0);
     }
     const Config *c = &e->w.cfg;
     const int kv_dim = config_kv_dim(c);
@@ -141,8 +142,9 @@ static void int8_product_speed(const Shape *s) {
     const double macs = (double)(c->n_layers - 1) * (2.0 * c->dim * c->dim + 2.0 * c->dim * kv_dim + 3.0 * c->dim * c->hidden_dim) +
                         2.0 * c->dim * kv_dim;
     const double gmacs = (double)m->rows * m->cols * MAX_BATCH / best * 1e-9;
-    printf("int8 products alone, 1 thread, in cache: %.0f GMAC/s; a %s prompt token's %.2f M multiply-adds take %.1f us "
-           "at that speed (%.0f tok/s)\n\n", gmacs, s->name, macs * 1e-6, macs / gmacs * 1e-3, gmacs * 1e9 / macs);
+    printf("%s products alone, 1 thread, in cache: %.1f GMAC/s; a %s prompt token's %.2f M multiply-adds take %.1f us "
+           "at that speed (%.0f tok/s)\n", version == 1 ? "fp32" : "int8", gmacs, s->name, macs * 1e-6,
+           macs / gmacs * 1e-3, gmacs * 1e9 / macs);
     free(in);
     arianna_close(e);
     free(img);
@@ -154,7 +156,9 @@ int main(int argc, char **argv) {
     const char *versions = argc > 5 ? argv[5] : "12";
     const Shape shapes[] = {{"B", 288, 768, 6, 6, 4096, 256}, {"A", 288, 768, 6, 6, 32000, 256},
                             {"C", 768, 2048, 12, 12, 32000, 1024}};
-    if (strchr(which, 'B') && strchr(versions, '2')) int8_product_speed(&shapes[0]);
+    for (const char *v = versions; *v && strchr(which, 'B'); v++)
+        if (*v == '1' || *v == '2') product_speed(&shapes[0], *v - '0');
+    printf("\n");
     printf("| shape | weights | threads | gen tok/s | prompt tok/s | prompt/gen | gen tok/s x threads per CPU s | "
            "prompt, same |\n|---|---|---|---|---|---|---|---|\n");
     for (const char *w = which; *w; w++)

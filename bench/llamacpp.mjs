@@ -3,10 +3,12 @@
 // REQUEST: {"threads": 1, "context": 256, "models": [{"path": "x.gguf",
 //              "generate": [{"prompt": [ids], "steps": N}],   greedy tokens after each prompt, with timings
 //              "tokenize": ["text", ...]}]}                   llama.cpp's tokens of each text (no BOS)
-// RESULT:  {"models": [{"generate": [{"tokens": [...], "prompt_s": s, "generate_s": s}], "tokenize": [[...]]}]}
+// RESULT:  {"models": [{"generate": [{"tokens": [...], "prompt_s": s, "generate_s": s}], "tokenize": [[...]]}],
+//           "cpu_backend": "libggml-cpu-zen4.so"}   the CPU variant ggml loaded (the best this CPU runs, of those present)
 // prompt_s times the prompt but its last token; generate_s the last prompt token and the N greedy steps after it.
 // One process for all models: node-llama-cpp's start (it test-loads its binary in a child process) takes seconds.
 import {readFileSync} from "node:fs";
+import {basename} from "node:path";
 import {getLlama} from "node-llama-cpp";
 
 const request = JSON.parse(readFileSync(process.argv[2], "utf8"));
@@ -38,5 +40,14 @@ for (const job of request.models) {
     await context.dispose();
     await model.dispose();
 }
-console.log(JSON.stringify({models: results}));
+// The ggml CPU library mapped into this process (Linux only; null elsewhere).
+function cpuBackend() {
+    try {
+        return readFileSync("/proc/self/maps", "utf8").split("\n").map((line) => basename(line.trim().split(/\s+/).pop() ?? ""))
+            .find((name) => name.startsWith("libggml-cpu")) ?? null;
+    } catch {
+        return null;
+    }
+}
+console.log(JSON.stringify({models: results, cpu_backend: cpuBackend()}));
 await llama.dispose();

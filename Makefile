@@ -98,6 +98,14 @@ bench/bench_run: bench/bench_run.c $(ENGINE)
 bench: bench/bench_run
 	./bench/bench_run
 
+# The same for an AVX2-only CPU (x86-64-v3: AVX2, FMA, no AVX-512), built and run here whatever this CPU has more.
+.PHONY: bench-avx2
+bench/bench_run_avx2: bench/bench_run.c $(ENGINE)
+	$(CC) $(CFLAGS_BASE) -march=x86-64-v3 $(OPENMP) -o bench/bench_run_avx2 bench/bench_run.c $(LDLIBS)
+
+bench-avx2: bench/bench_run_avx2
+	./bench/bench_run_avx2
+
 # libFuzzer on the model and tokenizer loaders (needs clang: apt-get install clang). Not part of `make test`.
 # Findings land in fuzz/ as crash-*; FUZZ_SECONDS sets how long it runs.
 FUZZ_SECONDS ?= 180

@@ -6,12 +6,15 @@ shape's size made up for the purpose. llama.cpp runs through node-llama-cpp's pr
 (bench/llamacpp.mjs); our engine through librun.so, the code ./run runs. Both are timed the same way: prompt = the
 prompt's tokens but the last fed in one call, generation = the last prompt token and GEN greedy steps one token
 at a time; the best of REPEATS runs. Weights are uniform in +-0.05 (bench_run.c's), BOS and EOS never chosen.
+--clock=cpu reports tokens per CPU second of each process (times the threads) instead of per wall second: on a
+machine other work shares, the wall clock measures the neighbours.
 
 --isa=avx2 compares AVX2 with AVX2 on a CPU that has more: our engine built for x86-64-v3 (AVX2, FMA, F16C, BMI2;
 no AVX-512) and llama.cpp with only ggml's `haswell` CPU variant present (the same instruction set), so ggml cannot
 pick its AVX-512 one. Which ggml CPU variant ran is printed.
 
     python bench/llamacpp.py [--shapes=BAC] [--threads=12] [--gen=128] [--prompt=128] [--repeats=3] [--isa=native]
+                              [--clock=wall]
 """
 from __future__ import annotations
 
@@ -117,8 +120,8 @@ def run_llamacpp(script: Path, paths: list[Path], threads: int, prompt: list[int
     if result.returncode != 0:
         sys.exit(f"error: llama.cpp (node bench/llamacpp.mjs) failed: {result.stderr.strip()[-500:]}")
     answer = json.loads(result.stdout.strip().splitlines()[-1])
-    return [{"prompt_s": min(r["prompt_s"] for r in m["generate"]), "generate_s": min(r["generate_s"] for r in m["generate"])}
-            for m in answer["models"]], answer.get("cpu_backend")
+    keys = ("prompt_s", "generate_s", "prompt_cpu_s", "generate_cpu_s")
+    return [{key: min(r[key] for r in m["generate"]) for key in keys} for m in answer["models"]], answer.get("cpu_backend")
 
 
 def run_ours(library: ctypes.CDLL, path: Path, tokenizer_bin: Path, threads: int, prompt: list[int], gen: int,
@@ -128,20 +131,28 @@ def run_ours(library: ctypes.CDLL, path: Path, tokenizer_bin: Path, threads: int
     engine = library.arianna_open(str(path).encode(), str(tokenizer_bin).encode(), threads, error, len(error))
     if not engine:
         sys.exit(f"error: {error.value.decode()}")
-    best = {"prompt_s": float("inf"), "generate_s": float("inf")}
+    best = dict.fromkeys(("prompt_s", "generate_s", "prompt_cpu_s", "generate_cpu_s"), float("inf"))
     head = (ctypes.c_int * (len(prompt) - 1))(*prompt[:-1])
     for _ in range(repeats):
-        start = time.perf_counter()
+        cpu_start, start = time.process_time(), time.perf_counter()
         library.arianna_feed(engine, head, len(prompt) - 1, 0)
-        prompted = time.perf_counter()
+        prompted, cpu_prompted = time.perf_counter(), time.process_time()
         token, rng = ctypes.c_int(prompt[-1]), ctypes.c_ulonglong(1)
         for pos in range(len(prompt) - 1, len(prompt) - 1 + gen):
             library.arianna_feed(engine, ctypes.byref(token), 1, pos)
             token = ctypes.c_int(library.arianna_sample(engine, ctypes.c_float(0.0), ctypes.c_float(0.9), ctypes.byref(rng)))
-        done = time.perf_counter()
-        best = {"prompt_s": min(best["prompt_s"], prompted - start), "generate_s": min(best["generate_s"], done - prompted)}
+        done, cpu_done = time.perf_counter(), time.process_time()
+        measured = {"prompt_s": prompted - start, "generate_s": done - prompted, "prompt_cpu_s": cpu_prompted - cpu_start,
+                    "generate_cpu_s": cpu_done - cpu_prompted}
+        best = {key: min(best[key], measured[key]) for key in best}
     library.arianna_close(engine)
     return best
+
+
+def per_second(timing: dict, step: str, clock: str, threads: int) -> float:
+    """1 / the step's wall seconds, or threads / its CPU seconds (the tokens per second the threads would give if
+    nothing else ran)."""
+    return 1.0 / timing[f"{step}_s"] if clock == "wall" else threads / timing[f"{step}_cpu_s"]
 
 
 def load_library(flags: list[str] | None, folder: Path) -> ctypes.CDLL:
@@ -183,6 +194,8 @@ def main() -> None:
     parser.add_argument("--gen", type=int, default=128)
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="tokens per wall second, or per CPU second of each process times the threads")
     parser.add_argument("--isa", choices=ISAS, default="native",
                         help="native: librun.so and ggml's best CPU variant; avx2: both built for AVX2 (x86-64-v3)")
     args = parser.parse_args()
@@ -212,7 +225,8 @@ def main() -> None:
                 timings, backend = run_llamacpp(script, list(gguf.values()), threads, prompt, gen, args.repeats, shape[5])
                 theirs = dict(zip(gguf, timings))
                 if not header:
-                    print(f"llama.cpp: node-llama-cpp {backend or ''}\n\n| shape | weights: ours / llama.cpp | threads | "
+                    print(f"llama.cpp: node-llama-cpp {backend or ''}; tokens per {args.clock} second"
+                          f"{' times the threads' if args.clock == 'cpu' else ''}\n\n| shape | weights: ours / llama.cpp | threads | "
                           "gen tok/s ours | gen tok/s llama.cpp | prompt tok/s ours | prompt tok/s llama.cpp |\n"
                           "|---|---|---|---|---|---|---|")
                     header = True
@@ -220,9 +234,11 @@ def main() -> None:
                         for kind, path in ours.items()}
                 for our_kind, their_kind in (("fp32", "f32"), ("fp32", "f16"), ("int8", "q8_0")):
                     a, b = mine[our_kind], theirs[their_kind]
-                    print(f"| {name} | {our_kind} / {their_kind} | {threads} | {gen / a['generate_s']:.0f} | "
-                          f"{gen / b['generate_s']:.0f} | {(len(prompt) - 1) / a['prompt_s']:.0f} | "
-                          f"{(len(prompt) - 1) / b['prompt_s']:.0f} |", flush=True)
+                    print(f"| {name} | {our_kind} / {their_kind} | {threads} | "
+                          f"{gen * per_second(a, 'generate', args.clock, threads):.0f} | "
+                          f"{gen * per_second(b, 'generate', args.clock, threads):.0f} | "
+                          f"{(len(prompt) - 1) * per_second(a, 'prompt', args.clock, threads):.0f} | "
+                          f"{(len(prompt) - 1) * per_second(b, 'prompt', args.clock, threads):.0f} |", flush=True)
             for path in [*ours.values(), *gguf.values()]:
                 path.unlink()
 

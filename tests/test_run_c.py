@@ -770,15 +770,23 @@ def test_tokenizer_pieces_cannot_send_terminal_escapes(built, workdir):
 
 
 def test_bench_prints_a_row_per_setting(built):
-    """`make bench`'s program, on the smallest shape with few tokens: the int8 product's speed, then one table row
-    per weights x threads."""
+    """`make bench`'s program, on the smallest shape with few tokens: the CPU and the build's kernels, the fp32 and
+    int8 products' speed, then one table row per weights x threads, each with its memory roof."""
     subprocess.run(["make", "-s", "bench/bench_run"], cwd=REPO, check=True, capture_output=True)
     result = run_binary(REPO / "bench" / "bench_run", "4", "4", "B", "12", "12")
     assert result.returncode == 0, result.stderr.decode()
     lines = result.stdout.decode().splitlines()
-    speed = re.fullmatch(r"int8 products alone, 1 thread, in cache: (\d+) GMAC/s; a B prompt token's 5\.14 M "
-                         r"multiply-adds take ([\d.]+) us at that speed \((\d+) tok/s\)", lines[0])
-    assert speed and float(speed[1]) > 0 and float(speed[2]) > 0, lines[0]
+    assert lines[0].startswith("CPU: ") and "flags:" in lines[0], lines[0]
+    flags = cpu_flags()
+    assert all(flag in lines[0].split("flags:")[1].split() for flag in {"avx2", "fma", "avx512f"} & flags), lines[0]
+    assert re.fullmatch(r"build: .+ kernels, (OpenMP|no OpenMP \(one thread\))", lines[1]), lines[1]
+    for kind, line in zip(("fp32", "int8"), lines[3:5]):
+        speed = re.fullmatch(kind + r" products alone, 1 thread, in cache: ([\d.]+) GMAC/s; a B prompt token's 5\.14 M "
+                             r"multiply-adds take ([\d.]+) us at that speed \((\d+) tok/s\)", line)
+        assert speed and float(speed[1]) > 0 and float(speed[2]) > 0, line
     rows = [line.split("|")[1:-1] for line in lines if line.startswith("| B ")]
     assert [(row[1].strip(), row[2].strip()) for row in rows] == [("fp32", "1"), ("fp32", "2"), ("int8", "1"), ("int8", "2")]
     assert all(float(value) > 0 for row in rows for value in row[3:5])
+    # the weights a token reads (B: 28.6 MB fp32, 8.0 MB int8), the roof's GB/s and tokens/s, generation's share
+    assert [float(row[8]) for row in rows] == [28.6, 28.6, 8.0, 8.0], rows
+    assert all(float(row[9]) > 0 and float(row[10]) > 0 and row[11].strip().endswith("%") for row in rows), rows

@@ -42,7 +42,7 @@ $(LLAMACPP):
 # After $(LLAMACPP)'s definition: prerequisites are expanded as the Makefile is read.
 # TESTS: what pytest runs (e.g. make test TESTS=tests/test_chat.py).
 TESTS ?= tests
-test: $(VENV)/.test-requirements-installed $(LLAMACPP) run rundebug runsan librun.so chromium
+test: $(VENV)/.test-requirements-installed $(LLAMACPP) run rundebug runsan librun.so chromium aarch64-tools
 	$(VENV_PYTHON) -m pytest -q $(TESTS)
 
 # Shapes A, B, C of `make bench` through llama.cpp and through our engine, side by side (bench/llamacpp.py).
@@ -90,6 +90,23 @@ runsan: $(ENGINE)
 
 librun.so: $(ENGINE)
 	$(CC) $(CFLAGS_BASE) $(NATIVE) $(OPENMP) -shared -fPIC -DARIANNA_LIBRARY -o librun.so run.c $(LDLIBS)
+
+# aarch64 from an x86 Debian machine (on the ARM machine itself `make run` builds for it): ./run-aarch64 for a
+# Raspberry Pi 5, Graviton 2+, Linux on Apple Silicon (NEON with sdot); AARCH64_MARCH=armv8-a for CPUs without the
+# dot-product extension (Pi 4's Cortex-A72). Debian's cross gcc and qemu-user (tests/test_neon.py runs the builds
+# under it): installed by aarch64-tools, as make test does, on an x86-64 Debian/Ubuntu machine as root (elsewhere
+# it does nothing, and the tests say why they skip).
+AARCH64_CC = aarch64-linux-gnu-gcc
+AARCH64_MARCH ?= armv8.2-a+dotprod
+.PHONY: aarch64-tools run-aarch64
+aarch64-tools:
+	@command -v $(AARCH64_CC) >/dev/null && command -v qemu-aarch64 >/dev/null || [ "$$(uname -m)" != x86_64 ] || \
+		[ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null || { log=$$(mktemp); { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc-aarch64-linux-gnu qemu-user; } >$$log 2>&1 || \
+		{ cat $$log >&2; rm -f $$log; exit 1; }; rm -f $$log; }
+
+run-aarch64: $(ENGINE) aarch64-tools
+	$(AARCH64_CC) $(CFLAGS_BASE) -march=$(AARCH64_MARCH) -fopenmp -o run-aarch64 run.c $(LDLIBS)
 
 # Generation and prompt tokens/s for shapes B, A, C with random weights, fp32 and int8, 1 and 2 threads.
 bench/bench_run: bench/bench_run.c $(ENGINE)

@@ -29,12 +29,13 @@ import re
 import secrets
 import shutil
 import sys
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
 from tqdm import tqdm
 
+import chat
 from config import add_config_arguments
 from formats import write_atomically
 
@@ -147,16 +148,26 @@ class ChatEval:
                                                          "beside it or in data/)"})
     temperature: float = field(default=0.0, metadata={"help": "0 = greedy"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass when sampling"})
+    # The other sampler controls default to chat.py's, so the figures are those of the answers people get.
+    top_k: int = field(default=chat.CHAT_SAMPLING.top_k, metadata={"help": "top-k when sampling (0: off)"})
+    min_p: float = field(default=chat.CHAT_SAMPLING.min_p, metadata={"help": "min-p when sampling (0: off)"})
+    repeat_penalty: float = field(default=chat.CHAT_SAMPLING.repeat_penalty,
+                                  metadata={"help": "repetition penalty, greedy too (1: off)"})
+    repeat_last_n: int = field(default=chat.CHAT_SAMPLING.repeat_last_n,
+                               metadata={"help": "tokens the penalties look back over (-1: the whole context)"})
+    presence_penalty: float = field(default=chat.CHAT_SAMPLING.presence_penalty, metadata={"help": "0: off"})
+    frequency_penalty: float = field(default=chat.CHAT_SAMPLING.frequency_penalty, metadata={"help": "0: off"})
     max_new_tokens: int = field(default=256, metadata={"help": "most tokens per answer"})
     threads: int = field(default=0, metadata={"help": "engine threads (0: the engine's choice)"})
     seed: int = field(default=0, metadata={"help": "which questions --n picks, and the sampling seed"})
     out: str = field(default="", metadata={"help": "write the figures and every answer to this JSON file"})
 
 
+SAMPLER_CONTROLS = [f.name for f in fields(chat.SamplingConfig) if f.name != "seed"]
+
+
 def answer_questions(model: Path, options: ChatEval, questions: list[Question]) -> list[str]:
     """Each question in a fresh conversation (its system prompt and history loaded first) through librun.so."""
-    import chat
-
     if not model.is_file():
         raise EvalError(f"model {model} not found; export one with `python export.py {model} --checkpoint=...`")
     tokenizer = Path(options.tokenizer) if options.tokenizer else chat.find_tokenizer(model)
@@ -166,8 +177,7 @@ def answer_questions(model: Path, options: ChatEval, questions: list[Question]) 
     answers = []
     try:
         for index, question in enumerate(progress(questions, len(questions), "chat")):
-            sampling = chat.SamplingConfig(temperature=options.temperature, top_p=options.top_p,
-                                           max_new_tokens=options.max_new_tokens,
+            sampling = chat.SamplingConfig(**{name: getattr(options, name) for name in SAMPLER_CONTROLS},
                                            seed=options.seed * 1_000_003 + index + 1)
             conversation = chat.Conversation(engine, sampling)
             history = [chat.Exchange(user, answer, engine.encode(answer) + [engine.eos])
@@ -448,16 +458,18 @@ def execute(task: Task, completion: str, box: Any, limits: Any) -> tuple[bool, s
 
 
 class Completer:
-    """Raw completions of a prompt through the C engine: BOS + prompt, sampled until EOS, a stop sequence or the cap."""
+    """Raw completions of a prompt through the C engine: BOS + prompt, sampled until EOS, a stop sequence or the cap.
+
+    A prompt that leaves the answer less than min(max_new_tokens, half the context) loses its oldest tokens after
+    BOS (as llama.cpp keeps BOS when it shifts the context); `cut` collects those prompts, for a warning."""
 
     def __init__(self, model: Path, tokenizer: str, threads: int):
-        import chat
-
         if not model.is_file():
             raise EvalError(f"model {model} not found; export one with `python export.py`")
         tokenizer_path = Path(tokenizer) if tokenizer else chat.find_tokenizer(model)
         self.engine = chat.Engine(chat.load_library(chat.library_path()), model, tokenizer_path, threads)
         self.rng = ctypes.c_ulonglong(1)
+        self.cut: set[str] = set()
 
     def complete(self, prompt: str, temperature: float, top_p: float, max_new_tokens: int, seed: int,
                  stops: tuple[str, ...], chat: bool = False) -> str:
@@ -466,7 +478,9 @@ class Completer:
         engine = self.engine
         tokens = engine.chat_turn("", prompt, True) if chat else [engine.bos] + engine.encode(prompt)
         room = max(1, min(max_new_tokens, engine.seq_len // 2))
-        tokens = tokens[-(engine.seq_len - room):] if len(tokens) > engine.seq_len - room else tokens
+        if len(tokens) > engine.seq_len - room:
+            tokens = tokens[:1] + tokens[len(tokens) - (engine.seq_len - room - 1):]
+            self.cut.add(prompt)
         engine.feed(tokens, 0)
         self.rng.value = seed & 0xFFFFFFFFFFFFFFFF or 1
         stream, text, prev = chat.TextStream(), "", tokens[-1]
@@ -536,6 +550,7 @@ def evaluate_code(model: Optional[str], options: CodeEval) -> tuple[dict[str, An
         if message:
             print(f"skipping {language} tasks: {message}", file=sys.stderr)
     tasks = [task for task in tasks if not missing[task.language]]
+    prompts_cut = 0
     if options.completions:
         completions = given_completions(options, tasks)
     elif model:
@@ -550,6 +565,11 @@ def evaluate_code(model: Optional[str], options: CodeEval) -> tuple[dict[str, An
                                                                 stops, options.chat) for sample in range(options.n)]
         finally:
             completer.close()
+        prompts_cut = len(completer.cut)
+        if prompts_cut:
+            print(f"warning: {prompts_cut} of {len(tasks)} prompts left the answer less than --max_new_tokens="
+                  f"{options.max_new_tokens} (or half the context) and were cut to their last tokens after BOS; "
+                  "a smaller --max_new_tokens or a model with a longer context keeps them whole", file=sys.stderr)
     else:
         raise EvalError("give a MODEL to generate with, or --completions=FILE (or canonical)")
     box = sandbox.Sandbox()
@@ -580,7 +600,7 @@ def evaluate_code(model: Optional[str], options: CodeEval) -> tuple[dict[str, An
             overall[f"pass@{k}"] = sum(scored) / len(scored)
     proxy = sum(entry["proxy"] for entry in results)
     report = {"mode": "code", "model": model, **asdict(options), "sandbox": box.isolation(), **overall,
-              "tasks_scored": len(results), "proxy_tasks": proxy, "results": results}
+              "tasks_scored": len(results), "proxy_tasks": proxy, "prompts_cut": prompts_cut, "results": results}
     if options.pairs_out:
         report["pairs"] = write_preferences(Path(options.pairs_out), results, options.seed)
     figures = ", ".join(f"{name} {value:.3f}" for name, value in overall.items()) or "no k within --n"

@@ -143,13 +143,15 @@ def pretrain_shards(data_dir: str | Path, vocab_size: int) -> TokenShards:
 class SFTStream:
     """The micro-batches of an SFT run, a pure function of the micro-batch index (so resuming needs only the step).
 
-    Examples are visited epoch by epoch in a seeded shuffle; with pretrain_mix F, micro-batch m carries
-    floor((m+1) F B) - floor(m F B) pretraining windows among its B rows, so their share is exactly F over time.
+    Examples are visited epoch by epoch in a seeded shuffle, batched by similar length (Shuffled); with pretrain_mix
+    F, micro-batch m carries floor((m+1) F B) - floor(m F B) pretraining windows among its B rows, so their share is
+    exactly F over time.
     """
 
     def __init__(self, examples: list[SFTExample], batch_size: int, seed: int,
                  pretrain: Optional[TokenShards] = None, pretrain_mix: float = 0.0, context: int = 256):
-        self.examples, self.batch_size, self.seed = Shuffled(examples, seed), batch_size, seed
+        self.examples = Shuffled(examples, seed, length=lambda example: len(example.tokens), batch=batch_size)
+        self.batch_size, self.seed = batch_size, seed
         self.pretrain, self.pretrain_mix, self.context = pretrain, pretrain_mix, context
 
     def pretrain_rows(self, micro: int) -> int:

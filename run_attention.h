@@ -49,9 +49,7 @@ static void attention_token(float *out, const float *q, const float *kt, const f
         for (int i = 0; i < head; i++) a += q[i] * *key_at(kt, kv_dim, i, p);
         att[p] = a;
     }
-    float maxv = -INFINITY, sum = 0.0f;
-    for (p = 0; p < end; p++) maxv = fmaxf(maxv, att[p] *= inv_sqrt);
-    for (p = 0; p < end; p++) sum += (att[p] = expf(att[p] - maxv));
+    const float sum = softmax_numerators(att, end, inv_sqrt);
     int c = 0;
     for (; c + 4 * VLEN <= head; c += 4 * VLEN) values_vectors(out, att, vc, kv_dim, end, c, 4);
     for (; c + VLEN <= head; c += VLEN) values_vectors(out, att, vc, kv_dim, end, c, 1);

@@ -1,7 +1,8 @@
 /* run_kernels.h: the matrix products and element-wise kernels of run.c's forward pass.
 
-   Each kernel has a SIMD path chosen at compile time by what -march allows (AVX-512, AVX-512 VNNI, AVX2, or the
-   compiler's own vectors) and a portable twin; the tests build run.c both ways and compare each with PyTorch.
+   Each kernel has a SIMD path chosen at compile time by what -march allows (AVX-512, AVX-512 VNNI, AVX2, NEON on
+   aarch64 with or without the dot-product extension, or the compiler's own vectors) and a portable twin; the tests
+   build run.c both ways and compare each with PyTorch (the aarch64 builds under qemu: tests/test_neon.py).
    Part of run.c's single compile unit (run.c includes it), so everything here is static. */
 #ifndef RUN_KERNELS_H
 #define RUN_KERNELS_H
@@ -11,6 +12,10 @@
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
+#if defined(__aarch64__) && defined(__ARM_NEON)
+#include <arm_neon.h>
+#define HAVE_NEON 1 /* A64's NEON: every aarch64 CPU has it (across-lane sums, fma, division) */
+#endif
 /* The int8 kernels on repacked weights (pack_q8): AVX-512 VNNI, else AVX2; without either, a plain loop. */
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define HAVE_AVX512_VNNI 1
@@ -18,13 +23,16 @@
 #elif defined(__AVX2__)
 #define HAVE_AVX2_INT8 1
 #define PACKED_Q8_BIAS 0
+#elif defined(HAVE_NEON)
+#define HAVE_NEON_INT8 1
+#define PACKED_Q8_BIAS 0 /* sdot (and smull) multiply signed by signed bytes */
 #endif
 
 static inline int clamp(int v, int lo, int hi) { return v < lo ? lo : v > hi ? hi : v; }
 static inline int min_int(int a, int b) { return a < b ? a : b; }
 
 /* One weight matrix [rows, cols]: fp32 (f) or Q8_0 (q with scales s, one per group_size values). With AVX-512
-   VNNI or AVX2, Q8_0 matrices the kernels read are also repacked at load (see pack_q8): packed
+   VNNI, AVX2 or NEON, Q8_0 matrices the kernels read are also repacked at load (see pack_q8): packed
    [rows/16][cols/4][16][4] bytes, packed_scales [rows/16][cols/group_size][16]. */
 typedef struct {
     const float *f;
@@ -106,6 +114,26 @@ static inline __m512 exp_nonpositive(__m512 x) {
     for (int i = 1; i < 6; i++) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(exp_poly[i]));
     p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
     return _mm512_scalef_ps(p, n);
+}
+#endif
+
+#if defined(HAVE_NEON)
+/* exp(x) for x <= 0, exp_nonpositive's polynomial on 4 lanes; 2^n (n >= -126 after the clamp) is built in the
+   exponent bits. */
+static inline float32x4_t exp_nonpositive_neon(float32x4_t x) {
+    x = vmaxq_f32(x, vdupq_n_f32(-87.0f));
+    const float32x4_t n = vrndnq_f32(vmulq_n_f32(x, 1.44269504088896341f));
+    float32x4_t r = vfmsq_f32(x, n, vdupq_n_f32(0.693359375f));
+    r = vfmsq_f32(r, n, vdupq_n_f32(-2.12194440e-4f));
+    float32x4_t p = vdupq_n_f32(1.9875691500e-4f);
+    p = vfmaq_f32(vdupq_n_f32(1.3981999507e-3f), p, r);
+    p = vfmaq_f32(vdupq_n_f32(8.3334519073e-3f), p, r);
+    p = vfmaq_f32(vdupq_n_f32(4.1665795894e-2f), p, r);
+    p = vfmaq_f32(vdupq_n_f32(1.6666665459e-1f), p, r);
+    p = vfmaq_f32(vdupq_n_f32(5.0000001201e-1f), p, r);
+    p = vfmaq_f32(vaddq_f32(r, vdupq_n_f32(1.0f)), vmulq_f32(p, r), r);
+    const int32x4_t two_n = vshlq_n_s32(vaddq_s32(vcvtq_s32_f32(n), vdupq_n_s32(127)), 23);
+    return vmulq_f32(p, vreinterpretq_f32_s32(two_n));
 }
 #endif
 
@@ -263,6 +291,18 @@ static inline float dot_f32(const float *w, const float *x, int n) {
     }
     const __m256 sum = _mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3]));
     return _mm_cvtss_f32(hsum4(sum, sum, sum, sum));
+#elif defined(HAVE_NEON)
+    /* 8 chains against fmla's latency (3-4 cycles) on 2-4 pipes; the compiler's vectors made one chain here. */
+    float32x4_t a[8];
+    for (int j = 0; j < 8; j++) a[j] = vdupq_n_f32(0.0f);
+    int k = 0;
+    for (; k + 32 <= n; k += 32)
+        for (int j = 0; j < 8; j++) a[j] = vfmaq_f32(a[j], vld1q_f32(w + k + 4 * j), vld1q_f32(x + k + 4 * j));
+    for (; k + 4 <= n; k += 4) a[0] = vfmaq_f32(a[0], vld1q_f32(w + k), vld1q_f32(x + k));
+    float sum = vaddvq_f32(vaddq_f32(vaddq_f32(vaddq_f32(a[0], a[1]), vaddq_f32(a[2], a[3])),
+                                     vaddq_f32(vaddq_f32(a[4], a[5]), vaddq_f32(a[6], a[7]))));
+    for (; k < n; k++) sum += w[k] * x[k];
+    return sum;
 #else
     float dot;
     tile_f32(&dot, 1, w, x, 0, n, 1, 1);
@@ -319,6 +359,27 @@ static void quantize_row(int8_t *q, float *s, int32_t *start, const float *x, in
                 sum = _mm512_add_epi32(sum, _mm512_cvtepi8_epi32(q16)); /* the stored bytes (NaN makes 0, not INT_MIN) */
             }
             start[g] = -128 * _mm512_reduce_add_epi32(sum);
+        }
+        return;
+    }
+#elif defined(HAVE_NEON)
+    if (gs % 8 == 0) { /* the same arithmetic as below, 8 values at a time (vcvtnq rounds half to even, as lrintf;
+                          vmaxnm skips NaN, as fmaxf) */
+        for (int g = 0; g < n / gs; g++) {
+            const float *xg = x + (size_t)g * gs;
+            float32x4_t amax = vdupq_n_f32(0.0f);
+            for (int j = 0; j < gs; j += 4) amax = vmaxnmq_f32(amax, vabsq_f32(vld1q_f32(xg + j)));
+            const float scale = vmaxnmvq_f32(amax) / 127.0f, inv = scale > 0.0f ? 1.0f / scale : 0.0f;
+            s[g] = scale;
+            int32x4_t sum = vdupq_n_s32(0);
+            for (int j = 0; j < gs; j += 8) {
+                const int32x4_t lo = vcvtnq_s32_f32(vmulq_n_f32(vld1q_f32(xg + j), inv));
+                const int32x4_t hi = vcvtnq_s32_f32(vmulq_n_f32(vld1q_f32(xg + j + 4), inv));
+                const int8x8_t q8 = vqmovn_s16(vcombine_s16(vqmovn_s32(lo), vqmovn_s32(hi)));
+                vst1_s8(q + (size_t)g * gs + j, q8);
+                sum = vpadalq_s16(sum, vmovl_s8(q8));
+            }
+            start[g] = -128 * vaddvq_s32(sum);
         }
         return;
     }
@@ -505,6 +566,114 @@ static void matmul_packed_q8(float *out, const Matrix *m, const QuantizedRows *x
         for (; t < n_tok; t++) block_q8_avx2(out, m->rows, m, b, keep, x, t, gs, 1);
     }
 }
+#elif defined(HAVE_NEON_INT8)
+/* A block's int32 sums for one token on the packed weights (see pack_q8): the 16 bytes at w + 16 i hold 4
+   columns of rows 4i..4i+3, so a product with the 4 input bytes broadcast to every lane adds each row's 4
+   products into its own lane. Held in 8 registers; row_sums(sums, i) is rows 4i..4i+3's total.
+   With the dot-product extension (sdot: 16 multiply-adds per instruction), sums[i] and sums[4 + i] are the
+   even and odd quads of columns, two chains against sdot's latency; without it, smull multiplies 8 bytes into
+   16-bit products (|w x| <= 128 * 128 fits) and sadalp adds pairs of them into 32-bit lanes, rows 4i..4i+1 in
+   sums[2 i] and 4i+2..4i+3 in sums[2 i + 1], a row's two pair sums side by side. Either way exact in int32. */
+#if defined(__ARM_FEATURE_DOTPROD)
+/* One quad of columns (64 bytes at w), x its 4 input bytes broadcast. */
+static inline __attribute__((always_inline)) void dot_quad(int32x4_t sums[8], const uint8_t *w, int8x16_t x) {
+    for (int i = 0; i < 4; i++) sums[i] = vdotq_s32(sums[i], vreinterpretq_s8_u8(vld1q_u8(w + 16 * i)), x);
+}
+
+/* Four quads (256 bytes at w), x their 16 input bytes: sdot by element takes each quad's bytes from its lane. */
+static inline __attribute__((always_inline)) void dot_4quads(int32x4_t sums[8], const uint8_t *w, int8x16_t x) {
+    for (int i = 0; i < 4; i++) {
+        sums[i] = vdotq_laneq_s32(sums[i], vreinterpretq_s8_u8(vld1q_u8(w + 16 * i)), x, 0);
+        sums[4 + i] = vdotq_laneq_s32(sums[4 + i], vreinterpretq_s8_u8(vld1q_u8(w + 64 + 16 * i)), x, 1);
+        sums[i] = vdotq_laneq_s32(sums[i], vreinterpretq_s8_u8(vld1q_u8(w + 128 + 16 * i)), x, 2);
+        sums[4 + i] = vdotq_laneq_s32(sums[4 + i], vreinterpretq_s8_u8(vld1q_u8(w + 192 + 16 * i)), x, 3);
+    }
+}
+
+static inline int32x4_t row_sums(const int32x4_t sums[8], int i) { return vaddq_s32(sums[i], sums[4 + i]); }
+
+/* Tokens per weight load in a batch: 16 sums, 8 accumulators, 4 weights and 2 inputs fill 30 of 32 registers. */
+#define NEON_TOKENS 2
+#else
+static inline __attribute__((always_inline)) void dot_quad(int32x4_t sums[8], const uint8_t *w, int8x16_t x) {
+    for (int i = 0; i < 4; i++) {
+        const int8x16_t wv = vreinterpretq_s8_u8(vld1q_u8(w + 16 * i));
+        sums[2 * i] = vpadalq_s16(sums[2 * i], vmull_s8(vget_low_s8(wv), vget_low_s8(x)));
+        sums[2 * i + 1] = vpadalq_s16(sums[2 * i + 1], vmull_high_s8(wv, x));
+    }
+}
+
+/* Quad j's 4 bytes of x, broadcast (j a constant). */
+#define QUAD(x, j) vreinterpretq_s8_s32(vdupq_laneq_s32(vreinterpretq_s32_s8(x), j))
+
+static inline __attribute__((always_inline)) void dot_4quads(int32x4_t sums[8], const uint8_t *w, int8x16_t x) {
+    dot_quad(sums, w, QUAD(x, 0));
+    dot_quad(sums, w + 64, QUAD(x, 1));
+    dot_quad(sums, w + 128, QUAD(x, 2));
+    dot_quad(sums, w + 192, QUAD(x, 3));
+}
+#undef QUAD
+
+static inline int32x4_t row_sums(const int32x4_t sums[8], int i) { return vpaddq_s32(sums[2 * i], sums[2 * i + 1]); }
+
+#define NEON_TOKENS 1 /* two would spill: each quad's 8 products take registers of their own before sadalp */
+#endif
+
+/* Block b's 16 rows times T (1 or NEON_TOKENS) tokens from t0: per group, exact int32 sums 16 columns at a time
+   (then a quad at a time), and one multiply-add by the rows' scales times the token's scale, as dot_q8 does per
+   row. In a batch the block's cols * 16 bytes of weights are re-read from L1 for each token or pair of tokens. */
+static inline __attribute__((always_inline)) void block_q8_neon(float *out, int ostride, const Matrix *m, int b,
+                                                               unsigned keep, const QuantizedRows *x, int t0, int gs,
+                                                               int T) {
+    const int cols = m->cols, groups = cols / gs, quads = gs / 4;
+    const uint8_t *w = m->packed + (size_t)b * (cols / 4) * 64;
+    float32x4_t acc[NEON_TOKENS][4];
+    for (int t = 0; t < T; t++)
+        for (int i = 0; i < 4; i++) acc[t][i] = vdupq_n_f32(0.0f);
+    for (int g = 0; g < groups; g++) {
+        int32x4_t sums[NEON_TOKENS][8];
+        for (int t = 0; t < T; t++)
+            for (int i = 0; i < 8; i++) sums[t][i] = vdupq_n_s32(0);
+        const int end = (g + 1) * quads;
+        int k = g * quads;
+        for (; k + 4 <= end; k += 4)
+            for (int t = 0; t < T; t++)
+                dot_4quads(sums[t], w + (size_t)k * 64, vld1q_s8(x->q + (size_t)(t0 + t) * cols + 4 * k));
+        for (; k < end; k++)
+            for (int t = 0; t < T; t++)
+                dot_quad(sums[t], w + (size_t)k * 64,
+                         vreinterpretq_s8_s32(vdupq_n_s32(load_i32(x->q + (size_t)(t0 + t) * cols + 4 * k))));
+        const float *ws = m->packed_scales + ((size_t)b * groups + g) * 16;
+        for (int t = 0; t < T; t++) {
+            const float xs = x->s[(size_t)(t0 + t) * groups + g];
+            for (int i = 0; i < 4; i++)
+                acc[t][i] = vfmaq_f32(acc[t][i], vcvtq_f32_s32(row_sums(sums[t], i)),
+                                      vmulq_n_f32(vld1q_f32(ws + 4 * i), xs));
+        }
+    }
+    for (int t = 0; t < T; t++) {
+        float *row = out + (size_t)(t0 + t) * ostride + (size_t)b * 16;
+        if (keep == 0xFFFFu)
+            for (int i = 0; i < 4; i++) vst1q_f32(row + 4 * i, acc[t][i]);
+        else {
+            float lanes[16];
+            for (int i = 0; i < 4; i++) vst1q_f32(lanes + 4 * i, acc[t][i]);
+            for (int lane = 0; lane < 16; lane++)
+                if (keep >> lane & 1) row[lane] = lanes[lane];
+        }
+    }
+}
+
+/* Rows [r0, r1) on packed weights, block after block (one sequential stream when generating). */
+static void matmul_packed_q8(float *out, const Matrix *m, const QuantizedRows *x, int n_tok, int gs, int r0, int r1) {
+    for (int b = r0 / 16; b < (r1 + 15) / 16; b++) {
+        const unsigned keep = lanes_in_range(b, r0, r1);
+        for (int t = 0; t < n_tok; t += NEON_TOKENS) {
+            if (n_tok - t >= NEON_TOKENS) block_q8_neon(out, m->rows, m, b, keep, x, t, gs, NEON_TOKENS);
+            else block_q8_neon(out, m->rows, m, b, keep, x, t, gs, 1);
+        }
+    }
+}
 #endif
 
 static float dot_q8(const int8_t *wq, const float *ws, const int8_t *xq, const float *xs, int n, int gs) {
@@ -542,6 +711,20 @@ static void rmsnorm(float *out, const float *x, const float *weight, int n, floa
         squares = _mm512_fmadd_ps(v, v, squares);
     }
     ss = _mm512_reduce_add_ps(squares);
+#elif defined(HAVE_NEON)
+    float32x4_t squares[4] = {vdupq_n_f32(0.0f), vdupq_n_f32(0.0f), vdupq_n_f32(0.0f), vdupq_n_f32(0.0f)};
+    int i = 0;
+    for (; i + 16 <= n; i += 16)
+        for (int j = 0; j < 4; j++) {
+            const float32x4_t v = vld1q_f32(x + i + 4 * j);
+            squares[j] = vfmaq_f32(squares[j], v, v);
+        }
+    for (; i + 4 <= n; i += 4) {
+        const float32x4_t v = vld1q_f32(x + i);
+        squares[0] = vfmaq_f32(squares[0], v, v);
+    }
+    ss = vaddvq_f32(vaddq_f32(vaddq_f32(squares[0], squares[1]), vaddq_f32(squares[2], squares[3])));
+    for (; i < n; i++) ss += x[i] * x[i];
 #else
     for (int i = 0; i < n; i++) ss += x[i] * x[i];
 #endif
@@ -567,7 +750,14 @@ static void rope_range(const float *rope_cos, const float *rope_sin, float *v, i
                                                                    _mm512_mul_ps(swapped, _mm512_maskz_loadu_ps(mask, sn + j))));
             }
 #else
-            for (int j = j0; j < j1; j += 2) {
+            int j = j0;
+#if defined(HAVE_NEON)
+            for (; j + 4 <= j1; j += 4) { /* rev64 swaps the pairs (j0 is even) */
+                const float32x4_t a = vld1q_f32(x + j);
+                vst1q_f32(x + j, vfmaq_f32(vmulq_f32(vrev64q_f32(a), vld1q_f32(sn + j)), a, vld1q_f32(cs + j)));
+            }
+#endif
+            for (; j < j1; j += 2) {
                 const float a = x[j], b = x[j + 1];
                 x[j] = a * cs[j] + b * sn[j];
                 x[j + 1] = b * cs[j + 1] + a * sn[j + 1];
@@ -576,6 +766,15 @@ static void rope_range(const float *rope_cos, const float *rope_sin, float *v, i
         }
     }
 }
+
+#if defined(HAVE_NEON)
+/* silu(a) * g on 4 lanes, as swiglu's AVX-512 path computes it. */
+static inline float32x4_t swiglu_neon(float32x4_t a, float32x4_t g) {
+    const float32x4_t e = exp_nonpositive_neon(vnegq_f32(vabsq_f32(a)));
+    const float32x4_t numerator = vbslq_f32(vcltzq_f32(a), vmulq_f32(a, e), a);
+    return vmulq_f32(vdivq_f32(numerator, vaddq_f32(vdupq_n_f32(1.0f), e)), g);
+}
+#endif
 
 /* h = silu(h) * gate over n values (SwiGLU). Every value takes the same path whatever its index, so how the
    threads split the rows cannot change a result. */
@@ -601,8 +800,45 @@ static void swiglu(float *h, const float *gate, int n) {
         _mm256_maskstore_ps(h + i, mask, _mm256_mul_ps(_mm256_div_ps(numerator, _mm256_add_ps(one, e)),
                                                        _mm256_maskload_ps(gate + i, mask)));
     }
+#elif defined(HAVE_NEON)
+    /* As above; a last partial vector goes through the same lanes from a copy. */
+    int i = 0;
+    for (; i + 4 <= n; i += 4) vst1q_f32(h + i, swiglu_neon(vld1q_f32(h + i), vld1q_f32(gate + i)));
+    if (i < n) {
+        float hv[4] = {0}, gv[4] = {0};
+        memcpy(hv, h + i, (size_t)(n - i) * 4), memcpy(gv, gate + i, (size_t)(n - i) * 4);
+        vst1q_f32(hv, swiglu_neon(vld1q_f32(hv), vld1q_f32(gv)));
+        memcpy(h + i, hv, (size_t)(n - i) * 4);
+    }
 #else
     for (int i = 0; i < n; i++) h[i] = h[i] / (1.0f + expf(-h[i])) * gate[i];
 #endif
+}
+
+/* a[p] = exp(a[p] * scale - max) for p < n, where max is the largest a[p] * scale; returns their sum: the
+   numerators of softmax(a * scale). */
+static float softmax_numerators(float *a, int n, float scale) {
+    float maxv = -INFINITY, sum = 0.0f;
+#if defined(HAVE_NEON)
+    int p = 0;
+    float32x4_t vmax = vdupq_n_f32(-INFINITY), vsum = vdupq_n_f32(0.0f);
+    for (; p + 4 <= n; p += 4) {
+        const float32x4_t v = vmulq_n_f32(vld1q_f32(a + p), scale);
+        vst1q_f32(a + p, v);
+        vmax = vmaxq_f32(vmax, v);
+    }
+    for (maxv = vmaxvq_f32(vmax); p < n; p++) maxv = fmaxf(maxv, a[p] *= scale);
+    const float32x4_t vm = vdupq_n_f32(maxv);
+    for (p = 0; p + 4 <= n; p += 4) {
+        const float32x4_t e = exp_nonpositive_neon(vsubq_f32(vld1q_f32(a + p), vm));
+        vst1q_f32(a + p, e);
+        vsum = vaddq_f32(vsum, e);
+    }
+    for (sum = vaddvq_f32(vsum); p < n; p++) sum += (a[p] = expf(a[p] - maxv));
+#else
+    for (int p = 0; p < n; p++) maxv = fmaxf(maxv, a[p] *= scale);
+    for (int p = 0; p < n; p++) sum += (a[p] = expf(a[p] - maxv));
+#endif
+    return sum;
 }
 #endif

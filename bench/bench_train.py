@@ -1,4 +1,4 @@
-"""Training throughput benchmark: tokens/s of a training step, float32 eager against the faster settings.
+"""Training throughput benchmark: tokens/s of a training step, llama2.c's recipe against ours in each dtype.
 
     python bench/bench_train.py                # dim 288, 6 layers, 6 heads, vocab 4096, batch 8 x 256
     python bench/bench_train.py --compile=true # also time torch.compile (slow first step, not counted)
@@ -21,7 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the toolkit's
 
 from model import ModelArgs, Transformer  # noqa: E402
 from config import parse_config  # noqa: E402
-from training import cpu_has_fast_bf16  # noqa: E402
+from training import cpu_has_fast_bf16, make_optimizer, pick_dtype, setup_runtime  # noqa: E402
+from cpu import cpu_description  # noqa: E402
+from llama2c_recipe import RecipeTransformer  # noqa: E402
 
 
 @dataclass
@@ -53,15 +55,34 @@ def synthetic_batches(cfg: BenchConfig, count: int) -> list[tuple[torch.Tensor, 
     return batches
 
 
-def run_setting(cfg: BenchConfig, dtype: torch.dtype, compiled: bool,
+@dataclass
+class Setting:
+    name: str
+    dtype: torch.dtype
+    compiled: bool = False
+    recipe: bool = False  # llama2.c's recipe (bench/llama2c_recipe.py) instead of model.py + training.py
+
+
+def build(cfg: BenchConfig, setting: Setting) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    args = ModelArgs(dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads, vocab_size=cfg.vocab_size,
+                     max_seq_len=cfg.seq_len)
+    model = Transformer(args)
+    if setting.recipe:  # the same initial weights in llama2.c's recipe
+        recipe = RecipeTransformer(args.dim, args.n_layers, args.n_heads, args.vocab_size, args.max_seq_len,
+                                   args.hidden_dim)
+        recipe.load_state_dict(model.state_dict())
+        return recipe, recipe.optimizer(1e-3)
+    return model, make_optimizer(model, 1e-3, 0.1, (0.9, 0.95), setup_runtime("cpu", "float32"))
+
+
+def run_setting(cfg: BenchConfig, setting: Setting,
                 batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, list[float]]:
     """(tokens/s over the timed steps, loss per step) for one setting."""
-    torch.manual_seed(0)
-    model = Transformer(ModelArgs(dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
-                                  vocab_size=cfg.vocab_size, max_seq_len=cfg.seq_len))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), fused=True)
-    step_model = torch.compile(model) if compiled else model
-    autocast = (torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext())
+    model, optimizer = build(cfg, setting)
+    step_model = torch.compile(model) if setting.compiled else model
+    autocast = (torch.autocast("cpu", dtype=setting.dtype) if setting.dtype != torch.float32
+                else contextlib.nullcontext())
     losses, elapsed = [], 0.0
     for index, (inputs, targets) in enumerate(batches):
         started = time.perf_counter()
@@ -82,20 +103,28 @@ def main() -> None:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     batches = synthetic_batches(cfg, cfg.warmup + cfg.steps)
-    settings = [("float32 eager", torch.float32, False), ("bfloat16 autocast", torch.bfloat16, False)]
+    pipeline_dtype = pick_dtype("auto", "cpu")  # what train_arianna.py chooses on this CPU
+    settings = [Setting("llama2.c recipe, float32", torch.float32, recipe=True),
+                Setting("ours, float32", torch.float32), Setting("ours, bfloat16", torch.bfloat16)]
     if cfg.compile:
-        settings.append(("bfloat16 + compile", torch.bfloat16, True))
-    print(f"shape: dim {cfg.dim}, {cfg.n_layers} layers, {cfg.n_heads} heads, vocab {cfg.vocab_size}, "
-          f"batch {cfg.batch_size} x {cfg.seq_len}; {torch.get_num_threads()} threads; "
-          f"native bf16 on this CPU: {cpu_has_fast_bf16()}")
-    print(f"{'setting':<22}{'tokens/s':>10}{'speed-up':>10}{'first loss':>12}{'last loss':>11}{'max |dloss|':>13}")
+        settings += [Setting("ours, float32 + compile", torch.float32, compiled=True),
+                     Setting("ours, bfloat16 + compile", torch.bfloat16, compiled=True)]
+    print(f"CPU: {cpu_description()}; PyTorch {torch.__version__} kernels: {torch.backends.cpu.get_cpu_capability()}, "
+          f"{torch.get_num_threads()} threads")
+    print(f"the pipeline trains in {str(pipeline_dtype).removeprefix('torch.')} here (native bf16: "
+          f"{cpu_has_fast_bf16()}); shape: dim {cfg.dim}, {cfg.n_layers} layers, {cfg.n_heads} heads, "
+          f"vocab {cfg.vocab_size}, batch {cfg.batch_size} x {cfg.seq_len}")
+    print(f"{'setting':<28}{'tokens/s':>10}{'vs llama2.c':>13}{'first loss':>12}{'last loss':>11}{'max |dloss|':>13}")
     baseline_speed, baseline_losses = None, None
-    for name, dtype, compiled in settings:
-        speed, losses = run_setting(cfg, dtype, compiled, batches)
+    for setting in settings:
+        speed, losses = run_setting(cfg, setting, batches)
         if baseline_speed is None:
             baseline_speed, baseline_losses = speed, losses
         gap = max(abs(a - b) for a, b in zip(losses, baseline_losses))
-        print(f"{name:<22}{speed:>10.0f}{speed / baseline_speed:>9.2f}x{losses[0]:>12.4f}{losses[-1]:>11.4f}{gap:>13.4f}")
+        default = "  <- the pipeline's default" if setting.dtype == pipeline_dtype and not setting.compiled \
+            and not setting.recipe else ""
+        print(f"{setting.name:<28}{speed:>10.0f}{speed / baseline_speed:>12.2f}x{losses[0]:>12.4f}"
+              f"{losses[-1]:>11.4f}{gap:>13.4f}{default}")
 
 
 if __name__ == "__main__":

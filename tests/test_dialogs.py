@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 
 from markdown_to_conversations import ConversationConfig, build_dialogs, read_markdown_files, split_sections
@@ -34,3 +35,31 @@ def test_heldout_questions_match_their_sections_and_are_not_template_phrasings()
         assert question.casefold() not in template_questions, question
         languages["ru" if re.search("[а-яё]", question, re.I) else "en"] += 1
     assert languages["ru"] >= 25 and languages["en"] >= 25
+
+
+def test_vim_corpus_chapters_become_markdown_sections() -> None:
+    sys.path.insert(0, str(REPO / "eval"))
+    from vim_corpus import chapter_markdown
+
+    chapter = ("*usr_02.txt*\tFor Vim version 9.0.  Last change: 2021 Jan 01\n\n"
+               "\t\t     VIM USER MANUAL - by Bram Moolenaar\n\n\t\t\tThe first steps in Vim\n\n"
+               "==============================================================================\n"
+               "*02.1*\tRunning Vim for the First Time\n\nTo start Vim, enter this command:\n>\n\tgvim file.txt\n")
+    assert chapter_markdown(chapter) == ("# The first steps in Vim\n\n## Running Vim for the First Time\n\n"
+                                         "To start Vim, enter this command:\n>\n\tgvim file.txt\n")
+
+
+def test_vim_heldout_questions_are_not_template_phrasings(tmp_path: Path) -> None:
+    """eval/vim_heldout.jsonl: no question is one the dialog builder asks about its section."""
+    records = [json.loads(line) for line in (REPO / "eval/vim_heldout.jsonl").read_text(encoding="utf-8").splitlines()]
+    chapters: dict[str, str] = {}
+    for record in records:
+        file, heading = record["source"].split("#", 1)
+        chapters[file] = chapters.get(file, "") + f"## {heading}\n\n{record['messages'][1]['content']}\n\n"
+    for file, text in chapters.items():
+        (tmp_path / file).write_text(text, encoding="utf-8")
+    built, sections, _ = build_dialogs(ConversationConfig(doc_dir=str(tmp_path), questions_per_section=100,
+                                                          max_answer_tokens=10**6))
+    template_questions = {dialog["messages"][0]["content"].casefold() for dialog in built}
+    assert len(records) >= 30 and sections == len(records)
+    assert not {record["messages"][0]["content"].casefold() for record in records} & template_questions

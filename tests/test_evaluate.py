@@ -91,6 +91,15 @@ def test_chat_scores_a_model_that_recalls_its_dialogs_near_100_and_an_untrained_
     assert untrained["chrf"] < 25 and untrained["bleu"] < 5
 
 
+def test_chat_takes_the_sampler_controls_with_chat_pys_defaults(models) -> None:
+    controls = [name for name in evaluate.SAMPLER_CONTROLS if name not in ("temperature", "top_p", "max_new_tokens")]
+    plain = run_chat(models, "trained", models["dialogs"])
+    assert {name: plain[name] for name in controls} == {name: getattr(chat.CHAT_SAMPLING, name) for name in controls}
+    # A penalty on every token already in the context pushes the model off the answers it recalls word for word.
+    penalised = run_chat(models, "trained", models["dialogs"], "--repeat_penalty=100", "--repeat_last_n=-1")
+    assert penalised["repeat_penalty"] == 100 and penalised["chrf"] < plain["chrf"] - 10
+
+
 def test_degenerate_means_a_phrase_of_up_to_three_words_three_times_in_a_row() -> None:
     assert evaluate.is_degenerate("В InnerArianna — это это это это")
     assert evaluate.is_degenerate("the model is, the model is the model is done")
@@ -216,3 +225,21 @@ def test_code_generates_n_completions_per_task_through_the_engine_repeatably_by_
 
     first = completions(1)
     assert first == completions(1) and first != completions(2) and len(set(first)) > 1
+
+
+def test_code_prompt_longer_than_the_context_keeps_bos_and_its_end_and_is_counted(models) -> None:
+    completer = evaluate.Completer(models["trained"], str(models["tokenizer"]), threads=1)
+    fed: list[list[int]] = []
+    feed = completer.engine.feed
+    completer.engine.feed = lambda tokens, pos: (fed.append(list(tokens)) if pos == 0 else None, feed(tokens, pos))
+    try:
+        short, long = QA[2][0], " ".join(q for q, _ in QA * 3) + " " + QA[2][0]
+        for prompt in (short, long):
+            completer.complete(prompt, 0.0, 1.0, 40, 1, (), chat=True)
+        whole = completer.engine.chat_turn("", long, True)
+        assert fed[0] == completer.engine.chat_turn("", short, True)
+        # 96 positions, 40 of them kept for the answer: BOS and the prompt's last 55 tokens.
+        assert len(whole) > 56 and fed[1] == [completer.engine.bos] + whole[-55:]
+        assert completer.cut == {long}
+    finally:
+        completer.close()

@@ -27,11 +27,11 @@ def box() -> sandbox.Sandbox:
     return sandbox.Sandbox()
 
 
-def sandbox_leftovers() -> tuple[list[int], list[str]]:
+def sandbox_leftovers(staging_parent: Path) -> tuple[list[int], list[str]]:
     pids = [pid for uid in {int(line.split()[1]) for pid_dir in Path("/proc").iterdir() if pid_dir.name.isdigit()
                             for line in _status_lines(pid_dir) if line.startswith("Uid:")}
             if sandbox.FIRST_UID <= uid < sandbox.FIRST_UID + sandbox.UID_RANGE for pid in sandbox.user_processes(uid)]
-    return pids, [name for name in os.listdir(tempfile.gettempdir()) if name.startswith("arianna-sandbox-")]
+    return pids, [name for name in os.listdir(staging_parent) if name.startswith("arianna-sandbox-")]
 
 
 def _status_lines(pid_dir: Path) -> list[str]:
@@ -41,8 +41,13 @@ def _status_lines(pid_dir: Path) -> list[str]:
         return []
 
 
-def test_hostile_samples_fail_and_leave_nothing_behind(box: sandbox.Sandbox, tmp_path: Path) -> None:
+def test_hostile_samples_fail_and_leave_nothing_behind(box: sandbox.Sandbox, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     assert os.geteuid() == 0, "CI runs as root: the full sandbox (namespaces, own uid) is what this test checks"
+    # Staging folders in a temp folder of this test's own, so other runs on the machine cannot show up as leftovers.
+    staging_parent = tmp_path / "tmp"
+    staging_parent.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(staging_parent))
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen()
@@ -69,7 +74,7 @@ def test_hostile_samples_fail_and_leave_nothing_behind(box: sandbox.Sandbox, tmp
     for name, completion in hostile.items():
         passed, why = evaluate.execute(TASK, completion, box, LIMITS)
         assert not passed, name
-        assert sandbox_leftovers() == ([], []), name
+        assert sandbox_leftovers(staging_parent) == ([], []), name
     with pytest.raises(BlockingIOError):
         listener.accept()
     assert not outside.exists() and not Path("/tmp/arianna-escaped").exists()

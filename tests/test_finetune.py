@@ -15,6 +15,7 @@ import training
 import tuning
 from conftest import TINY_VOCAB, run_script, stop_after
 from finetune import SFTStream, collate, load_sft_examples
+from training import Shuffled
 from tuning import FinetuneConfig, load_base_model, read_jsonl
 from model import ModelArgs, Transformer
 from tokenizer import Tokenizer, encode_dialog
@@ -348,3 +349,24 @@ def test_config_errors_are_one_line(tmp_path: Path) -> None:
         run(f"--init_from={tmp_path / 'missing.pt'}", "--data=x.jsonl")
     with pytest.raises(SystemExit, match="--init_from=resume: .* not found; start the run with --init_from=BASE"):
         run("--init_from=resume", f"--out_dir={tmp_path / 'never_trained'}", "--data=x.jsonl")
+
+
+def test_sft_batches_group_similar_lengths_and_still_visit_every_example_once_per_epoch() -> None:
+    lengths = [int(n) for n in torch.randint(10, 200, (96,), generator=torch.Generator().manual_seed(0))]
+    examples = [finetune.SFTExample(list(range(n)), [1] * n) for n in lengths]
+    batch = 4
+    grouped = Shuffled(examples, seed=3, length=lambda example: len(example.tokens), batch=batch)
+    plain = Shuffled(examples, seed=3)
+
+    def padded_tokens(shuffled: Shuffled, epoch: int) -> int:
+        rows = [len(shuffled.item(epoch * len(examples) + i).tokens) for i in range(len(examples))]
+        return sum(max(rows[i:i + batch]) * batch for i in range(0, len(rows), batch))
+
+    for epoch in range(2):
+        visited = [id(grouped.item(epoch * len(examples) + i)) for i in range(len(examples))]
+        assert sorted(visited) == sorted(map(id, examples))  # each example once per epoch
+        assert padded_tokens(grouped, epoch) < 0.85 * padded_tokens(plain, epoch)
+    first_epoch = [len(grouped.item(i).tokens) for i in range(len(examples))]
+    assert first_epoch != sorted(first_epoch)  # the batches' order is still shuffled
+    assert [len(Shuffled(examples, 3, lambda e: len(e.tokens), batch).item(i).tokens)
+            for i in range(len(examples))] == first_epoch  # a pure function of the seed and position

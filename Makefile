@@ -147,6 +147,11 @@ bench-isa: bench/bench_run
 		echo "-march=$$march, then ARIANNA_ISA=$$isa:"; ./bench/bench_run_$$march 128 128 $$shape 1 | grep '^| [BA] '; \
 		ARIANNA_ISA=$$isa ./bench/bench_run 128 128 $$shape 1 | grep '^| [BA] ' || true; done; done; done
 
+# The same rows for an AVX2-only CPU (AVX2 and FMA, no AVX-512): the dispatching build forced onto its AVX2 path.
+.PHONY: bench-avx2
+bench-avx2: bench/bench_run
+	ARIANNA_ISA=avx2 ./bench/bench_run
+
 # libFuzzer on the model and tokenizer loaders (needs clang: apt-get install clang). Not part of `make test`.
 # Findings land in fuzz/ as crash-*; FUZZ_SECONDS sets how long it runs.
 FUZZ_SECONDS ?= 180

@@ -77,6 +77,14 @@ static inline float hsum(vfloat v) {
     return (lo[0] + lo[2]) + (lo[1] + lo[3]);
 }
 
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+/* exp(x) = 2^n exp(r), r = x - n ln 2 (ln 2 in two parts), exp(r) ~ 1 + r + r^2 p(r): Cephes' expf, to about 1 ulp. */
+#define EXP_LN2_HI 0.693359375f
+#define EXP_LN2_LO (-2.12194440e-4f)
+static const float exp_poly[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
+                                  4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+#endif
+
 #if defined(__AVX512F__)
 /* The first min(count, 16) lanes (none for count <= 0): the whole vector, or the tail of a loop over 16 at a time. */
 static inline __mmask16 first_lanes(int count) {
@@ -96,19 +104,14 @@ static inline __m512 hsum16(const __m512 v[16]) {
     return _mm512_add_ps(_mm512_shuffle_f32x4(c0, c1, 0x88), _mm512_shuffle_f32x4(c0, c1, 0xDD));
 }
 
-/* exp(x) for x <= 0 to about 1 ulp (Cephes' expf polynomial, 2^n applied by scalef). */
+/* exp(x) for x <= 0 (exp_poly above), 2^n applied by scalef. */
 static inline __m512 exp_nonpositive(__m512 x) {
     x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
     const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(EXP_LN2_LO), _mm512_fnmadd_ps(n, _mm512_set1_ps(EXP_LN2_HI), x));
+    __m512 p = _mm512_set1_ps(exp_poly[0]);
+    for (int i = 1; i < 6; i++) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(exp_poly[i]));
     p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
     return _mm512_scalef_ps(p, n);
 }
@@ -166,6 +169,74 @@ static inline __attribute__((always_inline)) void tile_f32(float *out, int ostri
     for (int r = 0; r < R; r++)
         for (int c = 0; c < C; c++) out[(size_t)c * ostride + r] = _mm512_reduce_add_ps(acc[r][c]);
 }
+#define TILE_TOKENS 4
+#elif defined(__AVX2__) && defined(__FMA__)
+/* The first count lanes (count <= 8) for maskload: lane i is set where i < count. */
+static inline __m256i first_lanes8(int count) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(count), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+/* The sums of the lanes of a, b, c, d as one vector, each in the same order (pairs, then pairs of pairs, then
+   the two halves) whichever of the four it is, so a row's result does not depend on the tile it is in. */
+static inline __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {
+    const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+    return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+/* exp_nonpositive in 8 lanes: the same polynomial, 2^n put into the exponent bits (n >= -126, so it is a normal
+   float and the product rounds as scalef's does). */
+static inline __m256 exp_nonpositive8(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(EXP_LN2_LO), _mm256_fnmadd_ps(n, _mm256_set1_ps(EXP_LN2_HI), x));
+    __m256 p = _mm256_set1_ps(exp_poly[0]);
+    for (int i = 1; i < 6; i++) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(exp_poly[i]));
+    p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(two_n));
+}
+
+/* AVX2 has 16 vector registers: 4 rows by 3 tokens take 12 accumulators, the 3 tokens' inputs and one weight
+   vector, so each weight load feeds 3 multiply-adds and each input load 4 (4 by 4 spills). */
+static inline __attribute__((always_inline)) void tile_f32(float *out, int ostride, const float *w, const float *x,
+                                                           int xstride, int n, int R, int C) {
+    __m256 acc[4][3];
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++) acc[r][c] = _mm256_setzero_ps();
+    int k = 0;
+    for (; k + 8 <= n; k += 8) {
+        __m256 xv[3];
+        /* Each vector loaded once into a register: GCC's tuning for Zen otherwise folds a load into every
+           multiply-add (15-16 loads for 12 multiply-adds instead of 7), which the load ports cannot keep up with. */
+        for (int c = 0; c < C; c++) {
+            xv[c] = _mm256_loadu_ps(x + (size_t)c * xstride + k);
+            __asm__("" : "+x"(xv[c]));
+        }
+        for (int r = 0; r < R; r++) {
+            __m256 wv = _mm256_loadu_ps(w + (size_t)r * n + k);
+            __asm__("" : "+x"(wv));
+            for (int c = 0; c < C; c++) acc[r][c] = _mm256_fmadd_ps(wv, xv[c], acc[r][c]);
+        }
+    }
+    if (k < n) { /* the tail in the same lanes, the rest loaded as zeros */
+        const __m256i mask = first_lanes8(n - k);
+        for (int r = 0; r < R; r++) {
+            const __m256 wv = _mm256_maskload_ps(w + (size_t)r * n + k, mask);
+            for (int c = 0; c < C; c++)
+                acc[r][c] = _mm256_fmadd_ps(wv, _mm256_maskload_ps(x + (size_t)c * xstride + k, mask), acc[r][c]);
+        }
+    }
+    for (int c = 0; c < C; c++) {
+        if (R == 4) {
+            _mm_storeu_ps(out + (size_t)c * ostride, hsum4(acc[0][c], acc[1][c], acc[2][c], acc[3][c]));
+            continue;
+        }
+        for (int r = 0; r < R; r++)
+            out[(size_t)c * ostride + r] = _mm_cvtss_f32(hsum4(acc[r][c], acc[r][c], acc[r][c], acc[r][c]));
+    }
+}
+#define TILE_TOKENS 3
 #else
 static inline __attribute__((always_inline)) void tile_f32(float *out, int ostride, const float *w, const float *x,
                                                            int xstride, int n, int R, int C) {
@@ -188,6 +259,7 @@ static inline __attribute__((always_inline)) void tile_f32(float *out, int ostri
             out[(size_t)c * ostride + r] = s;
         }
 }
+#define TILE_TOKENS 4
 #endif
 
 /* dot(w, x) over n floats, for the mat-vec of a single token. Its caller walks the rows one after the other:
@@ -206,6 +278,19 @@ static inline float dot_f32(const float *w, const float *x, int n) {
         a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, w + k), _mm512_maskz_loadu_ps(mask, x + k), a0);
     }
     return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+#elif defined(__AVX2__) && defined(__FMA__)
+    /* Four chains: one would wait out the multiply-add's latency on every vector of the row. */
+    __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    int k = 0;
+    for (; k + 32 <= n; k += 32)
+        for (int j = 0; j < 4; j++) a[j] = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 8 * j), _mm256_loadu_ps(x + k + 8 * j), a[j]);
+    for (; k + 8 <= n; k += 8) a[0] = _mm256_fmadd_ps(_mm256_loadu_ps(w + k), _mm256_loadu_ps(x + k), a[0]);
+    if (k < n) {
+        const __m256i mask = first_lanes8(n - k);
+        a[1] = _mm256_fmadd_ps(_mm256_maskload_ps(w + k, mask), _mm256_maskload_ps(x + k, mask), a[1]);
+    }
+    const __m256 sum = _mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3]));
+    return _mm_cvtss_f32(hsum4(sum, sum, sum, sum));
 #elif defined(HAVE_NEON)
     /* 8 chains against fmla's latency (3-4 cycles) on 2-4 pipes; the compiler's vectors made one chain here. */
     float32x4_t a[8];
@@ -237,7 +322,8 @@ static void matmul_rows_f32(float *out, const Matrix *m, const float *x, int n_t
         const float *w = m->f + (size_t)r * n;
         int t = 0;
         if (R >= 4) {
-            for (; t + 4 <= n_tok; t += 4) tile_f32(out + (size_t)t * m->rows + r, m->rows, w, x + (size_t)t * n, n, n, 4, 4);
+            for (; t + TILE_TOKENS <= n_tok; t += TILE_TOKENS)
+                tile_f32(out + (size_t)t * m->rows + r, m->rows, w, x + (size_t)t * n, n, n, 4, TILE_TOKENS);
             for (; t < n_tok; t++) tile_f32(out + (size_t)t * m->rows + r, m->rows, w, x + (size_t)t * n, n, n, 4, 1);
         } else {
             for (int rr = 0; rr < R; rr++)
@@ -443,6 +529,9 @@ static inline __attribute__((always_inline)) void block_q8_avx2(float *out, int 
         __m256i dot[2][2];
         for (int t = 0; t < T; t++) dot[0][t] = dot[1][t] = _mm256_setzero_si256();
         for (int k = g * quads; k < (g + 1) * quads; k++) {
+            /* One token: a dozen instructions per 64 bytes leave few loads in flight and the hardware prefetcher
+               behind a stream from memory; asking 4 KB ahead keeps the weights coming. */
+            if (T == 1) _mm_prefetch((const char *)(w + (size_t)k * 64) + 4096, _MM_HINT_T0);
             const __m256i w0 = _mm256_load_si256((const __m256i *)(w + (size_t)k * 64));
             const __m256i w1 = _mm256_load_si256((const __m256i *)(w + (size_t)k * 64 + 32));
             for (int t = 0; t < T; t++) {
@@ -700,6 +789,16 @@ static void swiglu(float *h, const float *gate, int n) {
         const __m512 numerator = _mm512_mask_mul_ps(a, _mm512_cmp_ps_mask(a, _mm512_setzero_ps(), _CMP_LT_OQ), a, e);
         _mm512_mask_storeu_ps(h + i, mask,
                               _mm512_mul_ps(_mm512_div_ps(numerator, _mm512_add_ps(one, e)), _mm512_maskz_loadu_ps(mask, gate + i)));
+    }
+#elif defined(__AVX2__) && defined(__FMA__)
+    const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps(), sign = _mm256_set1_ps(-0.0f);
+    for (int i = 0; i < n; i += 8) { /* as above, 8 lanes at a time */
+        const __m256i mask = first_lanes8(n - i);
+        const __m256 a = _mm256_maskload_ps(h + i, mask);
+        const __m256 e = exp_nonpositive8(_mm256_or_ps(a, sign)); /* -|a| */
+        const __m256 numerator = _mm256_blendv_ps(a, _mm256_mul_ps(a, e), _mm256_cmp_ps(a, zero, _CMP_LT_OQ));
+        _mm256_maskstore_ps(h + i, mask, _mm256_mul_ps(_mm256_div_ps(numerator, _mm256_add_ps(one, e)),
+                                                       _mm256_maskload_ps(gate + i, mask)));
     }
 #elif defined(HAVE_NEON)
     /* As above; a last partial vector goes through the same lanes from a copy. */

@@ -214,7 +214,7 @@ def kernel_builds(built, workdir) -> dict[str, ctypes.CDLL]:
                       "that have it; here the native build runs the AVX2 or plain ones")
     variants = {"portable": []}
     if "avx2" in cpu_flags():
-        variants["avx2"] = ["-mavx2", "-mfma"]
+        variants["avx2"] = ["-march=x86-64-v3"]  # AVX2, FMA, F16C, BMI2: the level of an AVX2-only CPU
     for name, flags in variants.items():
         path = workdir / f"librun_{name}.so"
         subprocess.run(["cc", "-O3", "-std=gnu11", *flags, "-fopenmp", "-shared", "-fPIC", "-DARIANNA_LIBRARY", "-o",
@@ -378,6 +378,7 @@ def expected_text(tokenizer_bin: Path, tokens: list[int]) -> bytes:
     dict(dim=96, n_heads=6, n_kv_heads=2),  # grouped-query attention, Q8_0 groups of 32 as in shape B
     dict(dim=144, n_heads=3, n_kv_heads=3),  # head 48 as in shapes A and B: value passes of 3 vectors
     dict(dim=160, n_heads=2, n_kv_heads=1),  # head 80: two passes over the values' channels, 64 then 16
+    dict(dim=100, n_heads=2, n_kv_heads=2),  # rows of 100 (a partial vector at the end), Q8_0 groups of 4
 ])
 def test_logits_match_pytorch_for_batches_and_threads(shape, kernels, kernel_builds, workdir, tokenizer_files):
     """Logits after 150-, 131- and 64-token prompts (batches of 75 and 75, 65 and 66, and one of 64, whose attention
@@ -769,15 +770,23 @@ def test_tokenizer_pieces_cannot_send_terminal_escapes(built, workdir):
 
 
 def test_bench_prints_a_row_per_setting(built):
-    """`make bench`'s program, on the smallest shape with few tokens: the int8 product's speed, then one table row
-    per weights x threads."""
+    """`make bench`'s program, on the smallest shape with few tokens: the CPU and the build's kernels, the fp32 and
+    int8 products' speed, then one table row per weights x threads, each with its memory roof."""
     subprocess.run(["make", "-s", "bench/bench_run"], cwd=REPO, check=True, capture_output=True)
     result = run_binary(REPO / "bench" / "bench_run", "4", "4", "B", "12", "12")
     assert result.returncode == 0, result.stderr.decode()
     lines = result.stdout.decode().splitlines()
-    speed = re.fullmatch(r"int8 products alone, 1 thread, in cache: (\d+) GMAC/s; a B prompt token's 5\.14 M "
-                         r"multiply-adds take ([\d.]+) us at that speed \((\d+) tok/s\)", lines[0])
-    assert speed and float(speed[1]) > 0 and float(speed[2]) > 0, lines[0]
+    assert lines[0].startswith("CPU: ") and "flags:" in lines[0], lines[0]
+    flags = cpu_flags()
+    assert all(flag in lines[0].split("flags:")[1].split() for flag in {"avx2", "fma", "avx512f"} & flags), lines[0]
+    assert re.fullmatch(r"build: .+ kernels, (OpenMP|no OpenMP \(one thread\))", lines[1]), lines[1]
+    for kind, line in zip(("fp32", "int8"), lines[3:5]):
+        speed = re.fullmatch(kind + r" products alone, 1 thread, in cache: ([\d.]+) GMAC/s; a B prompt token's 5\.14 M "
+                             r"multiply-adds take ([\d.]+) us at that speed \((\d+) tok/s\)", line)
+        assert speed and float(speed[1]) > 0 and float(speed[2]) > 0, line
     rows = [line.split("|")[1:-1] for line in lines if line.startswith("| B ")]
     assert [(row[1].strip(), row[2].strip()) for row in rows] == [("fp32", "1"), ("fp32", "2"), ("int8", "1"), ("int8", "2")]
     assert all(float(value) > 0 for row in rows for value in row[3:5])
+    # the weights a token reads (B: 28.6 MB fp32, 8.0 MB int8), the roof's GB/s and tokens/s, generation's share
+    assert [float(row[8]) for row in rows] == [28.6, 28.6, 8.0, 8.0], rows
+    assert all(float(row[9]) > 0 and float(row[10]) > 0 and row[11].strip().endswith("%") for row in rows), rows

@@ -22,7 +22,6 @@ import argparse
 import ctypes
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -40,6 +39,7 @@ import interop  # noqa: E402  (the repository's modules, imported after putting 
 from export import export_model  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
+from cpu import cpu_description  # noqa: E402  (bench/cpu.py, beside this file)
 
 # name: (dim, hidden_dim, n_layers, n_heads, vocab_size, seq_len), as in bench_run.c
 SHAPES = {"B": (288, 768, 6, 6, 4096, 256), "A": (288, 768, 6, 6, 32000, 256), "C": (768, 2048, 12, 12, 32000, 1024)}
@@ -171,20 +171,6 @@ def load_library(flags: list[str] | None, folder: Path) -> ctypes.CDLL:
     library.arianna_feed.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_int), ctypes.c_int, ctypes.c_int]
     library.arianna_sample.argtypes = [ctypes.c_void_p, ctypes.c_float, ctypes.c_float, ctypes.POINTER(ctypes.c_ulonglong)]
     return library
-
-
-def cpu_description() -> str:
-    flags = set()
-    model = platform.processor()
-    if Path("/proc/cpuinfo").is_file():
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and not flags:
-                model = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    features = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "neon") if f in flags]
-    return f"{model}, {os.cpu_count()} CPUs, {' '.join(features) or 'no AVX2'}"
 
 
 def main() -> None:

@@ -36,7 +36,7 @@ class BenchConfig:
     seq_len: int = 256
     steps: int = field(default=30, metadata={"help": "timed and compared steps per setting"})
     warmup: int = field(default=3, metadata={"help": "untimed steps first (compile happens here)"})
-    compile: bool = field(default=False, metadata={"help": "also benchmark torch.compile with bfloat16"})
+    compile: bool = field(default=False, metadata={"help": "also benchmark torch.compile, float32 and bfloat16"})
     threads: int = field(default=0, metadata={"help": "torch threads (0: all cores)"})
 
 

@@ -21,7 +21,7 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 from config import parse_config
 from formats import atomic_write, find_markdown_files, read_markdown
@@ -76,6 +76,19 @@ ENGLISH_QUESTION_TEMPLATES = (
     "I wonder, {clause}?",
     "Question: {clause}?",
 )
+
+# Task questions come from the section's own sentences: "To delete a character, move the cursor over it..." answers
+# "How do I delete a character?", in the words a reader asks with, which the heading ("Deleting characters") may lack.
+ENGLISH_TASK = re.compile(r"^(?:To|In order to|If you want to|If you need to)\s+(?P<task>[^.,:;!?()\"]{3,70}?)\s*,")
+RUSSIAN_TASK = re.compile(r"^(?:Чтобы|Если нужно|Если надо|Если хотите|Если вы хотите)\s+(?P<task>[^.,:;!?()«»\"]{3,70}?)\s*,")
+ENGLISH_TASK_TEMPLATES = ("How do I {task}?", "How can I {task}?", "What should I do to {task}?")
+RUSSIAN_TASK_TEMPLATES = ("Как {task}?", "Как мне {task}?", "Что нужно сделать, чтобы {task}?")
+# "To be precise", "To sum up", "To do this": turns of phrase, not tasks; a task ending in a pronoun ("To find it")
+# points back at text the question would not have.
+NOT_A_TASK_START = {"be", "do", "sum", "say", "put", "recap", "conclude", "summarize", "быть", "итог"}
+NOT_A_TASK_END = {"it", "this", "that", "them", "these", "those", "so", "one", "это", "этого", "его", "её", "их", "так"}
+ENGLISH_PERSON = ((r"\byou are\b", "I am"), (r"\byou're\b", "I'm"), (r"\byou were\b", "I was"), (r"\byourself\b", "myself"),
+                  (r"\byours\b", "mine"), (r"\byour\b", "my"), (r"\byou\b", "I"))
 
 # A heading that starts with one of these is already a question ("Как работает обучение"): Russian needs
 # no inversion. In English only "What is X" / "How does X" / "Can I X" shapes are questions; "How training
@@ -257,9 +270,31 @@ def english_what(topic: str) -> str:
     return "What are" if plural else "What is"
 
 
-def questions_for(section: Section, count: int, rng: random.Random) -> list[str]:
-    """count distinct user questions about a section: the heading itself when it is a question, then templates
-    (some naming the enclosing heading, for headings that only make sense in context)."""
+def task_questions(answer: str, language: str) -> list[str]:
+    """Questions that sentences of the answer's prose begin to answer ("To start Vim, type..." -> "How do I start
+    Vim?"; "Чтобы начать с нуля, ..." -> "Как начать с нуля?"), each once, in the order they appear."""
+    pattern, templates = (RUSSIAN_TASK, RUSSIAN_TASK_TEMPLATES) if language == "ru" else (ENGLISH_TASK, ENGLISH_TASK_TEMPLATES)
+    prose = " ".join(remove_code_blocks(answer).split())
+    tasks: list[str] = []
+    for number, sentence in enumerate(SENTENCE_END.split(prose)):
+        match = pattern.match(sentence)
+        if not match:
+            continue
+        words = INLINE_CODE.sub(r"\1", match.group("task")).split()
+        if words[0].lower() in NOT_A_TASK_START or words[-1].lower() in NOT_A_TASK_END:
+            continue
+        task = " ".join(words)
+        if language == "en":
+            for pattern_to_swap, replacement in ENGLISH_PERSON:
+                task = re.sub(pattern_to_swap, replacement, task)
+        tasks.append(templates[number % len(templates)].format(task=task))
+    return list(dict.fromkeys(tasks))
+
+
+def questions_for(section: Section, count: int, rng: random.Random, tasks: Sequence[str] = ()) -> list[str]:
+    """count distinct user questions about a section: the heading itself when it is a question, task questions
+    from its text (task_questions; at most half of count), then templates (some naming the enclosing heading,
+    for headings that only make sense in context)."""
     heading, language = section.heading, section.language
     questions: list[str] = []
     topic: Optional[str] = None
@@ -285,6 +320,8 @@ def questions_for(section: Section, count: int, rng: random.Random) -> list[str]
         parent = section.parent
         if parent and not is_question(parent, language) and not ENGLISH_CLAUSE.match(parent):
             candidates += [t.format(parent=parent, **values) for t in context_templates]
+    task_slots = max(0, min(count // 2, count - len(questions)))
+    questions += rng.sample(list(tasks), min(len(tasks), task_slots))
     seen = {q.casefold() for q in questions}
     candidates = [c for c in dict.fromkeys(candidates) if c.casefold() not in seen]
     questions += rng.sample(candidates, min(len(candidates), max(0, count - len(questions))))
@@ -384,7 +421,8 @@ def build_dialogs(config: ConversationConfig) -> tuple[list[dict], int, int]:
             if not answer:
                 continue
             sections_used += 1
-            for question in questions_for(section, config.questions_per_section, rng):
+            tasks = task_questions(answer, section.language)
+            for question in questions_for(section, config.questions_per_section, rng, tasks):
                 messages = [{"role": "system", "content": config.system}] if config.system else []
                 messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
                 dialogs.append({"messages": messages})

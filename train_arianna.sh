@@ -18,7 +18,7 @@
 #   ARIANNA_BATCH_SIZE          sequences per step (pretraining and fine-tuning)
 #   ARIANNA_MAX_ITERS           pretraining steps (default: sized to the corpus by train_arianna.py)
 #   ARIANNA_EXTRA_TRAIN_ARGS    more train_arianna.py flags, e.g. "--dim=64 --n_layers=2 --eval_interval=50"
-#   ARIANNA_SFT_ITERS           chat fine-tuning steps (default: 8 epochs over the dialogs)
+#   ARIANNA_SFT_ITERS           chat fine-tuning steps (default: 12 epochs over the dialogs)
 #   ARIANNA_EXTRA_SFT_ARGS      more finetune.py flags, e.g. "--learning_rate=1e-4 --eval_interval=20"
 #   ARIANNA_PRETRAIN_MIX        share of pretraining text in fine-tuning batches (default 0)
 #   ARIANNA_MAX_ANSWER_TOKENS   answer cap for the dialogs (default: the model's context minus room for the question)
@@ -113,10 +113,10 @@ run_step dialogs "$DIALOGS" "$DOC_DIR" "$TOKENIZER_MODEL" markdown_to_conversati
     --max_answer_tokens="$MAX_ANSWER_TOKENS" --tokenizer_model="$TOKENIZER_MODEL"
 
 # The chat model must recall its sections word for word and find them for questions in other words: every dialog
-# is trained on (none held out), with light dropout (0.1, the pretraining's 0.2 kept it from memorising), for 8
-# epochs of the 6 questions per section.
+# is trained on (none held out), with light dropout (0.1, the pretraining's 0.2 kept it from memorising), for 12
+# epochs of the 6 questions per section (8 recall the short sections of doc/, not a manual's longer ones).
 SFT_COMMAND=("$PYTHON" finetune.py --method=sft --init_from="$PRETRAINED" --data="$DIALOGS" --out_dir="$CHAT_DIR"
-             --lora_r=0 --learning_rate=1e-3 --epochs=8 --dropout=0.1 --val_fraction=0
+             --lora_r=0 --learning_rate=1e-3 --epochs=12 --dropout=0.1 --val_fraction=0
              --pretrain_mix="${ARIANNA_PRETRAIN_MIX:-0}" --pretrain_data="$SHARDS"
              --export_version="$EXPORT_VERSION" ${RUNTIME_FLAGS[@]+"${RUNTIME_FLAGS[@]}"})
 if [[ -n "${ARIANNA_SFT_ITERS:-}" ]]; then SFT_COMMAND+=(--max_iters="$ARIANNA_SFT_ITERS"); fi

@@ -5,7 +5,9 @@
 
 Every setting trains the same initial weights on the same batches of a synthetic corpus with structure
 to learn, so the loss curves can be compared side by side: the speed-up must not change them beyond noise.
-Timings are ratios measured in one run; other load on the machine moves all of them together.
+Each runs without dropout (llama2.c's default) and with the dropout the pipeline trains with; where dropout draws
+its masks, the losses differ by that noise. Timings are ratios measured in one run; other load on the machine
+moves all of them together.
 """
 from __future__ import annotations
 
@@ -38,6 +40,8 @@ class BenchConfig:
     warmup: int = field(default=3, metadata={"help": "untimed steps first (compile happens here)"})
     compile: bool = field(default=False, metadata={"help": "also benchmark torch.compile, float32 and bfloat16"})
     threads: int = field(default=0, metadata={"help": "torch threads (0: all cores)"})
+    dropout: float = field(default=0.1, metadata={
+        "help": "the second round's dropout: train_arianna.py's for corpora of 0.3-3 M tokens, which get this shape"})
 
 
 def synthetic_batches(cfg: BenchConfig, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -59,6 +63,7 @@ def synthetic_batches(cfg: BenchConfig, count: int) -> list[tuple[torch.Tensor, 
 class Setting:
     name: str
     dtype: torch.dtype
+    dropout: float = 0.0
     compiled: bool = False
     recipe: bool = False  # llama2.c's recipe (bench/llama2c_recipe.py) instead of model.py + training.py
 
@@ -66,11 +71,11 @@ class Setting:
 def build(cfg: BenchConfig, setting: Setting) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     torch.manual_seed(0)
     args = ModelArgs(dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads, vocab_size=cfg.vocab_size,
-                     max_seq_len=cfg.seq_len)
+                     max_seq_len=cfg.seq_len, dropout=setting.dropout)
     model = Transformer(args)
     if setting.recipe:  # the same initial weights in llama2.c's recipe
         recipe = RecipeTransformer(args.dim, args.n_layers, args.n_heads, args.vocab_size, args.max_seq_len,
-                                   args.hidden_dim)
+                                   args.hidden_dim, args.dropout)
         recipe.load_state_dict(model.state_dict())
         return recipe, recipe.optimizer(1e-3)
     return model, make_optimizer(model, 1e-3, 0.1, (0.9, 0.95), setup_runtime("cpu", "float32"))
@@ -104,26 +109,30 @@ def main() -> None:
         torch.set_num_threads(cfg.threads)
     batches = synthetic_batches(cfg, cfg.warmup + cfg.steps)
     pipeline_dtype = pick_dtype("auto", "cpu")  # what train_arianna.py chooses on this CPU
-    settings = [Setting("llama2.c recipe, float32", torch.float32, recipe=True),
-                Setting("ours, float32", torch.float32), Setting("ours, bfloat16", torch.bfloat16)]
-    if cfg.compile:
-        settings += [Setting("ours, float32 + compile", torch.float32, compiled=True),
-                     Setting("ours, bfloat16 + compile", torch.bfloat16, compiled=True)]
+    settings = []
+    for dropout in (0.0, cfg.dropout):
+        suffix = f", dropout {dropout:g}"
+        settings += [Setting("llama2.c recipe, float32" + suffix, torch.float32, dropout, recipe=True),
+                     Setting("ours, float32" + suffix, torch.float32, dropout),
+                     Setting("ours, bfloat16" + suffix, torch.bfloat16, dropout)]
+        if cfg.compile:
+            settings += [Setting("ours, float32 + compile" + suffix, torch.float32, dropout, compiled=True),
+                         Setting("ours, bfloat16 + compile" + suffix, torch.bfloat16, dropout, compiled=True)]
     print(f"CPU: {cpu_description()}; PyTorch {torch.__version__} kernels: {torch.backends.cpu.get_cpu_capability()}, "
           f"{torch.get_num_threads()} threads")
     print(f"the pipeline trains in {str(pipeline_dtype).removeprefix('torch.')} here (native bf16: "
           f"{cpu_has_fast_bf16()}); shape: dim {cfg.dim}, {cfg.n_layers} layers, {cfg.n_heads} heads, "
           f"vocab {cfg.vocab_size}, batch {cfg.batch_size} x {cfg.seq_len}")
-    print(f"{'setting':<28}{'tokens/s':>10}{'vs llama2.c':>13}{'first loss':>12}{'last loss':>11}{'max |dloss|':>13}")
+    print(f"{'setting':<40}{'tokens/s':>10}{'vs llama2.c':>13}{'first loss':>12}{'last loss':>11}{'max |dloss|':>13}")
     baseline_speed, baseline_losses = None, None
     for setting in settings:
         speed, losses = run_setting(cfg, setting, batches)
-        if baseline_speed is None:
+        if setting.recipe:  # each row is compared with llama2.c's recipe at the same dropout
             baseline_speed, baseline_losses = speed, losses
         gap = max(abs(a - b) for a, b in zip(losses, baseline_losses))
         default = "  <- the pipeline's default" if setting.dtype == pipeline_dtype and not setting.compiled \
-            and not setting.recipe else ""
-        print(f"{setting.name:<28}{speed:>10.0f}{speed / baseline_speed:>12.2f}x{losses[0]:>12.4f}"
+            and not setting.recipe and setting.dropout == cfg.dropout else ""
+        print(f"{setting.name:<40}{speed:>10.0f}{speed / baseline_speed:>12.2f}x{losses[0]:>12.4f}"
               f"{losses[-1]:>11.4f}{gap:>13.4f}{default}")
 
 

@@ -5,7 +5,8 @@ What differs from model.py and training.py: RMSNorm as composite float32 arithme
 real arithmetic on (even, odd) pairs (not one complex multiplication), and AdamW in its multi-tensor ("foreach")
 form with weight decay on the matrices only (llama2.c asks for the fused AdamW on CUDA alone). Attention is
 scaled_dot_product_attention, the classifier shares the embedding table, the loss is cross-entropy over every
-position: as in model.py, so the two differ only where the recipes do.
+position: as in model.py, so the two differ only where the recipes do. Dropout, as llama2.c places it, also drops
+attention weights (model.py does not: see its Attention).
 """
 from __future__ import annotations
 
@@ -34,9 +35,9 @@ def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 class RecipeBlock(nn.Module):
     """Module names as llama2.c's (and model.py's), so a model.Transformer's state dict loads into it."""
 
-    def __init__(self, dim: int, n_heads: int, hidden_dim: int):
+    def __init__(self, dim: int, n_heads: int, hidden_dim: int, dropout: float):
         super().__init__()
-        self.n_heads = n_heads
+        self.n_heads, self.dropout = n_heads, nn.Dropout(dropout)
         self.attention = nn.ModuleDict({name: nn.Linear(dim, dim, bias=False) for name in ("wq", "wk", "wv", "wo")})
         self.feed_forward = nn.ModuleDict({"w1": nn.Linear(dim, hidden_dim, bias=False),
                                            "w2": nn.Linear(hidden_dim, dim, bias=False),
@@ -49,19 +50,22 @@ class RecipeBlock(nn.Module):
         h = self.attention_norm(x)
         q, k, v = (attention[name](h).view(batch, seq_len, self.n_heads, -1) for name in ("wq", "wk", "wv"))
         q, k = rotate_pairs(q, cos, sin), rotate_pairs(k, cos, sin)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
-        x = x + attention["wo"](out.transpose(1, 2).reshape(batch, seq_len, dim))
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                                             dropout_p=self.dropout.p if self.training else 0.0)
+        x = x + self.dropout(attention["wo"](out.transpose(1, 2).reshape(batch, seq_len, dim)))
         h = self.ffn_norm(x)
-        return x + feed_forward["w2"](F.silu(feed_forward["w1"](h)) * feed_forward["w3"](h))
+        return x + self.dropout(feed_forward["w2"](F.silu(feed_forward["w1"](h)) * feed_forward["w3"](h)))
 
 
 class RecipeTransformer(nn.Module):
     """Same shapes and parameter count as model.Transformer(ModelArgs(dim, n_layers, n_heads, vocab_size, seq_len))."""
 
-    def __init__(self, dim: int, n_layers: int, n_heads: int, vocab_size: int, seq_len: int, hidden_dim: int):
+    def __init__(self, dim: int, n_layers: int, n_heads: int, vocab_size: int, seq_len: int, hidden_dim: int,
+                 dropout: float = 0.0):
         super().__init__()
         self.tok_embeddings = nn.Embedding(vocab_size, dim)
-        self.layers = nn.ModuleList(RecipeBlock(dim, n_heads, hidden_dim) for _ in range(n_layers))
+        self.dropout = nn.Dropout(dropout)
+        self.layers = nn.ModuleList(RecipeBlock(dim, n_heads, hidden_dim, dropout) for _ in range(n_layers))
         self.norm = RecipeRMSNorm(dim)
         self.output = nn.Linear(dim, vocab_size, bias=False)
         self.output.weight = self.tok_embeddings.weight
@@ -72,7 +76,7 @@ class RecipeTransformer(nn.Module):
         self.register_buffer("sin", torch.sin(angles), persistent=False)
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.tok_embeddings(tokens)
+        x = self.dropout(self.tok_embeddings(tokens))
         cos, sin = self.cos[: tokens.size(1)], self.sin[: tokens.size(1)]
         for layer in self.layers:
             x = layer(x, cos, sin)

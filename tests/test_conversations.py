@@ -134,6 +134,21 @@ def test_heading_cleanup() -> None:
     assert all("how training works" in q for q in asked) and len(set(asked)) == 2
 
 
+def test_sentences_that_start_a_task_become_questions() -> None:
+    english = ("Vim is an editor.  To start Vim, type this:\n\n```\nTo ignore code, it is not prose.\n```\n\n"
+               "To be precise, it is modal.  To find it, look around.  If you want to see where you are in your file, "
+               "press CTRL-G.  To exit, type ZZ.")
+    assert m2c.task_questions(english, "en") == ["How can I start Vim?", "How do I see where I am in my file?",
+                                                  "How can I exit?"]
+    russian = "Чтобы обучить модель на `своих` текстах, положите их в doc/. Если нужно начать с нуля, удалите out/."
+    assert m2c.task_questions(russian, "ru") == ["Как обучить модель на своих текстах?", "Как мне начать с нуля?"]
+    section = m2c.Section(Path("x.md"), "Выход", None, "Чтобы выйти из редактора, наберите ZZ.", "ru")
+    tasks = m2c.task_questions(section.body, "ru")
+    for count in (1, 2, 4):     # the task question takes at most half of the questions; templates ask the rest
+        asked = m2c.questions_for(section, count, m2c.random.Random(0), tasks)
+        assert len(asked) == count and asked.count("Как выйти из редактора?") == (count >= 2)
+
+
 def test_answer_cap_cuts_at_paragraph_then_sentence_boundaries(tmp_path: Path) -> None:
     folder = tmp_path / "long"
     folder.mkdir()

@@ -87,6 +87,10 @@ RUSSIAN_TASK_TEMPLATES = ("Как {task}?", "Как мне {task}?", "Что н�
 # points back at text the question would not have.
 NOT_A_TASK_START = {"be", "do", "sum", "say", "put", "recap", "conclude", "summarize", "быть", "итог"}
 NOT_A_TASK_END = {"it", "this", "that", "them", "these", "those", "so", "one", "это", "этого", "его", "её", "их", "так"}
+# A section that opens by naming its subject twice, "SFT, supervised fine-tuning, trains..." or "Потеря (loss)
+# показывает...", can be asked about by either name ("What is supervised fine-tuning?", "Что такое loss?").
+OPENING_PARENTHESES = re.compile(r"^(?P<term>[^\s,()—–-][^,()—–]{0,40}?)\s*\((?P<names>[^()]{2,80})\)")
+OPENING_ACRONYM = re.compile(r"^(?P<term>[A-Za-z]{2,6}),\s+(?P<names>[^,()]{3,60}),")
 ENGLISH_PERSON = ((r"\byou are\b", "I am"), (r"\byou're\b", "I'm"), (r"\byou were\b", "I was"), (r"\byourself\b", "myself"),
                   (r"\byours\b", "mine"), (r"\byour\b", "my"), (r"\byou\b", "I"))
 
@@ -291,10 +295,40 @@ def task_questions(answer: str, language: str) -> list[str]:
     return list(dict.fromkeys(tasks))
 
 
-def questions_for(section: Section, count: int, rng: random.Random, tasks: Sequence[str] = ()) -> list[str]:
-    """count distinct user questions about a section: the heading itself when it is a question, task questions
-    from its text (task_questions; at most half of count), then templates (some naming the enclosing heading,
-    for headings that only make sense in context)."""
+def spells_acronym(acronym: str, words: str) -> bool:
+    """'SFT' and 'supervised fine-tuning', 'LoRA' and 'low-rank adaptation', 'bpb' and 'bits per byte': the words'
+    initials are the acronym's capitals (its letters, if it has fewer than two capitals)."""
+    initials = "".join(word[0] for word in re.split(r"[\s-]+", words.lower()) if word)
+    capitals = "".join(c for c in acronym if c.isupper())
+    return len(initials) >= 2 and initials == (capitals if len(capitals) >= 2 else acronym).lower()
+
+
+def alias_questions(answer: str, heading: str, language: str) -> list[str]:
+    """'What is X?' for the other names the answer's first sentence gives its subject (OPENING_PARENTHESES,
+    OPENING_ACRONYM), each name the heading does not already contain."""
+    prose = " ".join(remove_code_blocks(answer).split())
+    first = SENTENCE_END.split(prose, 1)[0]
+    names: list[str] = []
+    match = OPENING_PARENTHESES.match(first)
+    if match and len(match.group("term").split()) <= 4:
+        names = [match.group("term")] + match.group("names").split(",")
+    match = OPENING_ACRONYM.match(first)
+    if match and spells_acronym(match.group("term"), match.group("names")):
+        names = [match.group("term"), match.group("names")]
+    questions = []
+    for name in names:
+        name = INLINE_CODE.sub(r"\1", name).strip(" «»\"'")
+        if len(name) < 2 or name.casefold() in heading.casefold():
+            continue
+        name = lower_first(name)
+        questions.append(f"Что такое {name}?" if language == "ru" else f"{english_what(name)} {name}?")
+    return list(dict.fromkeys(questions))
+
+
+def questions_for(section: Section, count: int, rng: random.Random, from_text: Sequence[str] = ()) -> list[str]:
+    """count distinct user questions about a section: the heading itself when it is a question, questions from its
+    text (alias_questions, task_questions: at most half of count), then templates (some naming the enclosing
+    heading, for headings that only make sense in context)."""
     heading, language = section.heading, section.language
     questions: list[str] = []
     topic: Optional[str] = None
@@ -320,8 +354,9 @@ def questions_for(section: Section, count: int, rng: random.Random, tasks: Seque
         parent = section.parent
         if parent and not is_question(parent, language) and not ENGLISH_CLAUSE.match(parent):
             candidates += [t.format(parent=parent, **values) for t in context_templates]
-    task_slots = max(0, min(count // 2, count - len(questions)))
-    questions += rng.sample(list(tasks), min(len(tasks), task_slots))
+    text_slots = max(0, min(count // 2, count - len(questions)))
+    from_text = [q for q in dict.fromkeys(from_text) if q.casefold() not in {seen.casefold() for seen in questions}]
+    questions += rng.sample(from_text, min(len(from_text), text_slots))
     seen = {q.casefold() for q in questions}
     candidates = [c for c in dict.fromkeys(candidates) if c.casefold() not in seen]
     questions += rng.sample(candidates, min(len(candidates), max(0, count - len(questions))))
@@ -421,8 +456,9 @@ def build_dialogs(config: ConversationConfig) -> tuple[list[dict], int, int]:
             if not answer:
                 continue
             sections_used += 1
-            tasks = task_questions(answer, section.language)
-            for question in questions_for(section, config.questions_per_section, rng, tasks):
+            from_text = (alias_questions(answer, section.heading, section.language)
+                         + task_questions(answer, section.language))
+            for question in questions_for(section, config.questions_per_section, rng, from_text):
                 messages = [{"role": "system", "content": config.system}] if config.system else []
                 messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
                 dialogs.append({"messages": messages})

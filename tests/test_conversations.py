@@ -149,6 +149,21 @@ def test_sentences_that_start_a_task_become_questions() -> None:
         assert len(asked) == count and asked.count("Как выйти из редактора?") == (count >= 2)
 
 
+def test_a_subject_named_twice_is_asked_about_by_each_name() -> None:
+    assert m2c.alias_questions("SFT, supervised fine-tuning, trains the model. More text.", "What is SFT", "en") == [
+        "What is supervised fine-tuning?"]
+    assert m2c.alias_questions("Потеря (loss, «функция потерь») показывает, насколько модель удивлена.",
+                               "Что такое потеря", "ru") == ["Что такое loss?", "Что такое функция потерь?"]
+    assert m2c.alias_questions("Bits per byte (bpb) is the loss in bits.", "Metrics", "en") == [
+        "What is bits per byte?", "What is bpb?"]
+    for not_a_definition in ("After warmup, the learning rate falls, slowly.",       # not an acronym and its words
+                             "NaN, the model fails, stop.",                          # initials that do not spell it
+                             "- Python 3.10 or newer and a C compiler (`gcc` or `clang`).",
+                             "Видеокарте не хватает памяти на батч (CUDA out of memory)."):
+        assert m2c.alias_questions(not_a_definition, "Heading", "en") == [], not_a_definition
+    assert m2c.spells_acronym("LoRA", "low-rank adaptation") and not m2c.spells_acronym("PPO", "policy optimisation")
+
+
 def test_answer_cap_cuts_at_paragraph_then_sentence_boundaries(tmp_path: Path) -> None:
     folder = tmp_path / "long"
     folder.mkdir()

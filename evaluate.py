@@ -9,7 +9,8 @@
 chat: every question in a fresh conversation through the C engine (chat.py's Engine and Conversation), greedy unless
 --temperature says otherwise; the answer is scored against the reference with sacrebleu: `chrf` is the mean
 sentence-level chrF, `bleu` the corpus BLEU, `degenerate` the number of answers in which a run of one, two or three
-words repeats three times in a row ("это это это", "the model the model the model"). --data is the dialog file
+words repeats three times in a row ("это это это", "the model the model the model"), and `degenerate_references`
+how many references do so themselves (a list or a drawing recalled word for word). --data is the dialog file
 markdown_to_conversations.py writes ({"messages": [...]}: each user turn followed by an assistant turn is a
 question, its system message and earlier turns are the conversation's history) or {"question", "answer"} lines.
 text: lm-evaluation-harness's loss, perplexity and bits per byte over rolling windows (training.rolling_nll, the
@@ -203,14 +204,19 @@ def evaluate_chat(model: str, options: ChatEval) -> tuple[dict[str, Any], str]:
     items = [{"question": q.question, "answer": a, "reference": q.reference,
               "chrf": sacrebleu.sentence_chrf(a, [q.reference]).score,
               "bleu": sacrebleu.sentence_bleu(a, [q.reference]).score,
-              "degenerate": is_degenerate(a)} for q, a in zip(questions, answers)]
+              "degenerate": is_degenerate(a), "reference_degenerate": is_degenerate(q.reference)}
+             for q, a in zip(questions, answers)]
     report = {"mode": "chat", "model": model, **asdict(options),
               "chrf": sum(item["chrf"] for item in items) / len(items),
               "bleu": sacrebleu.corpus_bleu(answers, [references]).score,
-              "degenerate": sum(item["degenerate"] for item in items), "n": len(items), "items": items}
+              "degenerate": sum(item["degenerate"] for item in items),
+              "degenerate_references": sum(item["reference_degenerate"] for item in items), "n": len(items),
+              "items": items}
     decoding = "greedy" if options.temperature == 0 else f"temperature {options.temperature}, top_p {options.top_p}"
     summary = (f"chat {model} on {options.data}: {len(items)} questions ({decoding}), chrF {report['chrf']:.1f}, "
                f"BLEU {report['bleu']:.1f}, degenerate {report['degenerate']}")
+    if report["degenerate_references"]:  # text that repeats itself (lists, drawings): recalling it is no loop
+        summary += f" ({report['degenerate_references']} of the references repeat so themselves)"
     return report, summary
 
 

@@ -79,7 +79,7 @@ def run_chat(models: dict[str, Path], name: str, data: Path, *flags: str) -> dic
 
 def test_chat_scores_a_model_that_recalls_its_dialogs_near_100_and_an_untrained_one_low(models) -> None:
     trained = run_chat(models, "trained", models["dialogs"])
-    assert trained["n"] == len(QA) and trained["degenerate"] == 0
+    assert trained["n"] == len(QA) and trained["degenerate"] == trained["degenerate_references"] == 0
     assert [item["answer"] for item in trained["items"]] == [a for _, a in QA]
     assert trained["chrf"] == pytest.approx(100) and trained["bleu"] == pytest.approx(100)
     # The question set format: the two questions asked with the system prompt in training are asked without it.
@@ -106,6 +106,17 @@ def test_degenerate_means_a_phrase_of_up_to_three_words_three_times_in_a_row() -
     assert evaluate.is_degenerate("a b a b a b")
     assert not evaluate.is_degenerate("A model is the model is the model on a few hundred kilobytes.")
     assert not evaluate.is_degenerate("это, это и то")
+
+
+def test_chat_counts_references_that_repeat_themselves(models) -> None:
+    """An answer that recalls a reference which repeats a phrase is degenerate too; the report says how many
+    references are, so a corpus of lists is not read as a model that loops."""
+    looping = models["dialogs"].with_name("looping.jsonl")
+    looping.write_text("".join(json.dumps({"question": q, "answer": "да да да"}, ensure_ascii=False) + "\n"
+                               for q, _ in QA[:2]), encoding="utf-8")
+    report = run_chat(models, "trained", looping)
+    assert report["degenerate_references"] == 2 and report["degenerate"] == 0
+    assert [item["reference_degenerate"] for item in report["items"]] == [True, True]
 
 
 @pytest.mark.parametrize("content, message", [

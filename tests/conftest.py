@@ -14,6 +14,11 @@ sys.path.insert(0, str(REPO))
 
 TINY_VOCAB = 512
 
+# The engine's instruction-set choice is the tests' to make (test_dispatch.py forces each path): a choice left in
+# the caller's shell would send every other build down one path, or stop builds that lack it.
+for _name in ("ARIANNA_ISA", "ARIANNA_MAX_ISA"):
+    os.environ.pop(_name, None)
+
 _RUSSIAN = [
     "Модель учится на тексте автора и говорит его языком.",
     "Токенизатор режет текст на части, которые модель видит как числа.",

@@ -324,6 +324,9 @@ def test_ctrl_c_stops_the_answer_not_the_program(trained: Fixture, start_chat, t
 
     session.send("half a line")
     session.expect("half a line")  # typed, as a person would, before pressing Ctrl-C
+    # ...a moment later: CPython's readline notices a signal only when it interrupts its select(), so a Ctrl-C that
+    # lands while it is still echoing the last key waits for the next key (a race no typist can hit).
+    time.sleep(0.5)
     session.send("\x03")  # at the prompt: the line is dropped, the program stays
     session.expect("Use Ctrl-D")
     session.expect(">>> ")

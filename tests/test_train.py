@@ -352,7 +352,10 @@ def test_compiled_training_runs_and_lowers_the_loss(tiny_workspace: Path) -> Non
     run_script("train_arianna.py", f"--vocab_size={TINY_VOCAB}", "--dim=16", "--n_layers=1", "--n_heads=2",
                "--max_seq_len=16", "--batch_size=4", "--device=cpu", "--dtype=float32", "--compile=true",
                "--max_iters=20", "--eval_interval=10", "--eval_iters=1", "--learning_rate=1e-2",
-               "--early_stop_patience=0", "--out_dir=out/compiled", cwd=tiny_workspace, timeout=900)
+               "--early_stop_patience=0", "--out_dir=out/compiled", cwd=tiny_workspace, timeout=900,
+               # its own compile cache: with two test runs compiling into the shared one at once, this one died
+               # with "malloc(): unaligned tcache chunk detected"
+               env={"TORCHINDUCTOR_CACHE_DIR": str(tiny_workspace / "inductor-cache")})
     log = read_log(tiny_workspace / "out" / "compiled")
     assert [entry["iter"] for entry in log] == [10, 20] and log[-1]["train_loss"] < log[0]["train_loss"] < math.log(TINY_VOCAB)
     assert (tiny_workspace / "out" / "compiled" / "model.bin").is_file()

@@ -128,7 +128,10 @@ class PtyChat:
     """chat.py on a pseudo-terminal that is its controlling terminal, so \\x03 raises SIGINT as a keyboard does."""
 
     # Session leader + TIOCSCTTY: the pty becomes the controlling terminal and the child its foreground group.
-    LAUNCH = "import fcntl,os,sys,termios; fcntl.ioctl(0, termios.TIOCSCTTY, 0); os.execv(sys.argv[1], sys.argv[1:])"
+    # SIGINT back to its default: a suite started in the background (`make test &`) ignores it, children inherit
+    # that, and a Python that starts with SIGINT ignored never raises KeyboardInterrupt.
+    LAUNCH = ("import fcntl,os,signal,sys,termios; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+              "fcntl.ioctl(0, termios.TIOCSCTTY, 0); os.execv(sys.argv[1], sys.argv[1:])")
 
     def __init__(self, args: list[str], home: Path):
         self.master, slave = os.openpty()

@@ -362,6 +362,38 @@ static void quantize_row(int8_t *q, float *s, int32_t *start, const float *x, in
         }
         return;
     }
+#elif defined(__AVX2__)
+    if (gs % 8 == 0) { /* the same arithmetic as below, 8 lanes at a time: vmaxps returns its second operand where
+                          the first is NaN (so NaN is skipped, as fmaxf skips it), cvtps rounds half to even as
+                          lrintf, and the byte stored is the low byte of each int32, as the cast keeps it (NaN
+                          converts to 0x80000000 both ways, so it stores 0) */
+        const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+        const __m128i low_byte = _mm_set1_epi32(0xFF);
+        for (int g = 0; g < n / gs; g++) {
+            const float *xg = x + (size_t)g * gs;
+            __m256 amax = _mm256_setzero_ps();
+            for (int j = 0; j < gs; j += 8) amax = _mm256_max_ps(_mm256_and_ps(_mm256_loadu_ps(xg + j), magnitude), amax);
+            __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+            m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+            const float scale = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4))) / 127.0f;
+            const float inv = scale > 0.0f ? 1.0f / scale : 0.0f;
+            s[g] = scale;
+            const __m256 vinv = _mm256_set1_ps(inv);
+            __m256i sum = _mm256_setzero_si256();
+            for (int j = 0; j < gs; j += 8) {
+                const __m256i q32 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xg + j), vinv));
+                const __m128i q16 = _mm_packus_epi32(_mm_and_si128(_mm256_castsi256_si128(q32), low_byte),
+                                                     _mm_and_si128(_mm256_extracti128_si256(q32, 1), low_byte));
+                const __m128i q8 = _mm_packus_epi16(q16, q16);
+                _mm_storel_epi64((__m128i *)(q + (size_t)g * gs + j), q8);
+                sum = _mm256_add_epi32(sum, _mm256_cvtepi8_epi32(q8));
+            }
+            const __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+            const __m128i s2 = _mm_add_epi32(s4, _mm_unpackhi_epi64(s4, s4));
+            start[g] = -128 * _mm_cvtsi128_si32(_mm_add_epi32(s2, _mm_shuffle_epi32(s2, 1)));
+        }
+        return;
+    }
 #elif defined(HAVE_NEON)
     if (gs % 8 == 0) { /* the same arithmetic as below, 8 values at a time (vcvtnq rounds half to even, as lrintf;
                           vmaxnm skips NaN, as fmaxf) */
@@ -835,6 +867,27 @@ static float softmax_numerators(float *a, int n, float scale) {
         vsum = vaddq_f32(vsum, e);
     }
     for (sum = vaddvq_f32(vsum); p < n; p++) sum += (a[p] = expf(a[p] - maxv));
+#elif defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+    /* As NEON's, in 8 lanes; the last partial vector too, masked (vmaxps skips NaN in its first operand, as fmaxf). */
+    int p = 0;
+    __m256 vmax = _mm256_set1_ps(-INFINITY), vsum = _mm256_setzero_ps();
+    for (; p + 8 <= n; p += 8) {
+        const __m256 v = _mm256_mul_ps(_mm256_loadu_ps(a + p), _mm256_set1_ps(scale));
+        _mm256_storeu_ps(a + p, v);
+        vmax = _mm256_max_ps(v, vmax);
+    }
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    for (maxv = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4))); p < n; p++) maxv = fmaxf(maxv, a[p] *= scale);
+    const __m256 vm = _mm256_set1_ps(maxv);
+    for (p = 0; p < n; p += 8) {
+        const __m256i mask = first_lanes8(n - p);
+        const __m256 e = _mm256_and_ps(exp_nonpositive8(_mm256_sub_ps(_mm256_maskload_ps(a + p, mask), vm)),
+                                       _mm256_castsi256_ps(mask));
+        _mm256_maskstore_ps(a + p, mask, e);
+        vsum = _mm256_add_ps(vsum, e);
+    }
+    sum = _mm_cvtss_f32(hsum4(vsum, vsum, vsum, vsum));
 #else
     for (int p = 0; p < n; p++) maxv = fmaxf(maxv, a[p] *= scale);
     for (int p = 0; p < n; p++) sum += (a[p] = expf(a[p] - maxv));

@@ -139,6 +139,63 @@ static inline __attribute__((always_inline)) void attention_tile_avx512(float *o
 }
 #endif
 
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+/* attention_tile_avx512's passes in 8 lanes, for heads a multiple of 8 and N tokens: scores PB blocks of 16
+   positions at a time (N * 2 PB chains), each token's softmax as attention_token's, then values V vectors of 8
+   channels at a time. A token's sums run in the same order whatever N, PB and V. */
+static inline __attribute__((always_inline)) void values_pass8(float *out, int qstride, const float *att, int seq_len,
+                                                              const float *vc, int kv_dim, int c, int end0,
+                                                              const float *inv_sum, int N, int V) {
+    __m256 acc[4][4];
+    for (int j = 0; j < N; j++)
+        for (int v = 0; v < V; v++) acc[j][v] = _mm256_setzero_ps();
+    for (int p = 0; p < end0 + N - 1; p++) {
+        const float *row = vc + (size_t)p * kv_dim + c;
+        __m256 vv[4];
+        for (int v = 0; v < V; v++) vv[v] = _mm256_loadu_ps(row + 8 * v);
+        for (int j = 0; j < N; j++)
+            if (p < end0 + j) { /* token j sees position p */
+                const __m256 a = _mm256_broadcast_ss(att + (size_t)j * seq_len + p);
+                for (int v = 0; v < V; v++) acc[j][v] = _mm256_fmadd_ps(a, vv[v], acc[j][v]);
+            }
+    }
+    for (int j = 0; j < N; j++)
+        for (int v = 0; v < V; v++)
+            _mm256_storeu_ps(out + (size_t)j * qstride + c + 8 * v, _mm256_mul_ps(acc[j][v], _mm256_set1_ps(inv_sum[j])));
+}
+
+static inline __attribute__((always_inline)) void attention_tile_avx2(float *out, const float *q, int qstride,
+                                                                     const float *kt, const float *vc, int kv_dim,
+                                                                     int head, int end0, float *att, int seq_len,
+                                                                     int N, int PB, int V) {
+    const int end = end0 + N - 1;
+    for (int p = 0; p < end; p += 16 * PB) { /* att[j][p] = q_j . k_p; past the last position nothing is read */
+        __m256i mask[4];
+        __m256 acc[4][4];
+        for (int b = 0; b < 2 * PB; b++) mask[b] = first_lanes8(end - p - 8 * b);
+        for (int j = 0; j < N; j++)
+            for (int b = 0; b < 2 * PB; b++) acc[j][b] = _mm256_setzero_ps();
+        for (int i = 0; i < head; i++) {
+            __m256 kv[4];
+            for (int b = 0; b < 2 * PB; b++) kv[b] = _mm256_maskload_ps(key_at(kt, kv_dim, i, p + 8 * b), mask[b]);
+            for (int j = 0; j < N; j++) {
+                const __m256 qj = _mm256_broadcast_ss(q + (size_t)j * qstride + i);
+                for (int b = 0; b < 2 * PB; b++) acc[j][b] = _mm256_fmadd_ps(qj, kv[b], acc[j][b]);
+            }
+        }
+        for (int j = 0; j < N; j++)
+            for (int b = 0; b < 2 * PB; b++)
+                _mm256_maskstore_ps(att + (size_t)j * seq_len + p + 8 * b, mask[b], acc[j][b]);
+    }
+    float inv_sum[4];
+    for (int j = 0; j < N; j++)
+        inv_sum[j] = 1.0f / softmax_numerators(att + (size_t)j * seq_len, end0 + j, 1.0f / sqrtf((float)head));
+    for (int c = 0; c < head; c += 8 * V)
+        if (head - c >= 8 * V) values_pass8(out, qstride, att, seq_len, vc, kv_dim, c, end0, inv_sum, N, V);
+        else for (; c < head; c += 8) values_pass8(out, qstride, att, seq_len, vc, kv_dim, c, end0, inv_sum, N, 1);
+}
+#endif
+
 /* Causal attention of n tokens (n <= 4, rows qstride apart in q and out) at consecutive positions, the first of
    which sees positions [0, end0), for one head: kt is its keys (see key_at), vc its values (rows kv_dim apart),
    att its scratch ([n][seq_len]). */
@@ -151,6 +208,16 @@ static void attention_tile(float *out, const float *q, int qstride, const float 
         case 2: attention_tile_avx512(out, q, qstride, kt, vc, kv_dim, head, end0, att, seq_len, 2, 2); break;
         case 3: attention_tile_avx512(out, q, qstride, kt, vc, kv_dim, head, end0, att, seq_len, 3, 2); break;
         default: attention_tile_avx512(out, q, qstride, kt, vc, kv_dim, head, end0, att, seq_len, 4, 2);
+        }
+        return;
+    }
+#elif defined(__AVX2__) && defined(__FMA__)
+    if (head % 8 == 0) { /* 4 chains of scores and of values at least */
+        switch (n) {
+        case 1: attention_tile_avx2(out, q, qstride, kt, vc, kv_dim, head, end0, att, seq_len, 1, 2, 4); break;
+        case 2: attention_tile_avx2(out, q, qstride, kt, vc, kv_dim, head, end0, att, seq_len, 2, 1, 2); break;
+        case 3: attention_tile_avx2(out, q, qstride, kt, vc, kv_dim, head, end0, att, seq_len, 3, 1, 2); break;
+        default: attention_tile_avx2(out, q, qstride, kt, vc, kv_dim, head, end0, att, seq_len, 4, 1, 2);
         }
         return;
     }

@@ -362,6 +362,38 @@ static void quantize_row(int8_t *q, float *s, int32_t *start, const float *x, in
         }
         return;
     }
+#elif defined(__AVX2__)
+    if (gs % 8 == 0) { /* the same arithmetic as below, 8 lanes at a time: vmaxps returns its second operand where
+                          the first is NaN (so NaN is skipped, as fmaxf skips it), cvtps rounds half to even as
+                          lrintf, and the byte stored is the low byte of each int32, as the cast keeps it (NaN
+                          converts to 0x80000000 both ways, so it stores 0) */
+        const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+        const __m128i low_byte = _mm_set1_epi32(0xFF);
+        for (int g = 0; g < n / gs; g++) {
+            const float *xg = x + (size_t)g * gs;
+            __m256 amax = _mm256_setzero_ps();
+            for (int j = 0; j < gs; j += 8) amax = _mm256_max_ps(_mm256_and_ps(_mm256_loadu_ps(xg + j), magnitude), amax);
+            __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+            m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+            const float scale = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4))) / 127.0f;
+            const float inv = scale > 0.0f ? 1.0f / scale : 0.0f;
+            s[g] = scale;
+            const __m256 vinv = _mm256_set1_ps(inv);
+            __m256i sum = _mm256_setzero_si256();
+            for (int j = 0; j < gs; j += 8) {
+                const __m256i q32 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xg + j), vinv));
+                const __m128i q16 = _mm_packus_epi32(_mm_and_si128(_mm256_castsi256_si128(q32), low_byte),
+                                                     _mm_and_si128(_mm256_extracti128_si256(q32, 1), low_byte));
+                const __m128i q8 = _mm_packus_epi16(q16, q16);
+                _mm_storel_epi64((__m128i *)(q + (size_t)g * gs + j), q8);
+                sum = _mm256_add_epi32(sum, _mm256_cvtepi8_epi32(q8));
+            }
+            const __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+            const __m128i s2 = _mm_add_epi32(s4, _mm_unpackhi_epi64(s4, s4));
+            start[g] = -128 * _mm_cvtsi128_si32(_mm_add_epi32(s2, _mm_shuffle_epi32(s2, 1)));
+        }
+        return;
+    }
 #elif defined(HAVE_NEON)
     if (gs % 8 == 0) { /* the same arithmetic as below, 8 values at a time (vcvtnq rounds half to even, as lrintf;
                           vmaxnm skips NaN, as fmaxf) */
@@ -513,57 +545,92 @@ static void matmul_packed_q8(float *out, const Matrix *m, const QuantizedRows *x
     }
 }
 #elif defined(HAVE_AVX2_INT8)
-/* Block b's 16 rows (two halves of 8 lanes) times T tokens from t0, for CPUs with AVX2 but not VNNI. vpmaddubsw
-   multiplies unsigned by signed bytes into 16-bit sums of pairs: |x| times the weights given x's sign keeps
-   those within 2 * 127 * 128, so they cannot saturate, and vpmaddwd by ones adds the pairs into the 4-product
-   int32 lanes that vpdpbusd makes. Then per group, as blocks_q8 does: exact integer sums, one multiply-add. */
-static inline __attribute__((always_inline)) void block_q8_avx2(float *out, int ostride, const Matrix *m, int b,
-                                                               unsigned keep, const QuantizedRows *x, int t0, int gs,
-                                                               int T) {
+/* acc + the 4-product int32 sums of w's bytes times x's (xabs = |x|, ones 16-bit ones), lane by lane. In asm:
+   with the intrinsics GCC 12 copies every accumulator to a new register after each add, and spills some of 8. */
+static inline __m256i madd_q8(__m256i acc, __m256i w, __m256i x, __m256i xabs, __m256i ones) {
+    __m256i t;
+    __asm__("vpsignb %[x], %[w], %[t]\n\t"
+            "vpmaddubsw %[t], %[xabs], %[t]\n\t"
+            "vpmaddwd %[ones], %[t], %[t]\n\t"
+            "vpaddd %[t], %[acc], %[acc]"
+            : [acc] "+x"(acc), [t] "=&x"(t)
+            : [w] "x"(w), [x] "x"(x), [xabs] "x"(xabs), [ones] "x"(ones));
+    return acc;
+}
+
+/* NB blocks of 16 rows from b0 (each two halves of 8 lanes) times T tokens from t0, for CPUs with AVX2 but not
+   VNNI. vpmaddubsw multiplies unsigned by signed bytes into 16-bit sums of pairs: |x| times the weights given x's
+   sign keeps those within 2 * 127 * 128, so they cannot saturate, and vpmaddwd by ones adds the pairs into the
+   4-product int32 lanes that vpdpbusd makes. Then per group, as blocks_q8 does: exact integer sums, one
+   multiply-add by the rows' scales times the token's scale. |x| is taken once per token and 4 columns for all NB
+   blocks (vpabsb takes the pipes that vpsignb needs, one of them shared with the multiplies). */
+static inline __attribute__((always_inline)) void blocks_q8_avx2(float *out, int ostride, const Matrix *m, int b0,
+                                                                const unsigned *keep, const QuantizedRows *x, int t0,
+                                                                int gs, int NB, int T) {
     const int cols = m->cols, groups = cols / gs, quads = gs / 4;
-    const uint8_t *w = m->packed + (size_t)b * (cols / 4) * 64;
-    const __m256i ones = _mm256_set1_epi16(1);
-    __m256 acc[2][2];
-    for (int t = 0; t < T; t++) acc[0][t] = acc[1][t] = _mm256_setzero_ps();
+    const size_t block_bytes = (size_t)(cols / 4) * 64;
+    const uint8_t *w = m->packed + (size_t)b0 * block_bytes;
+    __m256 acc[2][2][2]; /* [block][half][token] */
+    for (int b = 0; b < NB; b++)
+        for (int t = 0; t < T; t++) acc[b][0][t] = acc[b][1][t] = _mm256_setzero_ps();
     for (int g = 0; g < groups; g++) {
-        __m256i dot[2][2];
-        for (int t = 0; t < T; t++) dot[0][t] = dot[1][t] = _mm256_setzero_si256();
+        __m256i dot[2][2][2];
+        for (int b = 0; b < NB; b++)
+            for (int t = 0; t < T; t++) dot[b][0][t] = dot[b][1][t] = _mm256_setzero_si256();
         for (int k = g * quads; k < (g + 1) * quads; k++) {
             /* One token: a dozen instructions per 64 bytes leave few loads in flight and the hardware prefetcher
                behind a stream from memory; asking 4 KB ahead keeps the weights coming. */
-            if (T == 1) _mm_prefetch((const char *)(w + (size_t)k * 64) + 4096, _MM_HINT_T0);
-            const __m256i w0 = _mm256_load_si256((const __m256i *)(w + (size_t)k * 64));
-            const __m256i w1 = _mm256_load_si256((const __m256i *)(w + (size_t)k * 64 + 32));
+            if (T == 1 && NB == 1) _mm_prefetch((const char *)(w + (size_t)k * 64) + 4096, _MM_HINT_T0);
             for (int t = 0; t < T; t++) {
                 const __m256i xv = _mm256_set1_epi32(load_i32(x->q + (size_t)(t0 + t) * cols + 4 * k));
                 const __m256i xabs = _mm256_abs_epi8(xv);
-                dot[0][t] = _mm256_add_epi32(dot[0][t], _mm256_madd_epi16(_mm256_maddubs_epi16(xabs, _mm256_sign_epi8(w0, xv)), ones));
-                dot[1][t] = _mm256_add_epi32(dot[1][t], _mm256_madd_epi16(_mm256_maddubs_epi16(xabs, _mm256_sign_epi8(w1, xv)), ones));
+                for (int b = 0; b < NB; b++)
+                    for (int half = 0; half < 2; half++) {
+                        const __m256i wv = _mm256_load_si256((const __m256i *)(w + b * block_bytes + (size_t)k * 64 + 32 * half));
+                        dot[b][half][t] = madd_q8(dot[b][half][t], wv, xv, xabs, _mm256_set1_epi16(1));
+                    }
             }
         }
-        for (int half = 0; half < 2; half++) {
-            const __m256 ws = _mm256_load_ps(m->packed_scales + ((size_t)b * groups + g) * 16 + 8 * half);
-            for (int t = 0; t < T; t++) {
-                const __m256 scale = _mm256_mul_ps(ws, _mm256_set1_ps(x->s[(size_t)(t0 + t) * groups + g]));
-                acc[half][t] = _mm256_add_ps(acc[half][t], _mm256_mul_ps(_mm256_cvtepi32_ps(dot[half][t]), scale));
+        for (int b = 0; b < NB; b++)
+            for (int half = 0; half < 2; half++) {
+                const __m256 ws = _mm256_load_ps(m->packed_scales + ((size_t)(b0 + b) * groups + g) * 16 + 8 * half);
+                for (int t = 0; t < T; t++) {
+                    const __m256 scale = _mm256_mul_ps(ws, _mm256_set1_ps(x->s[(size_t)(t0 + t) * groups + g]));
+                    acc[b][half][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[b][half][t]), scale, acc[b][half][t]);
+                }
             }
+    }
+    for (int b = 0; b < NB; b++)
+        for (int t = 0; t < T; t++) {
+            float *row = out + (size_t)(t0 + t) * ostride + (size_t)(b0 + b) * 16;
+            if (keep[b] == 0xFFFFu) {
+                _mm256_storeu_ps(row, acc[b][0][t]), _mm256_storeu_ps(row + 8, acc[b][1][t]);
+                continue;
+            }
+            float rows[16];
+            _mm256_storeu_ps(rows, acc[b][0][t]), _mm256_storeu_ps(rows + 8, acc[b][1][t]);
+            for (int lane = 0; lane < 16; lane++)
+                if (keep[b] >> lane & 1) row[lane] = rows[lane];
         }
-    }
-    for (int t = 0; t < T; t++) {
-        float rows[16];
-        _mm256_storeu_ps(rows, acc[0][t]), _mm256_storeu_ps(rows + 8, acc[1][t]);
-        for (int lane = 0; lane < 16; lane++)
-            if (keep >> lane & 1) out[(size_t)(t0 + t) * ostride + (size_t)b * 16 + lane] = rows[lane];
-    }
 }
 
-/* Rows [r0, r1) on packed weights: the blocks that overlap the range, storing only the range's rows. */
+/* Rows [r0, r1) on packed weights: the blocks that overlap the range, storing only the range's rows. Generating,
+   block after block (one sequential stream); in a batch, pairs of blocks times pairs of tokens. Each row's sums
+   take the same steps whatever tile it falls in, so a prompt gives the logits of feeding it token by token. */
 static void matmul_packed_q8(float *out, const Matrix *m, const QuantizedRows *x, int n_tok, int gs, int r0, int r1) {
-    for (int b = r0 / 16; b < (r1 + 15) / 16; b++) {
-        const unsigned keep = lanes_in_range(b, r0, r1);
+    const int b_end = (r1 + 15) / 16;
+    for (int b = r0 / 16; b < b_end; b += 2) {
+        const unsigned keep[2] = {lanes_in_range(b, r0, r1), lanes_in_range(b + 1, r0, r1)};
         int t = 0;
-        for (; t + 2 <= n_tok; t += 2) block_q8_avx2(out, m->rows, m, b, keep, x, t, gs, 2);
-        for (; t < n_tok; t++) block_q8_avx2(out, m->rows, m, b, keep, x, t, gs, 1);
+        if (n_tok > 1 && b + 2 <= b_end) {
+            for (; t + 2 <= n_tok; t += 2) blocks_q8_avx2(out, m->rows, m, b, keep, x, t, gs, 2, 2);
+            if (t < n_tok) blocks_q8_avx2(out, m->rows, m, b, keep, x, t, gs, 2, 1);
+            continue;
+        }
+        for (int i = 0; i < 2 && b + i < b_end; i++) {
+            for (t = 0; t + 2 <= n_tok; t += 2) blocks_q8_avx2(out, m->rows, m, b + i, keep + i, x, t, gs, 1, 2);
+            if (t < n_tok) blocks_q8_avx2(out, m->rows, m, b + i, keep + i, x, t, gs, 1, 1);
+        }
     }
 }
 #elif defined(HAVE_NEON_INT8)
@@ -835,6 +902,27 @@ static float softmax_numerators(float *a, int n, float scale) {
         vsum = vaddq_f32(vsum, e);
     }
     for (sum = vaddvq_f32(vsum); p < n; p++) sum += (a[p] = expf(a[p] - maxv));
+#elif defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+    /* As NEON's, in 8 lanes; the last partial vector too, masked (vmaxps skips NaN in its first operand, as fmaxf). */
+    int p = 0;
+    __m256 vmax = _mm256_set1_ps(-INFINITY), vsum = _mm256_setzero_ps();
+    for (; p + 8 <= n; p += 8) {
+        const __m256 v = _mm256_mul_ps(_mm256_loadu_ps(a + p), _mm256_set1_ps(scale));
+        _mm256_storeu_ps(a + p, v);
+        vmax = _mm256_max_ps(v, vmax);
+    }
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    for (maxv = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4))); p < n; p++) maxv = fmaxf(maxv, a[p] *= scale);
+    const __m256 vm = _mm256_set1_ps(maxv);
+    for (p = 0; p < n; p += 8) {
+        const __m256i mask = first_lanes8(n - p);
+        const __m256 e = _mm256_and_ps(exp_nonpositive8(_mm256_sub_ps(_mm256_maskload_ps(a + p, mask), vm)),
+                                       _mm256_castsi256_ps(mask));
+        _mm256_maskstore_ps(a + p, mask, e);
+        vsum = _mm256_add_ps(vsum, e);
+    }
+    sum = _mm_cvtss_f32(hsum4(vsum, vsum, vsum, vsum));
 #else
     for (int p = 0; p < n; p++) maxv = fmaxf(maxv, a[p] *= scale);
     for (int p = 0; p < n; p++) sum += (a[p] = expf(a[p] - maxv));

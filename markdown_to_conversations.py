@@ -80,7 +80,8 @@ ENGLISH_QUESTION_TEMPLATES = (
 # Task questions come from the section's own sentences: "To delete a character, move the cursor over it..." answers
 # "How do I delete a character?", in the words a reader asks with, which the heading ("Deleting characters") may lack.
 ENGLISH_TASK = re.compile(r"^(?:To|In order to|If you want to|If you need to)\s+(?P<task>[^.,:;!?()\"]{3,70}?)\s*,")
-RUSSIAN_TASK = re.compile(r"^(?:Чтобы|Если нужно|Если надо|Если хотите|Если вы хотите)\s+(?P<task>[^.,:;!?()«»\"]{3,70}?)\s*,")
+RUSSIAN_TASK = re.compile(
+    r"^(?:Чтобы|Если нужно|Если надо|Если хотите|Если вы хотите)\s+(?P<task>[^.,:;!?()«»\"]{3,70}?)\s*,")
 ENGLISH_TASK_TEMPLATES = ("How do I {task}?", "How can I {task}?", "What should I do to {task}?")
 RUSSIAN_TASK_TEMPLATES = ("Как {task}?", "Как мне {task}?", "Что нужно сделать, чтобы {task}?")
 # "To be precise", "To sum up", "To do this": turns of phrase, not tasks; a task ending in a pronoun ("To find it")
@@ -91,8 +92,8 @@ NOT_A_TASK_END = {"it", "this", "that", "them", "these", "those", "so", "one", "
 # показывает...", can be asked about by either name ("What is supervised fine-tuning?", "Что такое loss?").
 OPENING_PARENTHESES = re.compile(r"^(?P<term>[^\s,()—–-][^,()—–]{0,40}?)\s*\((?P<names>[^()]{2,80})\)")
 OPENING_ACRONYM = re.compile(r"^(?P<term>[A-Za-z]{2,6}),\s+(?P<names>[^,()]{3,60}),")
-ENGLISH_PERSON = ((r"\byou are\b", "I am"), (r"\byou're\b", "I'm"), (r"\byou were\b", "I was"), (r"\byourself\b", "myself"),
-                  (r"\byours\b", "mine"), (r"\byour\b", "my"), (r"\byou\b", "I"))
+ENGLISH_PERSON = ((r"\byou are\b", "I am"), (r"\byou're\b", "I'm"), (r"\byou were\b", "I was"),
+                  (r"\byourself\b", "myself"), (r"\byours\b", "mine"), (r"\byour\b", "my"), (r"\byou\b", "I"))
 
 # A heading that starts with one of these is already a question ("Как работает обучение"): Russian needs
 # no inversion. In English only "What is X" / "How does X" / "Can I X" shapes are questions; "How training
@@ -274,13 +275,18 @@ def english_what(topic: str) -> str:
     return "What are" if plural else "What is"
 
 
+def prose_sentences(answer: str) -> list[str]:
+    """The sentences of an answer's prose (code blocks left out, lines joined)."""
+    return SENTENCE_END.split(" ".join(remove_code_blocks(answer).split()))
+
+
 def task_questions(answer: str, language: str) -> list[str]:
     """Questions that sentences of the answer's prose begin to answer ("To start Vim, type..." -> "How do I start
     Vim?"; "Чтобы начать с нуля, ..." -> "Как начать с нуля?"), each once, in the order they appear."""
-    pattern, templates = (RUSSIAN_TASK, RUSSIAN_TASK_TEMPLATES) if language == "ru" else (ENGLISH_TASK, ENGLISH_TASK_TEMPLATES)
-    prose = " ".join(remove_code_blocks(answer).split())
+    pattern, templates = ((RUSSIAN_TASK, RUSSIAN_TASK_TEMPLATES) if language == "ru"
+                          else (ENGLISH_TASK, ENGLISH_TASK_TEMPLATES))
     tasks: list[str] = []
-    for number, sentence in enumerate(SENTENCE_END.split(prose)):
+    for number, sentence in enumerate(prose_sentences(answer)):
         match = pattern.match(sentence)
         if not match:
             continue
@@ -306,8 +312,7 @@ def spells_acronym(acronym: str, words: str) -> bool:
 def alias_questions(answer: str, heading: str, language: str) -> list[str]:
     """'What is X?' for the other names the answer's first sentence gives its subject (OPENING_PARENTHESES,
     OPENING_ACRONYM), each name the heading does not already contain."""
-    prose = " ".join(remove_code_blocks(answer).split())
-    first = SENTENCE_END.split(prose, 1)[0]
+    first = prose_sentences(answer)[0]
     names: list[str] = []
     match = OPENING_PARENTHESES.match(first)
     if match and len(match.group("term").split()) <= 4:
@@ -355,7 +360,8 @@ def questions_for(section: Section, count: int, rng: random.Random, from_text: S
         if parent and not is_question(parent, language) and not ENGLISH_CLAUSE.match(parent):
             candidates += [t.format(parent=parent, **values) for t in context_templates]
     text_slots = max(0, min(count // 2, count - len(questions)))
-    from_text = [q for q in dict.fromkeys(from_text) if q.casefold() not in {seen.casefold() for seen in questions}]
+    asked = {q.casefold() for q in questions}
+    from_text = [q for q in dict.fromkeys(from_text) if q.casefold() not in asked]
     questions += rng.sample(from_text, min(len(from_text), text_slots))
     seen = {q.casefold() for q in questions}
     candidates = [c for c in dict.fromkeys(candidates) if c.casefold() not in seen]

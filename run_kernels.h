@@ -340,6 +340,15 @@ typedef struct {
     int32_t *start;     /* [MAX_BATCH][cols / group_size]: -128 * sum of the group's q (packed kernel only) */
 } QuantizedRows;
 
+#if defined(__AVX2__) && !defined(__AVX512F__)
+/* The largest of a's 8 lanes (vmaxps keeps its second operand where the first is NaN). */
+static inline float hmax8(__m256 a) {
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    return _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+}
+#endif
+
 /* x [n] to Q8_0: q [n], scales s [n / gs], and per group -128 * (sum of its q), where the packed int8 kernel
    starts each group's sum (see pack_q8). */
 static void quantize_row(int8_t *q, float *s, int32_t *start, const float *x, int n, int gs) {
@@ -373,9 +382,7 @@ static void quantize_row(int8_t *q, float *s, int32_t *start, const float *x, in
             const float *xg = x + (size_t)g * gs;
             __m256 amax = _mm256_setzero_ps();
             for (int j = 0; j < gs; j += 8) amax = _mm256_max_ps(_mm256_and_ps(_mm256_loadu_ps(xg + j), magnitude), amax);
-            __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
-            m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-            const float scale = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4))) / 127.0f;
+            const float scale = hmax8(amax) / 127.0f;
             const float inv = scale > 0.0f ? 1.0f / scale : 0.0f;
             s[g] = scale;
             const __m256 vinv = _mm256_set1_ps(inv);
@@ -911,9 +918,7 @@ static float softmax_numerators(float *a, int n, float scale) {
         _mm256_storeu_ps(a + p, v);
         vmax = _mm256_max_ps(v, vmax);
     }
-    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
-    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-    for (maxv = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4))); p < n; p++) maxv = fmaxf(maxv, a[p] *= scale);
+    for (maxv = hmax8(vmax); p < n; p++) maxv = fmaxf(maxv, a[p] *= scale);
     const __m256 vm = _mm256_set1_ps(maxv);
     for (p = 0; p < n; p += 8) {
         const __m256i mask = first_lanes8(n - p);

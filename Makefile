@@ -142,7 +142,7 @@ BENCH_LEVELS = native:avx512 x86-64-v3:avx2 x86-64:scalar
 bench-isa: bench/bench_run
 	for level in $(BENCH_LEVELS); do march=$${level%%:*}; \
 		$(CC) $(CFLAGS_BASE) -march=$$march $(OPENMP) -o bench/bench_run_$$march bench/bench_run.c $(LDLIBS) || exit 1; done
-	@echo "| shape | weights | threads | gen tok/s | prompt tok/s | prompt/gen | gen tok/s x threads per CPU s | prompt, same |"
+	@echo "| shape | weights | threads | gen tok/s | gen tok/s, first run | prompt tok/s | prompt/gen | gen tok/s x threads per CPU s | prompt, same |"
 	for round in 1 2 3; do for shape in B A; do for level in $(BENCH_LEVELS); do march=$${level%%:*}; isa=$${level##*:}; \
 		echo "-march=$$march, then ARIANNA_ISA=$$isa:"; ./bench/bench_run_$$march 128 128 $$shape 1 | grep '^| [BA] '; \
 		ARIANNA_ISA=$$isa ./bench/bench_run 128 128 $$shape 1 | grep '^| [BA] ' || true; done; done; done

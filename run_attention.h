@@ -16,6 +16,14 @@ static inline const float *key_at(const float *kt, int kv_dim, int c, int p) {
     return kt + ((size_t)(p / 16) * kv_dim + c) * 16 + p % 16;
 }
 
+/* Channel 0's keys for the vector of positions p + offset... that a masked load reads, p a multiple of 16. A vector
+   wholly past the last position (end) reads from p's block instead, with every lane masked off: the block it would
+   name may be memory never written, and a masked access to a page not yet mapped costs a microcode assist per load
+   (on AMD and Intel alike) rather than a fault, for every channel of every token. */
+static inline const float *live_keys(const float *kt, int kv_dim, int p, int offset, int end) {
+    return key_at(kt, kv_dim, 0, p + offset < end ? p + offset : p);
+}
+
 /* The scores of V vectors of positions from p (a multiple of VLEN, which divides 16, so no vector straddles two
    blocks), kept in registers over the channels: V chains hide the latency. */
 static inline __attribute__((always_inline)) void scores_vectors(float *att, const float *q, const float *kt,
@@ -101,18 +109,22 @@ static inline __attribute__((always_inline)) void attention_tile_avx512(float *o
     for (int p = 0; p < end; p += 16 * PB) { /* att[j][p] = q_j . k_p / sqrt(head) */
         __mmask16 mask[4];
         __m512 acc[4][4];
-        for (int b = 0; b < PB; b++) mask[b] = first_lanes(end - p - 16 * b);
+        const float *keys[4]; /* block b's keys of channel 0; channel i is 16 * i further */
+        for (int b = 0; b < PB; b++) {
+            mask[b] = first_lanes(end - p - 16 * b);
+            keys[b] = live_keys(kt, kv_dim, p, 16 * b, end);
+        }
         for (int j = 0; j < N; j++)
             for (int b = 0; b < PB; b++) acc[j][b] = _mm512_setzero_ps();
         for (int i = 0; i < head; i++) {
             for (int b = 0; b < PB; b++) {
-                const __m512 kv = _mm512_maskz_loadu_ps(mask[b], key_at(kt, kv_dim, i, p + 16 * b));
+                const __m512 kv = _mm512_maskz_loadu_ps(mask[b], keys[b] + 16 * i);
                 for (int j = 0; j < N; j++) acc[j][b] = _mm512_fmadd_ps(_mm512_set1_ps(q[(size_t)j * qstride + i]), kv, acc[j][b]);
             }
         }
         for (int j = 0; j < N; j++)
             for (int b = 0; b < PB; b++)
-                _mm512_mask_storeu_ps(att + (size_t)j * seq_len + p + 16 * b, mask[b], _mm512_mul_ps(acc[j][b], inv_sqrt));
+                if (mask[b]) _mm512_mask_storeu_ps(att + (size_t)j * seq_len + p + 16 * b, mask[b], _mm512_mul_ps(acc[j][b], inv_sqrt));
     }
     __m512 inv_sum[4];
     for (int j = 0; j < N; j++) { /* att[j][p] = exp(score - max) */
@@ -172,12 +184,16 @@ static inline __attribute__((always_inline)) void attention_tile_avx2(float *out
     for (int p = 0; p < end; p += 16 * PB) { /* att[j][p] = q_j . k_p; past the last position nothing is read */
         __m256i mask[4];
         __m256 acc[4][4];
-        for (int b = 0; b < 2 * PB; b++) mask[b] = first_lanes8(end - p - 8 * b);
+        const float *keys[4]; /* vector b's keys of channel 0; channel i is 16 * i further */
+        for (int b = 0; b < 2 * PB; b++) {
+            mask[b] = first_lanes8(end - p - 8 * b);
+            keys[b] = live_keys(kt, kv_dim, p, 8 * b, end);
+        }
         for (int j = 0; j < N; j++)
             for (int b = 0; b < 2 * PB; b++) acc[j][b] = _mm256_setzero_ps();
         for (int i = 0; i < head; i++) {
             __m256 kv[4];
-            for (int b = 0; b < 2 * PB; b++) kv[b] = _mm256_maskload_ps(key_at(kt, kv_dim, i, p + 8 * b), mask[b]);
+            for (int b = 0; b < 2 * PB; b++) kv[b] = _mm256_maskload_ps(keys[b] + 16 * i, mask[b]);
             for (int j = 0; j < N; j++) {
                 const __m256 qj = _mm256_broadcast_ss(q + (size_t)j * qstride + i);
                 for (int b = 0; b < 2 * PB; b++) acc[j][b] = _mm256_fmadd_ps(qj, kv[b], acc[j][b]);
@@ -185,7 +201,7 @@ static inline __attribute__((always_inline)) void attention_tile_avx2(float *out
         }
         for (int j = 0; j < N; j++)
             for (int b = 0; b < 2 * PB; b++)
-                _mm256_maskstore_ps(att + (size_t)j * seq_len + p + 8 * b, mask[b], acc[j][b]);
+                if (p + 8 * b < end) _mm256_maskstore_ps(att + (size_t)j * seq_len + p + 8 * b, mask[b], acc[j][b]);
     }
     float inv_sum[4];
     for (int j = 0; j < N; j++)

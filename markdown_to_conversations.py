@@ -114,6 +114,7 @@ ENGLISH_CLAUSE_TEMPLATES = (
     "Do you know {clause}?",
 )
 # "Что такое X" / "What is X": the topic X (article kept) feeds the other templates.
+TOPIC_PREFIX = re.compile(r"^about\s+(?=\S)", re.IGNORECASE)  # "About the manuals": the topic is "the manuals"
 DEFINITION_PREFIX = re.compile(r"^(что\s+так(ое|ие)|what\s+(is|are))\s+(?P<topic>.+)$", re.IGNORECASE)
 
 FENCE = re.compile(r"^ {0,3}(?P<fence>`{3,}|~{3,})")
@@ -350,7 +351,7 @@ def questions_for(section: Section, count: int, rng: random.Random, from_text: S
     else:
         topic = heading
     if topic:
-        topic = lower_first(topic)
+        topic = lower_first(TOPIC_PREFIX.sub("", topic))
         topic_templates = RUSSIAN_TOPIC_TEMPLATES if language == "ru" else ENGLISH_TOPIC_TEMPLATES
         context_templates = RUSSIAN_CONTEXT_TEMPLATES if language == "ru" else ENGLISH_CONTEXT_TEMPLATES
         what = english_what(topic)

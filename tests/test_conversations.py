@@ -132,6 +132,9 @@ def test_heading_cleanup() -> None:
     clause = m2c.Section(Path("x.md"), "How training works", None, "It works.", "en")
     asked = m2c.questions_for(clause, 2, m2c.random.Random(0))
     assert all("how training works" in q for q in asked) and len(set(asked)) == 2
+    about = m2c.Section(Path("x.md"), "About the manuals", None, "Two manuals.", "en")
+    asked = m2c.questions_for(about, 10, m2c.random.Random(0))
+    assert "Tell me about the manuals." in asked and not any("about about" in q.lower() for q in asked), asked
 
 
 def test_sentences_that_start_a_task_become_questions() -> None:

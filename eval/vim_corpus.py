@@ -6,8 +6,11 @@ turned into one markdown file per chapter (~280 KB). Nobody on this project wrot
     python evaluate.py chat out/vim/chat/model.bin --data=eval/vim_heldout.jsonl
 
 Chapters usr_01.txt onwards, in order, while the total stays under --max_bytes. Per chapter: the first line (file
-tag and date), the "VIM USER MANUAL" line and rule lines of '=' are dropped; the first remaining line becomes
-`# Title` and each `*NN.N*  Title` line `## Title`, so every section becomes a question of the chat dialogs.
+tag and date), the "VIM USER MANUAL" line, rule lines of '=' and the help system's navigation (the chapter's
+table of contents, "Next chapter:" / "Previous chapter:" / "Table of contents:" lines, the closing copyright and
+modeline) are dropped; the first remaining line becomes `# Title` and each `*NN.N*  Title` line `## Title`, so
+every section becomes a question of the chat dialogs. Help tags (`*tag*`, targets of links, not text) are removed
+and links (`|name|`) keep their name.
 """
 from __future__ import annotations
 
@@ -20,23 +23,32 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the toolkit's
 from formats import atomic_write  # noqa: E402
 
 SECTION = re.compile(r"^\*\d+\.\d+\*\s+(.+)$")
+NAVIGATION = re.compile(r"^(\|\d+\.\d+\|\s|\s*(Next|Previous) chapter: |Table of contents: |Copyright: see \|manual-copyright\|)")
+TAG = re.compile(r"(?:^|(?<=\s))\*[^*\s|]+\*(?=\s|$)")           # *hjkl*: a place links jump to
+LINK = re.compile(r"(?:^|(?<=[\s(]))\|([^|\s]+)\|(?=[\s.,;:)]|$)")  # |:global|: a link, shown as its name
+
+
+def help_text(line: str) -> str:
+    """A line of help text as plain text: tags removed, links as their names."""
+    return LINK.sub(r"\1", TAG.sub("", line)).rstrip() if "*" in line or "|" in line else line
 
 
 def chapter_markdown(text: str) -> str:
     lines, titled = [], False
     for line in text.splitlines()[1:]:
         stripped = line.strip()
-        if stripped.startswith("VIM USER MANUAL") or re.fullmatch(r"=+", stripped):
+        if stripped.startswith("VIM USER MANUAL") or re.fullmatch(r"=+", stripped) or NAVIGATION.match(line):
             continue
         section = SECTION.match(line)
+        line = help_text(line)
         if section:
-            lines.append("## " + section.group(1).strip())
+            lines.append("## " + help_text(section.group(1)).strip())
         elif not titled and stripped:
             lines.append("# " + stripped)
             titled = True
         else:
             lines.append(line)
-    return "\n".join(lines).strip() + "\n"
+    return re.sub(r"\n\s*\n(\s*\n)+", "\n\n", "\n".join(lines)).strip() + "\n"  # dropped lines leave one blank line
 
 
 def main() -> None:

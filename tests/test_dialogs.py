@@ -43,10 +43,16 @@ def test_vim_corpus_chapters_become_markdown_sections() -> None:
 
     chapter = ("*usr_02.txt*\tFor Vim version 9.0.  Last change: 2021 Jan 01\n\n"
                "\t\t     VIM USER MANUAL - by Bram Moolenaar\n\n\t\t\tThe first steps in Vim\n\n"
+               "|02.1|\tRunning Vim for the First Time\n\n     Next chapter: |usr_03.txt|  Moving around\n"
+               " Previous chapter: |usr_01.txt|  About the manuals\nTable of contents: |usr_toc.txt|\n\n"
                "==============================================================================\n"
-               "*02.1*\tRunning Vim for the First Time\n\nTo start Vim, enter this command:\n>\n\tgvim file.txt\n")
+               "*02.1*\tRunning Vim for the First Time\t\t*first-time*\n\nTo start Vim, enter this command:\n>\n"
+               "\tgvim file.txt\n\th   left\t\t\t\t\t\t*hjkl*\nSee |:edit| (or |02.2|).  Search for a\\|b, 2*3*4.\n\n"
+               "Next chapter: |usr_03.txt|  Moving around\n\n"
+               "Copyright: see |manual-copyright|  vim:tw=78:ts=8:noet:ft=help:norl:\n")
     assert chapter_markdown(chapter) == ("# The first steps in Vim\n\n## Running Vim for the First Time\n\n"
-                                         "To start Vim, enter this command:\n>\n\tgvim file.txt\n")
+                                         "To start Vim, enter this command:\n>\n\tgvim file.txt\n\th   left\n"
+                                         "See :edit (or 02.2).  Search for a\\|b, 2*3*4.\n")
 
 
 def test_vim_heldout_questions_are_not_template_phrasings(tmp_path: Path) -> None:

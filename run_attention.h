@@ -19,8 +19,7 @@ static inline const float *key_at(const float *kt, int kv_dim, int c, int p) {
 /* Channel 0's keys for the vector of positions p + offset... that a masked load reads, p a multiple of 16. A vector
    wholly past the last position (end) reads from p's block instead, with every lane masked off: the block it would
    name may be memory never written, and a masked access to a page not yet mapped costs a microcode assist per load
-   rather than a fault (measured on AMD Zen 5: 2.4x slower generation from a fresh cache), for every channel of
-   every token. */
+   rather than a fault (seen on AMD Zen 5), for every channel of every token. */
 static inline const float *live_keys(const float *kt, int kv_dim, int p, int offset, int end) {
     return key_at(kt, kv_dim, 0, p + offset < end ? p + offset : p);
 }

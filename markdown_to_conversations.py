@@ -113,8 +113,8 @@ ENGLISH_CLAUSE_TEMPLATES = (
     "Could you tell me {clause}?",
     "Do you know {clause}?",
 )
-# "Что такое X" / "What is X": the topic X (article kept) feeds the other templates.
 TOPIC_PREFIX = re.compile(r"^about\s+(?=\S)", re.IGNORECASE)  # "About the manuals": the topic is "the manuals"
+# "Что такое X" / "What is X": the topic X (article kept) feeds the other templates.
 DEFINITION_PREFIX = re.compile(r"^(что\s+так(ое|ие)|what\s+(is|are))\s+(?P<topic>.+)$", re.IGNORECASE)
 
 FENCE = re.compile(r"^ {0,3}(?P<fence>`{3,}|~{3,})")

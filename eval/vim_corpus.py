@@ -40,14 +40,13 @@ def chapter_markdown(text: str) -> str:
         if stripped.startswith("VIM USER MANUAL") or re.fullmatch(r"=+", stripped) or NAVIGATION.match(line):
             continue
         section = SECTION.match(line)
-        line = help_text(line)
         if section:
             lines.append("## " + help_text(section.group(1)).strip())
         elif not titled and stripped:
             lines.append("# " + stripped)
             titled = True
         else:
-            lines.append(line)
+            lines.append(help_text(line))
     return re.sub(r"\n\s*\n(\s*\n)+", "\n\n", "\n".join(lines)).strip() + "\n"  # dropped lines leave one blank line
 
 

@@ -66,18 +66,22 @@ NATIVE := $(shell echo 'int main(void){return 0;}' | $(CC) -march=native -x c - 
 OPENMP := $(shell echo 'int main(void){return 0;}' | $(CC) -fopenmp -x c - -o /dev/null 2>/dev/null && echo -fopenmp)
 
 # x86-64 with GCC: one binary for every x86-64 CPU. run.c is built for baseline x86-64 (its kernels are the scalar
-# path), run_avx2.c and run_avx512.c build the same kernels for AVX2 and AVX-512 VNNI under #pragma GCC target, and a
-# model is loaded for the best of them this CPU runs (run_isa.h; ARIANNA_ISA=avx512|avx2|scalar forces one). It is as
-# fast as -march=native (make bench-isa). Elsewhere (aarch64, a compiler without GCC's target pragmas): -march=native.
-DISPATCH := $(shell printf '\043pragma GCC target("arch=x86-64-v4,avx512vnni")\n\043ifndef __AVX512VNNI__\n\043error\n\043endif\nint main(void){return 0;}\n' \
-	| $(CC) -x c - -o /dev/null 2>/dev/null && echo yes)
+# path), run_avx2.c, run_avxvnni.c and run_avx512.c build the same kernels for AVX2, AVX2 with AVX-VNNI and AVX-512
+# VNNI under #pragma GCC target, and a model is loaded for the best of them this CPU runs (run_isa.h;
+# ARIANNA_ISA=avx512|avxvnni|avx2|scalar forces one). It is as fast as -march=native (make bench-isa). Elsewhere
+# (aarch64, a compiler without GCC's target pragmas or older than GCC 11): -march=native.
+comma := ,
+pragma_defines = printf '\043pragma GCC target("$(1)")\n\043ifndef $(2)\n\043error\n\043endif\nint main(void){return 0;}\n' \
+	| $(CC) -x c - -o /dev/null 2>/dev/null
+DISPATCH := $(shell $(call pragma_defines,arch=x86-64-v4$(comma)avx512vnni,__AVX512VNNI__) && \
+	$(call pragma_defines,arch=x86-64-v3$(comma)avxvnni,__AVXVNNI__) && echo yes)
 ISA = $(if $(DISPATCH),-DARIANNA_DISPATCH,$(NATIVE))
-ISA_SOURCES = $(if $(DISPATCH),run_avx512.c run_avx2.c)
+ISA_SOURCES = $(if $(DISPATCH),run_avx512.c run_avxvnni.c run_avx2.c)
 
 .PHONY: run runfast runomp runnative runportable rundebug runsan bench bench-isa fuzz
 
-# run.c and the headers it includes: one compile unit (with the dispatching build's two kernel files).
-ENGINE = run.c run_kernels.h run_attention.h run_threads.h run_isa.h run_avx512.c run_avx2.c
+# run.c and the headers it includes: one compile unit (with the dispatching build's three kernel files).
+ENGINE = run.c run_kernels.h run_attention.h run_threads.h run_isa.h run_avx512.c run_avxvnni.c run_avx2.c
 
 # The fastest binary this compiler can make, for every CPU of this architecture where it dispatches.
 run: $(ENGINE)
@@ -137,13 +141,15 @@ bench: bench/bench_run
 	./bench/bench_run
 
 # Whether dispatch costs anything: `make bench`'s rows (shapes B and A, 1 thread), three rounds, for each path of the
-# dispatching build right after a single-path build of the same level (-march=native, x86-64-v3, baseline x86-64).
-BENCH_LEVELS = native:avx512 x86-64-v3:avx2 x86-64:scalar
+# dispatching build right after a single-path build of the same level (-march=native, Alder Lake's x86-64-v3 with
+# AVX-VNNI where the CPU has it, x86-64-v3, baseline x86-64).
+BENCH_LEVELS = native:avx512 alderlake:avxvnni x86-64-v3:avx2 x86-64:scalar
 bench-isa: bench/bench_run
 	for level in $(BENCH_LEVELS); do march=$${level%%:*}; \
 		$(CC) $(CFLAGS_BASE) -march=$$march $(OPENMP) -o bench/bench_run_$$march bench/bench_run.c $(LDLIBS) || exit 1; done
 	@echo "| shape | weights | threads | gen tok/s | gen tok/s, first run | prompt tok/s | prompt/gen | gen tok/s x threads per CPU s | prompt, same |"
 	for round in 1 2 3; do for shape in B A; do for level in $(BENCH_LEVELS); do march=$${level%%:*}; isa=$${level##*:}; \
+		[ $$isa != avxvnni ] || grep -qw avx_vnni /proc/cpuinfo || continue; \
 		echo "-march=$$march, then ARIANNA_ISA=$$isa:"; ./bench/bench_run_$$march 128 128 $$shape 1 | grep '^| [BA] '; \
 		ARIANNA_ISA=$$isa ./bench/bench_run 128 128 $$shape 1 | grep '^| [BA] ' || true; done; done; done
 

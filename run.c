@@ -70,7 +70,7 @@ static int fail(char *err, int err_size, const char *fmt, ...) {
 /* ------------------------------------------------------------------------------------------------ */
 /* Kernels: which instruction set runs the forward pass                                            */
 
-/* `make run` on x86-64 (-DARIANNA_DISPATCH, with run_avx512.c and run_avx2.c): run.c itself is built for baseline
+/* `make run` on x86-64 (-DARIANNA_DISPATCH, with run_avx512.c, run_avxvnni.c and run_avx2.c): run.c itself is built for baseline
    x86-64 and its own kernels are the scalar path; the others come from those files. Otherwise one path, whatever
    the compiler's flags made of the kernels. Best first, each with the CPU features it needs (as /proc/cpuinfo
    names them) and whether this CPU has them; __builtin_cpu_supports also checks that the OS saves the registers. */
@@ -84,11 +84,13 @@ typedef struct {
 #if defined(__AVX2__)
 #error "-DARIANNA_DISPATCH builds run.c for baseline x86-64 (its own kernels are the scalar path): drop -march"
 #endif
-extern const Kernels kernels_avx512, kernels_avx2;
+extern const Kernels kernels_avx512, kernels_avxvnni, kernels_avx2;
 static const Kernels kernels_scalar = THESE_KERNELS;
 #define KERNEL_PATHS                                                                                                   \
     {{&kernels_avx512, __builtin_cpu_supports("x86-64-v4") && __builtin_cpu_supports("avx512vnni"),                    \
       "AVX-512 VNNI (avx512f avx512bw avx512cd avx512dq avx512vl avx512_vnni)"},                                       \
+     {&kernels_avxvnni, __builtin_cpu_supports("x86-64-v3") && __builtin_cpu_supports("avxvnni"),                      \
+      "AVX-VNNI (x86-64-v3 and avx_vnni)"},                                                                            \
      {&kernels_avx2, __builtin_cpu_supports("x86-64-v3"),                                                              \
       "AVX2 (x86-64-v3: avx avx2 bmi1 bmi2 f16c fma abm movbe xsave)"},                                                \
      {&kernels_scalar, 1, ""}}
@@ -853,7 +855,7 @@ int arianna_seq_len(const Engine *e) { return e->w.cfg.seq_len; }
 int arianna_vocab_size(const Engine *e) { return e->w.cfg.vocab_size; }
 int arianna_bos(const Engine *e) { return e->tok.bos; }
 int arianna_eos(const Engine *e) { return e->tok.eos; }
-/* The instruction set whose kernels run this engine: avx512, avx2 or scalar (see kernels_select). */
+/* The instruction set whose kernels run this engine: avx512, avxvnni, avx2 or scalar (see kernels_select). */
 const char *arianna_isa(const Engine *e) { return e->w.kernels->name; }
 
 /* ------------------------------------------------------------------------------------------------ */
@@ -1555,8 +1557,8 @@ static void usage(void) {
             "  --repeat-last-n <int>        how many of the last tokens the penalties look at, default 64 (-1: all)\n"
             "  --presence-penalty <float>   subtracted from the logit of each token among them, default 0\n"
             "  --frequency-penalty <float>  subtracted once per time a token is among them, default 0\n"
-            "  --isa <string>               the kernels: avx512, avx2 or scalar (where this build has them); also the\n"
-            "                               environment's ARIANNA_ISA; default: the best this CPU runs, here %s\n",
+            "  --isa <string>               the kernels: avx512, avxvnni, avx2 or scalar (where this build has them);\n"
+            "                               also the environment's ARIANNA_ISA; default: the best this CPU runs, here %s\n",
             best ? best->name : "none (ARIANNA_ISA or ARIANNA_MAX_ISA is wrong)");
 }
 

@@ -1,9 +1,9 @@
 /* run_isa.h: the kernels of run_kernels.h and run_attention.h as one table per instruction set.
 
    The kernels pick their SIMD code with the preprocessor (#if defined(__AVX512F__) ...), so one compile makes one
-   set. `make run` on x86-64 compiles them three times into one binary: run.c for baseline x86-64 (the portable
-   kernels: SSE2 vectors), run_avx2.c for x86-64-v3 (AVX2, FMA) and run_avx512.c for x86-64-v4 with AVX-512 VNNI,
-   each under its own `#pragma GCC target` (which defines __AVX2__ etc. as -march would), each a table of its
+   set. `make run` on x86-64 compiles them four times into one binary: run.c for baseline x86-64 (the portable
+   kernels: SSE2 vectors), run_avx2.c for x86-64-v3 (AVX2, FMA), run_avxvnni.c for x86-64-v3 with AVX-VNNI and
+   run_avx512.c for x86-64-v4 with AVX-512 VNNI, each under its own `#pragma GCC target` (which defines __AVX2__ etc. as -march would), each a table of its
    kernels. run.c picks a table when it loads a model (kernels_select: the best this CPU runs, or ARIANNA_ISA's)
    and calls the kernels through it; a build without -DARIANNA_DISPATCH has one table, its own. */
 #ifndef RUN_ISA_H
@@ -12,7 +12,7 @@
 #include "run_attention.h"
 
 typedef struct {
-    const char *name;   /* what ARIANNA_ISA calls it: avx512, avx2, scalar (or what -march made of a single build) */
+    const char *name;   /* what ARIANNA_ISA calls it: avx512, avxvnni, avx2, scalar (or what -march made of a single build) */
     int packed_q8_bias; /* the int8 kernels read weights repacked by pack_q8 with this bias; -1: the plain layout */
     void (*matmul_rows_f32)(float *out, const Matrix *m, const float *x, int n_tok, int r0, int r1);
     void (*matmul_rows_q8)(float *out, const Matrix *m, const QuantizedRows *x, int n_tok, int gs, int r0, int r1);
@@ -31,6 +31,8 @@ typedef struct {
 #define KERNELS_NAME "avx512"
 #elif defined(__AVX512F__)
 #define KERNELS_NAME "avx512f"
+#elif defined(__AVX2__) && defined(__AVXVNNI__)
+#define KERNELS_NAME "avxvnni"
 #elif defined(__AVX2__)
 #define KERNELS_NAME "avx2"
 #elif defined(__ARM_NEON)

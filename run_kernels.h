@@ -16,13 +16,18 @@
 #include <arm_neon.h>
 #define HAVE_NEON 1 /* A64's NEON: every aarch64 CPU has it (across-lane sums, fma, division) */
 #endif
-/* The int8 kernels on repacked weights (pack_q8): AVX-512 VNNI, else AVX2; without either, a plain loop. */
+/* The int8 kernels on repacked weights (pack_q8): AVX-512 VNNI, else AVX2 (with AVX-VNNI's 256-bit vpdpbusd where
+   the CPU has it); without either, a plain loop. */
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define HAVE_AVX512_VNNI 1
 #define PACKED_Q8_BIAS 128 /* vpdpbusd's first operand is unsigned */
 #elif defined(__AVX2__)
 #define HAVE_AVX2_INT8 1
+#if defined(__AVXVNNI__)
+#define PACKED_Q8_BIAS 128 /* as AVX-512 VNNI's */
+#else
 #define PACKED_Q8_BIAS 0
+#endif
 #elif defined(HAVE_NEON)
 #define HAVE_NEON_INT8 1
 #define PACKED_Q8_BIAS 0 /* sdot (and smull) multiply signed by signed bytes */
@@ -552,25 +557,45 @@ static void matmul_packed_q8(float *out, const Matrix *m, const QuantizedRows *x
     }
 }
 #elif defined(HAVE_AVX2_INT8)
-/* acc + the 4-product int32 sums of w's bytes times x's (xabs = |x|, ones 16-bit ones), lane by lane. In asm:
-   with the intrinsics GCC 12 copies every accumulator to a new register after each add, and spills some of 8. */
-static inline __m256i madd_q8(__m256i acc, __m256i w, __m256i x, __m256i xabs, __m256i ones) {
+#if defined(__AVXVNNI__)
+/* {vex}: AVX-VNNI's encoding, which CPUs without AVX-512 run. A build with -DARIANNA_EVEX_VNNI has AVX-512 VNNI's
+   encoding of the same instruction instead: the tests check this path with it on CPUs that have only that. */
+#ifdef ARIANNA_EVEX_VNNI
+#define VPDPBUSD_YMM "vpdpbusd"
+#else
+#define VPDPBUSD_YMM "%{vex%} vpdpbusd"
+#endif
+/* acc + the 4-byte dot products of w (unsigned: packed with a bias of 128) and x (signed), lane by lane: AVX-VNNI's
+   vpdpbusd, one instruction where AVX2 takes three (xabs is unused, and GCC drops what computed it). In asm for
+   the reason dpbusd above gives. */
+static inline __m256i madd_q8(__m256i acc, __m256i w, __m256i x, __m256i xabs) {
+    (void)xabs;
+    __asm__(VPDPBUSD_YMM " %[x], %[w], %[acc]" : [acc] "+x"(acc) : [w] "x"(w), [x] "x"(x));
+    return acc;
+}
+#else
+/* acc + the 4-product int32 sums of w's bytes times x's (xabs = |x|), lane by lane. vpmaddubsw multiplies unsigned
+   by signed bytes into 16-bit sums of pairs: |x| times the weights given x's sign keeps those within 2 * 127 * 128,
+   so they cannot saturate, and vpmaddwd by ones adds the pairs into the 4-product int32 lanes that vpdpbusd makes.
+   In asm: with the intrinsics GCC 12 copies every accumulator to a new register after each add, and spills some of
+   8. */
+static inline __m256i madd_q8(__m256i acc, __m256i w, __m256i x, __m256i xabs) {
     __m256i t;
     __asm__("vpsignb %[x], %[w], %[t]\n\t"
             "vpmaddubsw %[t], %[xabs], %[t]\n\t"
             "vpmaddwd %[ones], %[t], %[t]\n\t"
             "vpaddd %[t], %[acc], %[acc]"
             : [acc] "+x"(acc), [t] "=&x"(t)
-            : [w] "x"(w), [x] "x"(x), [xabs] "x"(xabs), [ones] "x"(ones));
+            : [w] "x"(w), [x] "x"(x), [xabs] "x"(xabs), [ones] "x"(_mm256_set1_epi16(1)));
     return acc;
 }
+#endif
 
 /* NB blocks of 16 rows from b0 (each two halves of 8 lanes) times T tokens from t0, for CPUs with AVX2 but not
-   VNNI. vpmaddubsw multiplies unsigned by signed bytes into 16-bit sums of pairs: |x| times the weights given x's
-   sign keeps those within 2 * 127 * 128, so they cannot saturate, and vpmaddwd by ones adds the pairs into the
-   4-product int32 lanes that vpdpbusd makes. Then per group, as blocks_q8 does: exact integer sums, one
-   multiply-add by the rows' scales times the token's scale. |x| is taken once per token and 4 columns for all NB
-   blocks (vpabsb takes the pipes that vpsignb needs, one of them shared with the multiplies). */
+   AVX-512: per group, as blocks_q8 does, exact integer sums (madd_q8), started at the group's start value where the
+   weights are biased, then one multiply-add by the rows' scales times the token's scale. |x| is taken once per
+   token and 4 columns for all NB blocks (vpabsb takes the pipes that vpsignb needs, one of them shared with the
+   multiplies). */
 static inline __attribute__((always_inline)) void blocks_q8_avx2(float *out, int ostride, const Matrix *m, int b0,
                                                                 const unsigned *keep, const QuantizedRows *x, int t0,
                                                                 int gs, int NB, int T) {
@@ -583,7 +608,8 @@ static inline __attribute__((always_inline)) void blocks_q8_avx2(float *out, int
     for (int g = 0; g < groups; g++) {
         __m256i dot[2][2][2];
         for (int b = 0; b < NB; b++)
-            for (int t = 0; t < T; t++) dot[b][0][t] = dot[b][1][t] = _mm256_setzero_si256();
+            for (int t = 0; t < T; t++)
+                dot[b][0][t] = dot[b][1][t] = _mm256_set1_epi32(PACKED_Q8_BIAS ? x->start[(size_t)(t0 + t) * groups + g] : 0);
         for (int k = g * quads; k < (g + 1) * quads; k++) {
             /* One token: a dozen instructions per 64 bytes leave few loads in flight and the hardware prefetcher
                behind a stream from memory; asking 4 KB ahead keeps the weights coming. */
@@ -594,7 +620,7 @@ static inline __attribute__((always_inline)) void blocks_q8_avx2(float *out, int
                 for (int b = 0; b < NB; b++)
                     for (int half = 0; half < 2; half++) {
                         const __m256i wv = _mm256_load_si256((const __m256i *)(w + b * block_bytes + (size_t)k * 64 + 32 * half));
-                        dot[b][half][t] = madd_q8(dot[b][half][t], wv, xv, xabs, _mm256_set1_epi16(1));
+                        dot[b][half][t] = madd_q8(dot[b][half][t], wv, xv, xabs);
                     }
             }
         }

@@ -1,6 +1,6 @@
-"""The dispatching engine (`make run`, librun.so): one x86-64 build holding the kernels for AVX-512 VNNI, AVX2 and
-baseline x86-64, chosen when a model loads. Each path this CPU runs, forced with ARIANNA_ISA (or ./run --isa), against
-PyTorch and against the scalar path; the choice ./run reports; a forced path the CPU lacks (faked with
+"""The dispatching engine (`make run`, librun.so): one x86-64 build holding the kernels for AVX-512 VNNI, AVX-VNNI,
+AVX2 and baseline x86-64, chosen when a model loads. Each path this CPU runs, forced with ARIANNA_ISA (or ./run
+--isa), against PyTorch and against the scalar path; the choice ./run reports; a forced path the CPU lacks (faked with
 ARIANNA_MAX_ISA) refused in one line; and the binary on older CPUs, emulated by qemu-x86_64 (`make test` installs
 Debian's qemu-user).
 
@@ -26,6 +26,7 @@ from test_run_c import (ENV, REPO, Engine, cpu_flags, expected_text, int8_error,
 # Each path, best first, with the CPU flags it needs (as /proc/cpuinfo spells them).
 PATHS = {
     "avx512": {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl", "avx512_vnni"},
+    "avxvnni": {"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave", "avx_vnni"},
     "avx2": {"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave"},  # x86-64-v3
     "scalar": set(),
 }
@@ -141,20 +142,22 @@ def test_forced_path_generates_pytorchs_greedy_tokens(path, built, monkeypatch, 
 
 def test_auto_takes_the_best_path_and_refuses_one_the_cpu_lacks(built, monkeypatch, model_files, tokenizer_files):
     """Unforced, ./run and librun.so take the best path this CPU runs (the usage says which). ARIANNA_MAX_ISA=avx2
-    makes the CPU look like an AVX2-only one: the default becomes avx2, and forcing avx512 is a one-line error naming
-    what the CPU lacks, from ./run (exit 1, nothing generated) and from arianna_open; so is a name no build has."""
+    makes the CPU look like an AVX2-only one (=avxvnni, like one without AVX-512): the default becomes that path where
+    the CPU runs it, and forcing avx512 is a one-line error naming what the CPU lacks, from ./run (exit 1, nothing
+    generated) and from arianna_open; so is a name no build has."""
     run = (REPO / "run", model_files[2], "-z", tokenizer_files[1], "-t", "0", "-n", "8")
     result = run_binary(*run)
     assert result.returncode == 0 and f"; {best_path()} kernels;" in result.stderr.decode(), result.stderr
     assert f"here {best_path()}\n" in run_binary(REPO / "run").stderr.decode()
-    if best_path() == "avx512":
-        result = run_binary(*run, env={**ENV, "ARIANNA_MAX_ISA": "avx2"})
-        assert result.returncode == 0 and "; avx2 kernels;" in result.stderr.decode(), result.stderr
+    for cap in list(PATHS)[list(PATHS).index(best_path()) + 1:-1]:  # the SIMD paths below the best one
+        if PATHS[cap] <= cpu_flags():
+            result = run_binary(*run, env={**ENV, "ARIANNA_MAX_ISA": cap})
+            assert result.returncode == 0 and f"; {cap} kernels;" in result.stderr.decode(), result.stderr
     lacks = "this CPU lacks AVX-512 VNNI (avx512f avx512bw avx512cd avx512dq avx512vl avx512_vnni"
     cases = [({"ARIANNA_ISA": "avx512", "ARIANNA_MAX_ISA": "avx2"}, [], lacks),
              ({"ARIANNA_MAX_ISA": "avx2"}, ["--isa", "avx512"], lacks),
              ({"ARIANNA_ISA": "avx9"}, [], "ARIANNA_ISA=avx9 (or --isa): not an instruction set of this build "
-                                          "(avx512, avx2, scalar, or auto)"),
+                                          "(avx512, avxvnni, avx2, scalar, or auto)"),
              ({"ARIANNA_MAX_ISA": "sse9"}, [], "ARIANNA_MAX_ISA=sse9: not an instruction set of this build")]
     for env, flags, message in cases:
         result = run_binary(*run, *flags, env={**ENV, **env})

@@ -215,6 +215,11 @@ def kernel_builds(built, workdir) -> dict[str, ctypes.CDLL]:
     variants = {"portable": []}
     if "avx2" in cpu_flags():
         variants["avx2"] = ["-march=x86-64-v3"]  # AVX2, FMA, F16C, BMI2: the level of an AVX2-only CPU
+    # AVX2 with AVX-VNNI's vpdpbusd; where the CPU has only AVX-512 VNNI, that extension's encoding of it
+    if "avx_vnni" in cpu_flags():
+        variants["avxvnni"] = ["-march=x86-64-v3", "-mavxvnni"]
+    elif {"avx2", "avx512vl", "avx512_vnni"} <= cpu_flags():
+        variants["avxvnni"] = ["-march=x86-64-v3", "-mavxvnni", "-DARIANNA_EVEX_VNNI"]
     for name, flags in variants.items():
         path = workdir / f"librun_{name}.so"
         subprocess.run(["cc", "-O3", "-std=gnu11", *flags, "-fopenmp", "-shared", "-fPIC", "-DARIANNA_LIBRARY", "-o",
@@ -370,7 +375,7 @@ def expected_text(tokenizer_bin: Path, tokens: list[int]) -> bytes:
     return printable(out)
 
 
-@pytest.mark.parametrize("kernels", ["native", "avx2", "portable"])
+@pytest.mark.parametrize("kernels", ["native", "avxvnni", "avx2", "portable"])
 @pytest.mark.parametrize("shape", [
     # head 24 (not a SIMD width), Q8_0 groups of 8, 72 rows (a partial block of 16), 3 kv heads that 2 threads
     # cannot split evenly, so each thread's rows of k and v start mid-block.

@@ -70,9 +70,9 @@ static int fail(char *err, int err_size, const char *fmt, ...) {
 /* ------------------------------------------------------------------------------------------------ */
 /* Kernels: which instruction set runs the forward pass                                            */
 
-/* `make run` on x86-64 (-DARIANNA_DISPATCH, with run_avx512.c, run_avxvnni.c and run_avx2.c): run.c itself is built for baseline
-   x86-64 and its own kernels are the scalar path; the others come from those files. Otherwise one path, whatever
-   the compiler's flags made of the kernels. Best first, each with the CPU features it needs (as /proc/cpuinfo
+/* `make run` on x86-64 (-DARIANNA_DISPATCH, with run_avx512.c, run_avxvnni.c and run_avx2.c): run.c itself is
+   built for baseline x86-64 and its own kernels are the scalar path; the others come from those files. Otherwise
+   one path, whatever the compiler's flags made of the kernels. Best first, each with the CPU features it needs (as /proc/cpuinfo
    names them) and whether this CPU has them; __builtin_cpu_supports also checks that the OS saves the registers. */
 typedef struct {
     const Kernels *kernels;

@@ -3,16 +3,17 @@
    The kernels pick their SIMD code with the preprocessor (#if defined(__AVX512F__) ...), so one compile makes one
    set. `make run` on x86-64 compiles them four times into one binary: run.c for baseline x86-64 (the portable
    kernels: SSE2 vectors), run_avx2.c for x86-64-v3 (AVX2, FMA), run_avxvnni.c for x86-64-v3 with AVX-VNNI and
-   run_avx512.c for x86-64-v4 with AVX-512 VNNI, each under its own `#pragma GCC target` (which defines __AVX2__ etc. as -march would), each a table of its
-   kernels. run.c picks a table when it loads a model (kernels_select: the best this CPU runs, or ARIANNA_ISA's)
-   and calls the kernels through it; a build without -DARIANNA_DISPATCH has one table, its own. */
+   run_avx512.c for x86-64-v4 with AVX-512 VNNI, each under its own `#pragma GCC target` (which defines __AVX2__
+   etc. as -march would), each a table of its kernels. run.c picks a table when it loads a model (kernels_select:
+   the best this CPU runs, or ARIANNA_ISA's) and calls the kernels through it; a build without -DARIANNA_DISPATCH
+   has one table, its own. */
 #ifndef RUN_ISA_H
 #define RUN_ISA_H
 #include "run_kernels.h"
 #include "run_attention.h"
 
 typedef struct {
-    const char *name;   /* what ARIANNA_ISA calls it: avx512, avxvnni, avx2, scalar (or what -march made of a single build) */
+    const char *name;   /* what ARIANNA_ISA calls it: avx512, avxvnni, avx2, scalar (or what -march made of one build) */
     int packed_q8_bias; /* the int8 kernels read weights repacked by pack_q8 with this bias; -1: the plain layout */
     void (*matmul_rows_f32)(float *out, const Matrix *m, const float *x, int n_tok, int r0, int r1);
     void (*matmul_rows_q8)(float *out, const Matrix *m, const QuantizedRows *x, int n_tok, int gs, int r0, int r1);

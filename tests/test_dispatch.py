@@ -24,10 +24,11 @@ from test_run_c import (ENV, REPO, Engine, cpu_flags, expected_text, int8_error,
                         q80_reference_model, run_binary, tiny_model, tokenizer_files, torch_greedy, workdir)
 
 # Each path, best first, with the CPU flags it needs (as /proc/cpuinfo spells them).
+X86_64_V3 = {"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave"}
 PATHS = {
     "avx512": {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl", "avx512_vnni"},
-    "avxvnni": {"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave", "avx_vnni"},
-    "avx2": {"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave"},  # x86-64-v3
+    "avxvnni": X86_64_V3 | {"avx_vnni"},
+    "avx2": X86_64_V3,
     "scalar": set(),
 }
 

@@ -207,7 +207,8 @@ def cpu_flags() -> set[str]:
 @pytest.fixture(scope="session")
 def kernel_builds(built, workdir) -> dict[str, ctypes.CDLL]:
     """librun.so as `make` builds it for this CPU, and with the int8 kernels it would pick on an AVX2 CPU without
-    AVX-512 and on any other (the plain loop), so each kernel is checked wherever the tests run."""
+    AVX-512, with and without AVX-VNNI, and on any other (the plain loop), so each kernel is checked wherever the
+    tests run (the AVX-VNNI one where the CPU has some VNNI)."""
     builds = {"native": load_library(built / "librun.so")}
     if not {"avx512f", "avx512bw", "avx512_vnni"} <= cpu_flags():
         warnings.warn("this CPU has no AVX-512 VNNI: the AVX-512 kernels are compared with PyTorch only on hosts "

@@ -1,9 +1,9 @@
 /* run_kernels.h: the matrix products and element-wise kernels of run.c's forward pass.
 
-   Each kernel has a SIMD path chosen at compile time by what -march allows (AVX-512, AVX-512 VNNI, AVX2, NEON on
-   aarch64 with or without the dot-product extension, or the compiler's own vectors) and a portable twin; the tests
-   build run.c both ways and compare each with PyTorch (the aarch64 builds under qemu: tests/test_neon.py).
-   Part of run.c's single compile unit (run.c includes it), so everything here is static. */
+   Each kernel has a SIMD path chosen at compile time by what -march allows (AVX-512, AVX-512 VNNI, AVX2 with or
+   without AVX-VNNI, NEON on aarch64 with or without the dot-product extension, or the compiler's own vectors) and a
+   portable twin; the tests build run.c both ways and compare each with PyTorch (the aarch64 builds under qemu:
+   tests/test_neon.py). Part of run.c's single compile unit (run.c includes it), so everything here is static. */
 #ifndef RUN_KERNELS_H
 #define RUN_KERNELS_H
 #include <math.h>
@@ -566,7 +566,7 @@ static void matmul_packed_q8(float *out, const Matrix *m, const QuantizedRows *x
 #define VPDPBUSD_YMM "%{vex%} vpdpbusd"
 #endif
 /* acc + the 4-byte dot products of w (unsigned: packed with a bias of 128) and x (signed), lane by lane: AVX-VNNI's
-   vpdpbusd, one instruction where AVX2 takes three (xabs is unused, and GCC drops what computed it). In asm for
+   vpdpbusd, one instruction where AVX2 takes four (xabs is unused, and GCC drops what computed it). In asm for
    the reason dpbusd above gives. */
 static inline __m256i madd_q8(__m256i acc, __m256i w, __m256i x, __m256i xabs) {
     (void)xabs;

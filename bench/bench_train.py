@@ -39,6 +39,9 @@ class BenchConfig:
     steps: int = field(default=30, metadata={"help": "timed and compared steps per setting"})
     warmup: int = field(default=3, metadata={"help": "untimed steps first (compile happens here)"})
     compile: bool = field(default=False, metadata={"help": "also benchmark torch.compile, float32 and bfloat16"})
+    bf16: str = field(default="auto", metadata={
+        "help": "bfloat16 rows: auto (where the CPU has native bf16; elsewhere PyTorch emulates it, minutes per row), "
+                "true, false"})
     threads: int = field(default=0, metadata={"help": "torch threads (0: all cores)"})
     dropout: float = field(default=0.1, metadata={
         "help": "the second round's dropout: train_arianna.py's for corpora of 0.3-3 M tokens, which get this shape"})
@@ -109,20 +112,26 @@ def main() -> None:
         torch.set_num_threads(cfg.threads)
     batches = synthetic_batches(cfg, cfg.warmup + cfg.steps)
     pipeline_dtype = pick_dtype("auto", "cpu")  # what train_arianna.py chooses on this CPU
+    if cfg.bf16 not in ("auto", "true", "false"):
+        sys.exit(f"error: --bf16 must be auto, true or false, got {cfg.bf16!r}")
+    dtypes = [torch.float32] + ([torch.bfloat16] if cfg.bf16 == "true" or
+                                (cfg.bf16 == "auto" and cpu_has_fast_bf16()) else [])
     settings = []
     for dropout in (0.0, cfg.dropout):
         suffix = f", dropout {dropout:g}"
-        settings += [Setting("llama2.c recipe, float32" + suffix, torch.float32, dropout, recipe=True),
-                     Setting("ours, float32" + suffix, torch.float32, dropout),
-                     Setting("ours, bfloat16" + suffix, torch.bfloat16, dropout)]
-        if cfg.compile:
-            settings += [Setting("ours, float32 + compile" + suffix, torch.float32, dropout, compiled=True),
-                         Setting("ours, bfloat16 + compile" + suffix, torch.bfloat16, dropout, compiled=True)]
+        settings.append(Setting("llama2.c recipe, float32" + suffix, torch.float32, dropout, recipe=True))
+        for dtype in dtypes:
+            name = f"ours, {str(dtype).removeprefix('torch.')}"
+            settings.append(Setting(name + suffix, dtype, dropout))
+            if cfg.compile:
+                settings.append(Setting(name + " + compile" + suffix, dtype, dropout, compiled=True))
     print(f"CPU: {cpu_description()}; PyTorch {torch.__version__} kernels: {torch.backends.cpu.get_cpu_capability()}, "
           f"{torch.get_num_threads()} threads")
     print(f"the pipeline trains in {str(pipeline_dtype).removeprefix('torch.')} here (native bf16: "
           f"{cpu_has_fast_bf16()}); shape: dim {cfg.dim}, {cfg.n_layers} layers, {cfg.n_heads} heads, "
           f"vocab {cfg.vocab_size}, batch {cfg.batch_size} x {cfg.seq_len}")
+    if torch.bfloat16 not in dtypes:
+        print("no bfloat16 rows: this CPU has no native bf16 (--bf16=true times PyTorch's emulation, minutes a row)")
     print(f"{'setting':<40}{'tokens/s':>10}{'vs llama2.c':>13}{'first loss':>12}{'last loss':>11}{'max |dloss|':>13}")
     baseline_speed, baseline_losses = None, None
     for setting in settings:

@@ -112,9 +112,12 @@ def test_chat_counts_references_that_repeat_themselves(models) -> None:
     """An answer that recalls a reference which repeats a phrase is degenerate too; the report says how many
     references are, so a corpus of lists is not read as a model that loops."""
     looping = models["dialogs"].with_name("looping.jsonl")
+    # The questions trained without the system prompt, so the answers are the recalled ones: asked off the template
+    # it learned, the model can answer anything, a loop included (one did on a Zen 3).
     looping.write_text("".join(json.dumps({"question": q, "answer": "да да да"}, ensure_ascii=False) + "\n"
-                               for q, _ in QA[:2]), encoding="utf-8")
+                               for q, _ in QA[::2]), encoding="utf-8")
     report = run_chat(models, "trained", looping)
+    assert [item["answer"] for item in report["items"]] == [a for _, a in QA[::2]]
     assert report["degenerate_references"] == 2 and report["degenerate"] == 0
     assert [item["reference_degenerate"] for item in report["items"]] == [True, True]
 

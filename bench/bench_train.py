@@ -40,8 +40,8 @@ class BenchConfig:
     warmup: int = field(default=3, metadata={"help": "untimed steps first (compile happens here)"})
     compile: bool = field(default=False, metadata={"help": "also benchmark torch.compile, float32 and bfloat16"})
     bf16: str = field(default="auto", metadata={
-        "help": "bfloat16 rows: auto (where the CPU has native bf16; elsewhere PyTorch emulates it, minutes per row), "
-                "true, false"})
+        "choices": ("auto", "true", "false"),
+        "help": "bfloat16 rows: auto (where the CPU has native bf16; elsewhere PyTorch emulates it, minutes per row)"})
     threads: int = field(default=0, metadata={"help": "torch threads (0: all cores)"})
     dropout: float = field(default=0.1, metadata={
         "help": "the second round's dropout: train_arianna.py's for corpora of 0.3-3 M tokens, which get this shape"})
@@ -112,8 +112,6 @@ def main() -> None:
         torch.set_num_threads(cfg.threads)
     batches = synthetic_batches(cfg, cfg.warmup + cfg.steps)
     pipeline_dtype = pick_dtype("auto", "cpu")  # what train_arianna.py chooses on this CPU
-    if cfg.bf16 not in ("auto", "true", "false"):
-        sys.exit(f"error: --bf16 must be auto, true or false, got {cfg.bf16!r}")
     dtypes = [torch.float32] + ([torch.bfloat16] if cfg.bf16 == "true" or
                                 (cfg.bf16 == "auto" and cpu_has_fast_bf16()) else [])
     settings = []

@@ -112,8 +112,8 @@ def main() -> None:
         torch.set_num_threads(cfg.threads)
     batches = synthetic_batches(cfg, cfg.warmup + cfg.steps)
     pipeline_dtype = pick_dtype("auto", "cpu")  # what train_arianna.py chooses on this CPU
-    dtypes = [torch.float32] + ([torch.bfloat16] if cfg.bf16 == "true" or
-                                (cfg.bf16 == "auto" and cpu_has_fast_bf16()) else [])
+    native_bf16 = cpu_has_fast_bf16()
+    dtypes = [torch.float32] + ([torch.bfloat16] if cfg.bf16 == "true" or (cfg.bf16 == "auto" and native_bf16) else [])
     settings = []
     for dropout in (0.0, cfg.dropout):
         suffix = f", dropout {dropout:g}"
@@ -126,9 +126,9 @@ def main() -> None:
     print(f"CPU: {cpu_description()}; PyTorch {torch.__version__} kernels: {torch.backends.cpu.get_cpu_capability()}, "
           f"{torch.get_num_threads()} threads")
     print(f"the pipeline trains in {str(pipeline_dtype).removeprefix('torch.')} here (native bf16: "
-          f"{cpu_has_fast_bf16()}); shape: dim {cfg.dim}, {cfg.n_layers} layers, {cfg.n_heads} heads, "
+          f"{native_bf16}); shape: dim {cfg.dim}, {cfg.n_layers} layers, {cfg.n_heads} heads, "
           f"vocab {cfg.vocab_size}, batch {cfg.batch_size} x {cfg.seq_len}")
-    if torch.bfloat16 not in dtypes:
+    if cfg.bf16 == "auto" and not native_bf16:
         print("no bfloat16 rows: this CPU has no native bf16 (--bf16=true times PyTorch's emulation, minutes a row)")
     print(f"{'setting':<40}{'tokens/s':>10}{'vs llama2.c':>13}{'first loss':>12}{'last loss':>11}{'max |dloss|':>13}")
     baseline_speed, baseline_losses = None, None

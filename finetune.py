@@ -110,6 +110,25 @@ def load_sft_examples(path: str | Path, tokenizer: Tokenizer, context: int, trun
     return examples
 
 
+def shorten_repeated_answers(examples: list[SFTExample], full: int, prefix: int) -> list[SFTExample]:
+    """examples with each answer (its trained tokens) whole in its first `full` examples only; later examples with the
+    same answer, the same section asked in other words, keep their first `prefix` trained tokens (and no EOS).
+
+    A chat fine-tune on paraphrased questions spends most of its tokens training the same answers again. Shortened,
+    every wording still learns to start the right answer, and the answer itself is learned from the whole copies.
+    """
+    seen: dict[tuple[int, ...], int] = {}
+    shortened = []
+    for example in examples:
+        answer = tuple(token for token, trained in zip(example.tokens, example.mask) if trained)
+        seen[answer] = seen.get(answer, 0) + 1
+        if seen[answer] > full:
+            end = example.mask.index(1) + prefix
+            example = SFTExample(example.tokens[:end], example.mask[:end])
+        shortened.append(example)
+    return shortened
+
+
 def collate(rows: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(inputs [B, L], targets [B, L]) from (tokens, mask) rows: targets are the next tokens where mask is 1, else -1.
 
@@ -202,6 +221,12 @@ def run_sft(cfg: FinetuneConfig) -> None:
         train_examples, val_examples = examples, load_sft_examples(cfg.val_data, tokenizer, context, cfg.truncate)
     else:
         train_examples, val_examples = split_validation(examples, cfg.val_fraction, cfg.seed)
+    if cfg.answer_prefix:
+        before = sum(len(example.tokens) for example in train_examples)
+        train_examples = shorten_repeated_answers(train_examples, cfg.full_answers, cfg.answer_prefix)
+        after = sum(len(example.tokens) for example in train_examples)
+        print(f"answers beyond {cfg.full_answers} whole copies trained on their first {cfg.answer_prefix} tokens: "
+              f"{before:,} -> {after:,} tokens an epoch")
     pretrain = pretrain_shards(cfg.pretrain_data, model.args.vocab_size) if cfg.pretrain_mix > 0 else None
     stream = SFTStream(train_examples, cfg.batch_size, cfg.seed, pretrain, cfg.pretrain_mix, context)
     total_steps = planned_steps(cfg, lambda micro: cfg.batch_size - stream.pretrain_rows(micro), len(train_examples),

@@ -64,6 +64,10 @@ class FinetuneConfig:
     max_seq_len: int = field(default=0, metadata={"help": "longest example in tokens; 0: the model's context"})
     dropout: Optional[float] = field(default=None, metadata={"help": "dropout while fine-tuning; empty: the base model's"})
     truncate: bool = field(default=False, metadata={"help": "cut examples longer than the context instead of dropping them"})
+    answer_prefix: int = field(default=0, metadata={
+        "help": "sft: an answer already trained whole in --full_answers examples (other wordings of one question) is "
+                "trained on its first N tokens only; 0: every example whole"})
+    full_answers: int = field(default=3, metadata={"help": "sft: examples per answer trained whole when --answer_prefix > 0"})
     pretrain_mix: float = field(default=0.0, metadata={"help": "share of batch rows that are pretraining windows (0 <= F < 1)"})
     pretrain_data: str = field(default="", metadata={"help": "folder of train_*.bin uint16 shards, e.g. data/tok4096"})
     # optimisation
@@ -108,6 +112,8 @@ class FinetuneConfig:
             sys.exit(f"error: --pretrain_mix={self.pretrain_mix} must be in [0, 1): the share of rows from pretraining text")
         if self.pretrain_mix > 0 and not self.pretrain_data:
             sys.exit("error: --pretrain_mix needs --pretrain_data=DIR with train_*.bin shards, e.g. --pretrain_data=data/tok4096")
+        if self.answer_prefix < 0 or self.full_answers < 1:
+            sys.exit(f"error: --answer_prefix={self.answer_prefix} must be >= 0 and --full_answers={self.full_answers} >= 1")
         if not 0.0 <= self.val_fraction < 1.0:
             sys.exit(f"error: --val_fraction={self.val_fraction} must be in [0, 1)")
         if self.batch_size < 1 or self.gradient_accumulation_steps < 1:

@@ -141,6 +141,30 @@ def test_too_long_examples_are_dropped_or_cut_with_a_count(tmp_path: Path, token
     assert [len(ex.tokens) for ex in examples][0] == 33 and "1 cut to the context" in capsys.readouterr().out
 
 
+def test_repeated_answers_are_whole_only_in_their_first_copies(tokenizer: Tokenizer) -> None:
+    encode = segment_encoder(tokenizer)
+
+    def example(question: str, answer: str) -> finetune.SFTExample:
+        return finetune.SFTExample(*encode_dialog(encode, [{"role": "user", "content": question},
+                                                           {"role": "assistant", "content": answer}],
+                                                  tokenizer.bos_id, tokenizer.eos_id))
+
+    long_answer = f"{ANSWER} {ANSWER}"
+    examples = [example(question, long_answer) for question in (QUESTION, "Резонанс?", "Объясни резонанс.")]
+    examples += [example("Привет", "Здравствуй"), example("Скажи", "да")]
+    shortened = finetune.shorten_repeated_answers(examples, full=2, prefix=4)
+    assert shortened[:2] == examples[:2] and shortened[3:] == examples[3:]
+    first = examples[2].mask.index(1)
+    assert shortened[2].tokens == examples[2].tokens[:first + 4]  # the question and the answer's first 4 tokens
+    assert shortened[2].mask == [0] * first + [1] * 4  # ...trained on those 4, not on an EOS
+    second = finetune.shorten_repeated_answers(examples, full=1, prefix=4)[1]
+    assert second.tokens == examples[1].tokens[:examples[1].mask.index(1) + 4]
+    _, targets = collate([(ex.tokens, ex.mask) for ex in shortened])
+    assert int((targets != -1).sum()) == sum(sum(ex.mask[1:]) for ex in shortened)
+    with pytest.raises(SystemExit, match="--answer_prefix=-1 must be >= 0"):
+        FinetuneConfig(answer_prefix=-1)
+
+
 def test_pretrain_mix_puts_that_share_of_windows_into_batches(tiny_workspace: Path, tokenizer: Tokenizer) -> None:
     encode = segment_encoder(tokenizer)
     tokens, mask = encode_dialog(encode, [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],

@@ -33,7 +33,7 @@ from formats import DEFAULT_NORM_EPS, DEFAULT_ROPE_THETA, FormatError
 from model import Transformer
 from schedules import BATCH_SCHEDULES, LR_SCHEDULES, accumulation_steps, batch_boundaries, parse_boundaries
 from tokenizer import Tokenizer, llama2_tokenizer_path
-from training import (LoopSettings, Runtime, Schedule, Trainer, clean_state_dict, load_checkpoint,
+from training import (LoopSettings, Runtime, Schedule, Trainer, clean_state_dict, finetune_runtime, load_checkpoint,
                       model_from_checkpoint, save_checkpoint, setup_runtime)
 
 METHODS = ("sft", "dpo", "kto", "reward", "ppo")
@@ -104,7 +104,9 @@ class FinetuneConfig:
         "help": "also write out_dir/merged.pt, a full checkpoint with the adapters folded in"})
     export_version: int = field(default=0, metadata={"choices": (0, 1, 2), "help": "model.bin format (export.py)"})
     device: str = "auto"
-    dtype: str = "auto"
+    dtype: str = field(default="auto", metadata={
+        "help": "auto: bf16 where the device has it natively (float16 on older GPUs; on a CPU for models of dim >= 384 "
+                "only), else float32"})
     seed: int = 1337
     def __post_init__(self) -> None:
         self.init_from = self.base_model or self.init_from
@@ -475,6 +477,8 @@ def start_method(cfg: FinetuneConfig) -> tuple[Runtime, Transformer, BaseCheckpo
     if not runtime.is_master:  # under torchrun the other processes would print the same report again
         sys.stdout = open(os.devnull, "w")
     model, base = load_policy(cfg, runtime)
+    runtime = finetune_runtime(runtime, cfg.dtype, model.args.dim)
+    print(f"fine-tuning on {runtime.device} in {str(runtime.dtype).removeprefix('torch.')}")
     return runtime, model, base, load_tokenizer(cfg, base)
 
 

@@ -1,6 +1,7 @@
 """finetune.py: data formats and masking, SFT learning a response, LoRA checkpoints, phoenix, resume, pretrain mix."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -183,12 +184,14 @@ def test_pretrain_mix_puts_that_share_of_windows_into_batches(tiny_workspace: Pa
 
 # ----------------------------------------------------------------------------- training runs
 
-def test_sft_teaches_a_response_the_model_could_not_give_before(tmp_path: Path, base: Path, tokenizer: Tokenizer) -> None:
+def test_sft_teaches_a_response_the_model_could_not_give_before(tmp_path: Path, base: Path, tokenizer: Tokenizer,
+                                                               capsys) -> None:
     before, _ = load_base_model(base)
     assert greedy_answer(before, tokenizer) != ANSWER
     out = tmp_path / "sft"
     run(f"--init_from={base}", f"--data={qa_data(tmp_path / 'qa.jsonl')}", f"--out_dir={out}", "--lora_r=0",
         "--max_iters=60", "--batch_size=4", "--learning_rate=1e-2", "--export_version=1")
+    assert "fine-tuning on cpu in float32" in capsys.readouterr().out  # a narrow model, on any CPU (see below)
     checkpoint = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)
     assert checkpoint["iter_num"] == 60 and "model" in checkpoint and "lora" not in checkpoint
     after, _ = load_base_model(out / "ckpt.pt")
@@ -394,3 +397,17 @@ def test_sft_batches_group_similar_lengths_and_still_visit_every_example_once_pe
     assert first_epoch != sorted(first_epoch)  # the batches' order is still shuffled
     assert [len(Shuffled(examples, 3, lambda e: len(e.tokens), batch).item(i).tokens)
             for i in range(len(examples))] == first_epoch  # a pure function of the seed and position
+
+
+def test_cpu_fine_tunes_narrow_models_in_float32_and_keeps_bf16_for_wide_ones_or_when_asked() -> None:
+    def runtime(device_type: str, dtype: torch.dtype) -> training.Runtime:
+        return training.Runtime(torch.device(device_type), device_type, dtype, False, 0, 0, 1)
+
+    narrow, wide = training.CPU_BF16_FINETUNE_MIN_DIM - 1, training.CPU_BF16_FINETUNE_MIN_DIM
+    cpu_bf16 = runtime("cpu", torch.bfloat16)
+    assert training.finetune_runtime(cpu_bf16, "auto", narrow).dtype == torch.float32
+    assert training.finetune_runtime(cpu_bf16, "auto", wide) is cpu_bf16
+    assert training.finetune_runtime(cpu_bf16, "bfloat16", narrow) is cpu_bf16  # asked for: kept
+    assert training.finetune_runtime(runtime("cuda", torch.bfloat16), "auto", narrow).dtype == torch.bfloat16
+    float32 = training.finetune_runtime(cpu_bf16, "auto", narrow)
+    assert isinstance(float32.autocast(), contextlib.nullcontext) and not float32.scaler.is_enabled()

@@ -33,8 +33,8 @@ from formats import DEFAULT_NORM_EPS, DEFAULT_ROPE_THETA, FormatError
 from model import Transformer
 from schedules import BATCH_SCHEDULES, LR_SCHEDULES, accumulation_steps, batch_boundaries, parse_boundaries
 from tokenizer import Tokenizer, llama2_tokenizer_path
-from training import (LoopSettings, Runtime, Schedule, Trainer, clean_state_dict, finetune_runtime, load_checkpoint,
-                      model_from_checkpoint, save_checkpoint, setup_runtime)
+from training import (CPU_BF16_FINETUNE_MIN_DIM, LoopSettings, Runtime, Schedule, Trainer, clean_state_dict,
+                      finetune_runtime, load_checkpoint, model_from_checkpoint, save_checkpoint, setup_runtime)
 
 METHODS = ("sft", "dpo", "kto", "reward", "ppo")
 ROLES = ("system", "user", "assistant")
@@ -105,8 +105,8 @@ class FinetuneConfig:
     export_version: int = field(default=0, metadata={"choices": (0, 1, 2), "help": "model.bin format (export.py)"})
     device: str = "auto"
     dtype: str = field(default="auto", metadata={
-        "help": "auto: bf16 where the device has it natively (float16 on older GPUs; on a CPU for models of dim >= 384 "
-                "only), else float32"})
+        "help": "auto: bf16 where the device has it natively (float16 on older GPUs; on a CPU for models of dim >= "
+                f"{CPU_BF16_FINETUNE_MIN_DIM} only), else float32"})
     seed: int = 1337
     def __post_init__(self) -> None:
         self.init_from = self.base_model or self.init_from

@@ -405,9 +405,9 @@ def test_cpu_fine_tunes_narrow_models_in_float32_and_keeps_bf16_for_wide_ones_or
 
     narrow, wide = training.CPU_BF16_FINETUNE_MIN_DIM - 1, training.CPU_BF16_FINETUNE_MIN_DIM
     cpu_bf16 = runtime("cpu", torch.bfloat16)
-    assert training.finetune_runtime(cpu_bf16, "auto", narrow).dtype == torch.float32
+    float32 = training.finetune_runtime(cpu_bf16, "auto", narrow)
+    assert float32.dtype == torch.float32
+    assert isinstance(float32.autocast(), contextlib.nullcontext) and not float32.scaler.is_enabled()
     assert training.finetune_runtime(cpu_bf16, "auto", wide) is cpu_bf16
     assert training.finetune_runtime(cpu_bf16, "bfloat16", narrow) is cpu_bf16  # asked for: kept
     assert training.finetune_runtime(runtime("cuda", torch.bfloat16), "auto", narrow).dtype == torch.bfloat16
-    float32 = training.finetune_runtime(cpu_bf16, "auto", narrow)
-    assert isinstance(float32.autocast(), contextlib.nullcontext) and not float32.scaler.is_enabled()

@@ -1,11 +1,14 @@
 """The dialog builder's questions that teach recall (markdown_to_conversations.py): several phrasings per section,
-and the held-out questions (eval/heldout.jsonl) that measure recall for phrasings it never produces."""
+the held-out questions (eval/heldout.jsonl) that measure recall for phrasings it never produces, and the helpers in
+eval/ that build the second corpus and the retrieval yardstick."""
 from __future__ import annotations
 
 import json
 import re
 import sys
 from pathlib import Path
+
+import pytest
 
 from markdown_to_conversations import ConversationConfig, build_dialogs, read_markdown_files, split_sections
 
@@ -69,3 +72,27 @@ def test_vim_heldout_questions_are_not_template_phrasings(tmp_path: Path) -> Non
     template_questions = {dialog["messages"][0]["content"].casefold() for dialog in built}
     assert len(records) >= 30 and sections == len(records)
     assert not {record["messages"][0]["content"].casefold() for record in records} & template_questions
+
+
+def test_retrieval_baseline_counts_picks_per_reading(tmp_path: Path) -> None:
+    """eval/retrieval_baseline.py: a question worded like a section's text is found by the text, not by the questions;
+    a trained question is found every way; a question sharing no word with any section has no pick."""
+    sys.path.insert(0, str(REPO / "eval"))
+    from retrieval_baseline import RetrievalConfig, retrieval_baseline
+
+    sections = {"Quit with :q! to throw away your changes.": "How do I leave the editor?",
+                "To delete a character, move the cursor over it and type x.": "How do I delete a character?",
+                "Type i to start Insert mode and enter new text.": "How do I insert text?"}
+    dialogs, heldout = tmp_path / "dialogs.jsonl", tmp_path / "heldout.jsonl"
+    dialogs.write_text("".join(json.dumps({"messages": [{"role": "user", "content": question},
+                                                        {"role": "assistant", "content": text}]}) + "\n"
+                               for text, question in sections.items()), encoding="utf-8")
+    texts = list(sections)
+    asked = [("Which key removes what is under the cursor?", texts[1]), ("How do I insert text?", texts[2]),
+             ("Zzz?", texts[0])]
+    heldout.write_text("".join(json.dumps({"question": question, "answer": answer}) + "\n"
+                               for question, answer in asked), encoding="utf-8")
+    results = retrieval_baseline(RetrievalConfig(dialogs=str(dialogs), data=str(heldout)))
+    assert {reading: found for reading, (found, _, _) in results.items()} == {
+        "questions": 1, "text": 2, "questions and text": 2}
+    assert results["text"][1:] == (3, pytest.approx(200 / 3))  # two sections word for word, one no pick

@@ -290,6 +290,14 @@ def stop_on_sigint() -> Iterator[Interrupt]:
         signal.signal(signal.SIGINT, previous)
 
 
+def reply_room(seq_len: int, cap: Optional[int]) -> int:
+    """Positions kept free for an answer (and its EOS) when deciding whether to trim a conversation's history: the
+    reply cap, at most 3/4 of the context. train_arianna.sh trains answers of up to 3/4 of a 256-token context, and
+    with an earlier exchange in view and less room than that its chat model answers the next question with the
+    wrong section (eval/RESULTS.md: Several questions in one conversation). run.c's chat keeps the same room."""
+    return max(1, min(cap or seq_len, seq_len * 3 // 4)) + 1
+
+
 def dropped_note(count: int) -> str:
     return f"(context full: dropped the oldest {count} turn{'s' if count != 1 else ''})"
 
@@ -331,9 +339,7 @@ class Conversation:
 
     @property
     def answer_room(self) -> int:
-        """Positions kept free for an answer (and its EOS) when deciding whether to trim the history."""
-        seq_len, cap = self.engine.seq_len, self.sampling.max_new_tokens
-        return max(1, min(cap or seq_len, seq_len // 4)) + 1
+        return reply_room(self.engine.seq_len, self.sampling.max_new_tokens)
 
     def reset(self, system: Optional[str] = None) -> None:
         if system is not None:

@@ -1464,10 +1464,13 @@ static char *read_line(FILE *f) {
 }
 
 /* Chat: each user line is a turn; the KV cache holds the whole conversation, so a turn only feeds its
-   own tokens. When the context fills, the conversation starts over (with the system prompt). */
+   own tokens. The conversation starts over (with the system prompt) when the context cannot hold the turn and
+   a whole reply after it: the reply cap (-n), at most 3/4 of the context, as chat.py keeps free (its
+   reply_room says why). */
 static int chat(Engine *e, const char *first_user, const char *system, const AriannaSampling *sampling,
                 unsigned long long seed, int max_reply) {
     const int seq_len = arianna_seq_len(e), eos = arianna_eos(e), interactive = isatty(0);
+    const int reply_room = (max_reply > 0 && max_reply < seq_len * 3 / 4 ? max_reply : seq_len * 3 / 4) + 1;
     int pos = 0, pending[2], n_pending = 0; /* tokens of the last reply not fed yet: its last token, EOS */
     int *context = malloc((size_t)seq_len * sizeof(int)); /* the tokens at positions 0..pos-1: the penalties' */
     if (!context) return fprintf(stderr, "error: out of memory\n"), 1;
@@ -1481,13 +1484,14 @@ static int chat(Engine *e, const char *first_user, const char *system, const Ari
         for (int attempt = 0;; attempt++) {
             n_turn = chat_turn_tokens(e, pos == 0 ? system : NULL, user, pos == 0, &turn);
             if (n_turn < 0) return free(user), free(context), fprintf(stderr, "error: out of memory\n"), 1;
-            if (pos + n_pending + n_turn < seq_len) break;
+            if (pos == 0 ? n_turn < seq_len : pos + n_pending + n_turn + reply_room <= seq_len) break;
             free(turn);
             if (pos == 0 || attempt) {
                 n_turn = -1;
                 break;
             }
-            fprintf(stderr, "[context of %d tokens is full: starting a new conversation]\n", seq_len);
+            fprintf(stderr, "[no room left for a reply in the context of %d tokens: starting a new conversation]\n",
+                    seq_len);
             pos = 0, n_pending = 0;
         }
         free(user);

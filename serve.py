@@ -38,7 +38,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
-from chat import Engine, SamplingConfig, TextStream, library_path, load_library, model_files
+from chat import Engine, SamplingConfig, TextStream, library_path, load_library, model_files, reply_room
 
 PAGE_PATH = Path(__file__).resolve().parent / "serve.html"
 RETRY_AFTER_S = 1
@@ -107,7 +107,8 @@ COMMON_FIELDS: dict[str, tuple[str, Callable[[Any], bool], Optional[tuple[float,
 }
 CHAT_FIELDS = {**COMMON_FIELDS,
                "messages": ("an array", lambda v: isinstance(v, list), None),
-               "max_completion_tokens": ("an integer", is_integer, (0, 1 << 31))}
+               "max_completion_tokens": ("an integer", is_integer, (0, 1 << 31)),
+               "trim_history": ("a boolean", lambda v: isinstance(v, bool), None)}  # ours: see chat_job
 COMPLETION_FIELDS = {**COMMON_FIELDS,
                      "prompt": ("a string, an array of strings, an array of tokens or an array of token arrays",
                                 lambda v: isinstance(v, (str, list)), None),
@@ -238,6 +239,17 @@ def chat_prompt(engine: Engine, messages: list) -> list[int]:
         else:
             tokens += ([] if tokens else [engine.bos]) + engine.encode(text) + [engine.eos]
     return tokens
+
+
+def without_oldest_exchange(messages: list) -> Optional[list]:
+    """messages less the first user message and what follows it up to the next one (system messages stay); None when
+    the last user message is the only one."""
+    users = [index for index, message in enumerate(messages) if isinstance(message, dict)
+             and message.get("role") == "user"]
+    if len(users) < 2:
+        return None
+    return [message for index, message in enumerate(messages)
+            if not users[0] <= index < users[1] or message.get("role") in ("system", "developer")]
 
 
 def completion_prompts(engine: Engine, prompt: Any) -> list[tuple[list[int], Optional[str]]]:
@@ -480,12 +492,22 @@ class Api:
                                 f"prompt is {len(prompt)} tokens" + ("" if cap == 0 else " with no room to answer") +
                                 ". Shorten the prompt.", code="context_length_exceeded", param=param)
 
-    def chat_job(self, request: dict) -> Job:
-        prompt = chat_prompt(self.engine, request["messages"])
-        cap = max_tokens(request, None)
+    def chat_job(self, request: dict) -> tuple[Job, int]:
+        """The request's job, and how many of its oldest exchanges were dropped. OpenAI's API answers what it is
+        sent; with "trim_history" (the web chat's, not OpenAI's) the oldest exchanges are dropped until a whole
+        reply fits after the rest, as chat.py keeps its conversation (reply_room)."""
+        messages, cap, dropped = request["messages"], max_tokens(request, None), 0
+        prompt = chat_prompt(self.engine, messages)
+        room = reply_room(self.engine.seq_len, cap)
+        while request.get("trim_history") and len(prompt) + room > self.engine.seq_len:
+            shorter = without_oldest_exchange(messages)
+            if shorter is None:
+                break
+            messages, dropped = shorter, dropped + 1
+            prompt = chat_prompt(self.engine, messages)
         self.check_context(prompt, cap, "messages")
         return Job(prompt, Sampling.from_request(request), cap, stop_list(request), frozenset([self.engine.eos]),
-                   strip_space=True)
+                   strip_space=True), dropped
 
     def completion_jobs(self, request: dict) -> list[tuple[Job, Optional[str]]]:
         prompts = completion_prompts(self.engine, request["prompt"])
@@ -718,9 +740,10 @@ class Handler(BaseHTTPRequestHandler):
     def chat_completions(self) -> None:
         api = self.server.api
         request = check_fields(self.read_body(), CHAT_FIELDS, ("messages",), CHAT_DEFAULT_ONLY)
-        job = api.chat_job(request)
+        job, dropped = api.chat_job(request)
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        head = {"id": ident, "created": created, "model": api.model_id, "system_fingerprint": OWNER}
+        head = {"id": ident, "created": created, "model": api.model_id, "system_fingerprint": OWNER,
+                **({"dropped_turns": dropped} if request.get("trim_history") else {})}
         with api.pool.acquire(job.prompt, self.client_gone) as slot:
             if not request.get("stream"):
                 result = generate(slot, job, lambda text: None, self.client_gone)

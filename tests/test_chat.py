@@ -232,7 +232,9 @@ def test_text_stream_waits_for_whole_utf8_characters() -> None:
 
 def test_two_russian_turns_stream_what_pytorch_greedy_decodes(trained: Fixture, start_chat) -> None:
     tok, model = trained.tokenizer, trained.model
-    session = start_chat(str(trained.model_bin), "-z", str(trained.tokenizer_bin), "-t", "0", "--threads=1")
+    # A reply cap of 40 keeps the history: without one, 3/4 of the context is kept free for the next reply.
+    session = start_chat(str(trained.model_bin), "-z", str(trained.tokenizer_bin), "-t", "0", "-n", "40",
+                         "--threads=1")
 
     prompt1 = template(tok, [("user", "Привет")])
     answer1_ids = greedy(model, prompt1, tok.eos_id)
@@ -362,8 +364,8 @@ def test_sampling_flags_reach_the_engine(trained: Fixture, tmp_path: Path) -> No
     tok, flags = trained.tokenizer, dict(repeat_penalty=3.0, repeat_last_n=-1, presence_penalty=1.0,
                                          frequency_penalty=0.5)
     cli = [x for name, value in flags.items() for x in (f"--{name}", str(value))]
-    result = run_piped([str(trained.model_bin), "-z", str(trained.tokenizer_bin), "-t", "0", *cli],
-                       "Привет\nЧто растёт в лесу?\n", tmp_path)
+    result = run_piped([str(trained.model_bin), "-z", str(trained.tokenizer_bin), "-t", "0", "-n", "60", *cli],
+                       "Привет\nЧто растёт в лесу?\n", tmp_path)  # -n 60 leaves the first exchange in view
     assert result.returncode == 0, result.stderr
 
     def answer(prompt: list[int]) -> list[int]:
@@ -385,7 +387,8 @@ def test_a_reader_that_stops_early_ends_it_quietly(trained: Fixture, tmp_path: P
     messages.write_text("Привет\n" * 3000, encoding="utf-8")  # more answers than a pipe buffers: chat.py is still
     with open(messages, "rb") as stdin:                         # writing when the reader leaves
         process = subprocess.Popen(
-            [sys.executable, str(CHAT_PY), str(trained.model_bin), "-z", str(trained.tokenizer_bin), "-t", "0"],
+            [sys.executable, str(CHAT_PY), str(trained.model_bin), "-z", str(trained.tokenizer_bin), "-t", "0",
+             "-n", "40"],  # no history dropped, so no note on stderr
             stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=child_env(tmp_path), cwd=tmp_path)
     assert process.stdout.readline().decode() == "Здравствуй! Я Арианна.\n"
     process.stdout.close()  # as head does after its line
@@ -431,10 +434,10 @@ def test_history_longer_than_the_context_drops_the_oldest_turns(trained: Fixture
     model_bin = export_model(short, tmp_path / "short.bin", version=1)
 
     questions = ["Привет", "Что растёт в лесу?", "Привет"]
-    result = run_piped([str(model_bin), "-z", str(trained.tokenizer_bin), "-t", "0"], "\n".join(questions) + "\n",
-                       tmp_path)
+    result = run_piped([str(model_bin), "-z", str(trained.tokenizer_bin), "-t", "0", "-n", "24"],  # room for 24
+                       "\n".join(questions) + "\n", tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "(context full: dropped the oldest 1 turn)" in result.stderr
+    assert result.stderr.count("(context full: dropped the oldest 1 turn)") == 1
 
     # What the cache must hold for the third answer: the second exchange fed again from scratch, then the question.
     first_prompt = template(tok, [("user", questions[0])])
@@ -443,5 +446,13 @@ def test_history_longer_than_the_context_drops_the_oldest_turns(trained: Fixture
                     tok.eos_id)
     third_prompt = (template(tok, [("user", questions[1])]) + second + [tok.eos_id]
                     + template(tok, [("user", questions[2])])[1:])
-    third = greedy(short, third_prompt, tok.eos_id, max_new_tokens=96 - len(third_prompt) - 1)
+    third = greedy(short, third_prompt, tok.eos_id, max_new_tokens=24)
     assert result.stdout == "".join(tok.decode(ids) + "\n" for ids in (first, second, third))
+
+    # Without a reply cap, 3/4 of the context is kept free for each reply: here no earlier exchange leaves that much,
+    # so every question is answered as if it came alone (the default chat model answers so; see Conversation).
+    result = run_piped([str(model_bin), "-z", str(trained.tokenizer_bin), "-t", "0"], "\n".join(questions) + "\n",
+                       tmp_path)
+    assert result.returncode == 0 and result.stderr.count("(context full: dropped the oldest 1 turn)") == 2
+    alone = [greedy(short, template(tok, [("user", question)]), tok.eos_id) for question in questions]
+    assert result.stdout == "".join(tok.decode(ids) + "\n" for ids in alone)

@@ -636,6 +636,26 @@ def test_chat_mode_keeps_history_and_survives_a_full_context(built, tiny_model, 
     assert b"Sanitizer" not in result.stderr and b"runtime error" not in result.stderr
 
 
+def test_chat_mode_keeps_a_whole_reply_free(built, tiny_model, model_files, tokenizer_files):
+    """A turn is taken into the conversation only if a whole reply (-n, at most 3/4 of the context) still fits after
+    it, as chat.py does; otherwise it starts a new conversation and is answered as PyTorch answers it alone."""
+    tokenizer = Tokenizer(tokenizer_files[0])
+    encode = lambda text: tokenizer.encode(text, bos=False, eos=False)  # noqa: E731
+    seq_len, turns = tiny_model.args.max_seq_len, ["Tell me who you are and what you can do.", "Как дела?"]
+    prompts = [encode_dialog(encode, [{"role": "user", "content": turn}], tokenizer.bos_id, tokenizer.eos_id)[0]
+               for turn in turns]
+    replies = [[t for t in torch_greedy(tiny_model, prompt, 40, tokenizer.eos_id) if t != tokenizer.eos_id]
+               for prompt in prompts]
+    # Both turns fit together (the rule before this one kept them), but not with room for a 40-token reply after.
+    together = len(prompts[0]) + len(replies[0]) + 1 + len(prompts[1]) - 1
+    assert together < seq_len < together + 41
+    result = run_binary(built / "run", model_files[1], "-z", tokenizer_files[1], "-m", "chat", "-t", "0", "-n", "40",
+                        stdin="\n".join(turns) + "\n")
+    assert result.returncode == 0, result.stderr.decode()
+    assert result.stderr.count(b"no room left for a reply") == 1
+    assert result.stdout == b"".join(expected_text(tokenizer_files[1], [0] + reply) + b"\n" for reply in replies)
+
+
 def test_sampling_is_reproducible_with_a_seed(built, model_files, tokenizer_files):
     outputs = [run_binary(built / "run", model_files[1], "-z", tokenizer_files[1], "-t", "1.0", "-p", p, "-s", s,
                           "-n", "60").stdout for s, p in [("7", "0.9"), ("7", "0.9"), ("8", "0.9"), ("7", "1")]]

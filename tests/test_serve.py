@@ -245,6 +245,23 @@ def test_conversation_reuses_the_cached_prefix(trained: Fixture, client: openai.
         == "В лесу растёт ёлка."
 
 
+def test_trim_history_leaves_room_for_a_whole_reply(trained: Fixture, server: Server) -> None:
+    """"trim_history" (the web chat's) drops the oldest exchanges until the reply cap, at most 3/4 of the context,
+    fits after the rest, as chat.py does; without it the whole history is answered, as OpenAI's API does."""
+    tok, cap = trained.tokenizer, 6000
+    pairs = [("user", "Спой"), ("assistant", "ля " * 2500), ("user", "Что растёт в лесу?")]
+    assert len(template(tok, pairs)) + 1 <= SEQ_LEN < len(template(tok, pairs)) + cap + 1
+    ask = {"messages": messages(pairs), "max_tokens": cap, "temperature": 0}
+    status, _, reply = post(server, "/v1/chat/completions", {**ask, "trim_history": True})
+    assert status == 200 and reply["dropped_turns"] == 1
+    assert reply["choices"][0]["message"]["content"] == tok.decode(
+        greedy(trained.model, template(tok, pairs[2:]), tok.eos_id)) == "В лесу растёт ёлка."
+    assert reply["usage"]["prompt_tokens"] == len(template(tok, pairs[2:]))
+    status, _, reply = post(server, "/v1/chat/completions", ask)
+    assert status == 200 and "dropped_turns" not in reply
+    assert reply["usage"]["prompt_tokens"] == len(template(tok, pairs))
+
+
 def test_models_and_health(server: Server, client: openai.OpenAI) -> None:
     assert [m.id for m in client.models.list().data] == ["model"]
     status, _, body = request(server, "GET", "/health", headers={"Authorization": ""})
